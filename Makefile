@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    train + build the default model if the store has none, then serve the API
+#   make test   the whole test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV := .venv
+SAM_VENV := .venv-sam
+BIN := $(VENV)/bin
+SAM_CLI_VERSION := 1.170.0
+export HF_HUB_OFFLINE := 1
+export SAM_CLI_TELEMETRY := 0
+
+.PHONY: run test setup lint sam-build package-check clean
+
+# the project's environment (torch==2.13.0 is pinned: the CPU wheel on local disk)
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# the SAM CLI pins older boto3/click/pydantic: it lives in its own environment
+$(SAM_VENV)/.installed:
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install --quiet --disable-pip-version-check 'aws-sam-cli==$(SAM_CLI_VERSION)'
+	touch $@
+
+setup: $(VENV)/.installed $(SAM_VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/modelfn up
+
+test: setup
+	$(BIN)/ruff check src functions tests
+	PATH="$(CURDIR)/$(SAM_VENV)/bin:$$PATH" $(BIN)/pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src functions tests
+	$(BIN)/cfn-lint template.yaml
+
+# Lambda artefacts without Docker: wheels for manylinux/python3.12 (see layers/runtime/Makefile)
+sam-build: setup
+	$(SAM_VENV)/bin/sam build
+	$(BIN)/modelfn package-check
+
+clean:
+	rm -rf .aws-sam .pytest_cache .ruff_cache

@@ -1,0 +1,171 @@
+"""``modelfn``: one command line for training, building and serving.
+
+User mistakes end in one line on stderr and exit status 2, never a traceback.
+Heavy imports (torch, onnx) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from modelfn.errors import ModelfnError
+from modelfn.store import open_store
+
+DEFAULT_MODEL = "digits-cnn"
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="folder or s3://bucket/prefix (default: $MODELFN_STORE "
+                                   "or ./.modelfn)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from modelfn.training import loop, recipes
+
+    store = open_store(args.store)
+    metrics = loop.train(recipes.get(args.name), store, device=args.device, epochs=args.epochs,
+                         seed=args.seed, progress=not args.quiet)
+    print(f"trained {args.name} on {metrics['device']} in {metrics['duration_seconds']:.1f}s: "
+          f"holdout accuracy {metrics['holdout_accuracy']:.4f}; "
+          f"run {metrics['run_id']} in {store.uri}/runs/{args.name}/")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from modelfn.export.build import build
+
+    manifest = build(args.name, open_store(args.store), version=args.version, run_id=args.run)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from modelfn.local.apigw import serve
+
+    def announce(server: object) -> None:
+        host, port = server.server_address[:2]  # type: ignore[attr-defined]
+        print(f"modelfn API (Open Inference Protocol v2) on http://{host}:{port}/v2 "
+              f"- store {open_store(args.store).uri}; Ctrl-C stops", flush=True)
+
+    serve(args.host, args.port, args.store, quiet=args.quiet, ready=announce)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """The main job on the embedded defaults: train if needed, build if needed, serve."""
+    from modelfn import store as registry
+
+    store = open_store(args.store)
+    args.store = store.uri
+    name = args.model
+    if registry.latest_run(store, name) is None:
+        print(f"no training run of {name} in {store.uri}: training one", flush=True)
+        cmd_train(argparse.Namespace(name=name, store=store.uri, device="auto", epochs=None,
+                                     seed=0, quiet=False))
+    if not registry.versions(store, name):
+        print(f"no built version of {name} in {store.uri}: building one", flush=True)
+        cmd_build(argparse.Namespace(name=name, store=store.uri, version=None, run=None,
+                                     json=False))
+    for model in registry.model_names(store):
+        print(f"  {model}: versions {', '.join(registry.versions(store, model))}")
+    return cmd_serve(args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from modelfn import store as registry
+
+    store = open_store(args.store)
+    rows = []
+    for name in registry.model_names(store):
+        named = registry.aliases(store, name)
+        for version in registry.versions(store, name):
+            m = json.loads(store.read_bytes(f"models/{name}/{version}/manifest.json"))
+            tags = ",".join(a for a, v in named.items() if v == version)
+            size = sum(f["size"] for f in m["files"].values())
+            rows.append((name, version, tags, f"{size / 1024:.0f} KiB", m["task"],
+                         f"{m['export']['parity']['agreement']:.4f}", m["created"]))
+    header = ("model", "version", "aliases", "size", "task", "parity", "created")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    return 0
+
+
+def cmd_package_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from modelfn.packaging.limits import check_function, measure
+
+    build_dir = Path(args.build_dir)
+    function = measure(build_dir / args.function)
+    layers = [measure(build_dir / name) for name in args.layer]
+    total = check_function(function, layers)
+    for a in [function, *layers]:
+        print(f"{a.name}: {a.unzipped / 1e6:.1f} MB unzipped, {a.zipped / 1e6:.1f} MB zipped, "
+              f"{a.files} files")
+    print(f"total {total / 1e6:.1f} MB unzipped of Lambda's 262.1 MB: fits")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelfn", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run the training job for a model")
+    t.add_argument("name")
+    _store_arg(t)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("build", help="export to ONNX, run the parity gate, publish a bundle")
+    b.add_argument("name")
+    _store_arg(b)
+    b.add_argument("--version", help="version to publish (default: next integer)")
+    b.add_argument("--run", help="training run id (default: the newest)")
+    b.add_argument("--json", action="store_true", help="print the manifest")
+    b.set_defaults(func=cmd_build)
+
+    for name, func, help_ in (("serve", cmd_serve, "serve the API locally (no Docker)"),
+                              ("up", cmd_up, "train and build the default model if the store "
+                                             "has none, then serve")):
+        s = sub.add_parser(name, help=help_)
+        _store_arg(s)
+        s.add_argument("--host", default="127.0.0.1")
+        s.add_argument("--port", type=int, default=8080)
+        s.add_argument("--quiet", action="store_true", help="no access log")
+        if name == "up":
+            s.add_argument("--model", default=DEFAULT_MODEL)
+        s.set_defaults(func=func)
+
+    m = sub.add_parser("models", help="list models and versions in the store")
+    _store_arg(m)
+    m.set_defaults(func=cmd_models)
+
+    pk = sub.add_parser("package-check", help="check built artefacts against Lambda's limits")
+    pk.add_argument("--build-dir", default=".aws-sam/build")
+    pk.add_argument("--function", default="ApiFunction")
+    pk.add_argument("--layer", action="append", default=["RuntimeLayer"])
+    pk.set_defaults(func=cmd_package_check)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ModelfnError as exc:
+        print(f"modelfn: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The build step: ONNX export, the parity gate, and bundle publishing (torch)."""

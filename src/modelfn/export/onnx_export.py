@@ -1,0 +1,53 @@
+"""Export a PyTorch module to a single-file ONNX model."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from modelfn.errors import ModelfnError
+
+EXPORTER = "torch.onnx.export(dynamo=True)"
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, input_name: str,
+                output_name: str, opset: int) -> bytes:
+    """Export with the torch.export-based exporter, batch axis dynamic, weights inline.
+
+    Returns the model's bytes; raises if the result references external data.
+    """
+    model = model.eval()
+    # the exporter logs a warning per torchvision op when torchvision is absent: noise here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=True, external_data=False,
+            input_names=[input_name], output_names=[output_name], opset_version=opset,
+            dynamic_shapes={"x": {0: batch}}, verbose=False, report=False,
+        )
+        data = path.read_bytes()
+        extra = [p.name for p in Path(tmp).iterdir() if p.name != "model.onnx"]
+    if extra:
+        raise ModelfnError(f"export wrote external data files {extra}; expected a single file")
+    check_single_file(data)
+    return data
+
+
+def check_single_file(data: bytes) -> dict[str, Any]:
+    """Validate the model with onnx's checker and refuse any external-data reference."""
+    proto = onnx.load_from_string(data)
+    onnx.checker.check_model(proto)
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ModelfnError(f"ONNX tensor {tensor.name!r} references external data")
+    return {"opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "ir_version": proto.ir_version}

@@ -1,0 +1,178 @@
+"""A local API Gateway HTTP API (payload format 2.0) in front of the deployed
+API handler, ``functions/api/app.py``: no Docker, no copy of the routes.
+
+Each HTTP request becomes the event API Gateway would send; the handler's
+result becomes the HTTP response. Like API Gateway, bodies that are not text
+reach the function base64-encoded, header names are lower-cased, and bodies
+over API Gateway's own 10 MB quota are refused before the function runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from modelfn.errors import ModelfnError
+from modelfn.local.lambda_context import LocalContext
+
+APIGW_MAX_BODY = 10 * 1024 * 1024
+TEXT_TYPES = ("application/json", "text/", "application/xml", "application/x-www-form-urlencoded")
+Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+
+def project_root() -> Path:
+    """The checkout holding ``functions/`` (override with ``MODELFN_PROJECT_ROOT``)."""
+    root = Path(os.environ.get("MODELFN_PROJECT_ROOT") or Path(__file__).resolve().parents[3])
+    if not (root / "functions").is_dir():
+        raise ModelfnError(f"cannot find the functions/ folder under {root}: run from a "
+                           "modelfn checkout or set MODELFN_PROJECT_ROOT")
+    return root
+
+
+def load_function(name: str, module_name: str | None = None) -> ModuleType:
+    """Import ``functions/<name>/app.py`` as Lambda would (its own module, fresh init)."""
+    path = project_root() / "functions" / name / "app.py"
+    module_name = module_name or f"modelfn_function_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelfnError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def http_event(method: str, target: str, headers: dict[str, str], body: bytes,
+               source_ip: str = "127.0.0.1") -> dict[str, Any]:
+    """The API Gateway HTTP API (2.0) event for one request."""
+    parts = urlsplit(target)
+    now = datetime.now(UTC)
+    request_id = uuid.uuid4().hex[:20]
+    lowered = {k.lower(): v for k, v in headers.items()}
+    ctype = lowered.get("content-type", "application/json")
+    is_text = any(ctype.startswith(t) or "+json" in ctype for t in TEXT_TYPES)
+    try:
+        text_body = body.decode("utf-8") if is_text else None
+    except UnicodeDecodeError:
+        text_body = None
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": parts.path,
+        "rawQueryString": parts.query,
+        "headers": lowered,
+        "requestContext": {
+            "accountId": "000000000000",
+            "apiId": "local",
+            "domainName": lowered.get("host", "localhost"),
+            "domainPrefix": "local",
+            "http": {"method": method, "path": parts.path, "protocol": "HTTP/1.1",
+                     "sourceIp": source_ip, "userAgent": lowered.get("user-agent", "")},
+            "requestId": request_id,
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": now.strftime("%d/%b/%Y:%H:%M:%S +0000"),
+            "timeEpoch": int(now.timestamp() * 1000),
+        },
+        "isBase64Encoded": text_body is None and bool(body),
+    }
+    if parts.query:
+        event["queryStringParameters"] = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if body:
+        event["body"] = text_body if text_body is not None else base64.b64encode(body).decode()
+    return event
+
+
+def make_server(handler: Handler, host: str = "127.0.0.1", port: int = 8080,
+                quiet: bool = False) -> ThreadingHTTPServer:
+    """An HTTP server that sends every request through ``handler`` as API Gateway would."""
+    lock = threading.Lock()  # one invocation at a time per "execution environment"
+
+    class Gateway(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # no 40 ms stalls against keep-alive clients
+        server_version = "modelfn-local-apigw"
+
+        def _handle(self) -> None:
+            started = time.perf_counter()
+            length = int(self.headers.get("content-length") or 0)
+            if length > APIGW_MAX_BODY:
+                self._send(413, {"content-type": "application/json"},
+                           json.dumps({"error": "request body over API Gateway's 10 MB limit"})
+                           .encode(), close=True)
+                return
+            body = self.rfile.read(length) if length else b""
+            event = http_event(self.command, self.path, dict(self.headers.items()), body,
+                               self.client_address[0])
+            with lock:
+                result = handler(event, LocalContext(function_name="modelfn-api"))
+            status, headers, payload = _response(result)
+            self._send(status, headers, payload)
+            if not quiet:
+                sys.stderr.write(f"{self.command} {urlsplit(self.path).path} {status} "
+                                 f"{(time.perf_counter() - started) * 1000:.1f}ms\n")
+
+        def _send(self, status: int, headers: dict[str, str], payload: bytes,
+                  close: bool = False) -> None:
+            head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}"]
+            head += [f"{k}: {v}" for k, v in headers.items() if k.lower() != "content-length"]
+            head.append(f"Content-Length: {len(payload)}")
+            if close:
+                head.append("Connection: close")
+                self.close_connection = True
+            # headers and body in one write (see FACTS.md: Nagle meets delayed ACK)
+            self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # one access line per request is written by _handle
+
+    server = ThreadingHTTPServer((host, port), Gateway)
+    server.daemon_threads = True
+    return server
+
+
+def _response(result: Any) -> tuple[int, dict[str, str], bytes]:
+    """Map a handler result to HTTP as API Gateway does for payload format 2.0."""
+    if not isinstance(result, dict) or "statusCode" not in result:
+        body = result if isinstance(result, str) else json.dumps(result)
+        return 200, {"content-type": "application/json"}, body.encode()
+    headers = {k: str(v) for k, v in (result.get("headers") or {}).items()}
+    for k, values in (result.get("multiValueHeaders") or {}).items():
+        headers[k] = ", ".join(map(str, values))
+    body = result.get("body") or ""
+    payload = base64.b64decode(body) if result.get("isBase64Encoded") else body.encode()
+    return int(result["statusCode"]), headers, payload
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080, store: str | None = None,
+          quiet: bool = False, ready: Callable[[ThreadingHTTPServer], None] | None = None) -> None:
+    """Run the deployed API handler behind the local gateway until interrupted."""
+    if store:
+        os.environ["MODELFN_STORE"] = store
+    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")  # no EMF noise on stdout
+    os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
+    app = load_function("api")
+    server = make_server(app.lambda_handler, host, port, quiet)
+    if ready:
+        ready(server)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,1 @@
+"""Packaging: Lambda layers and their limits."""

@@ -1,0 +1,173 @@
+"""A served model: its manifest, its onnxruntime session, and ``infer``.
+
+Following cog's split: :func:`load` is the setup (verify, create the session,
+once per process); :meth:`LoadedModel.infer` only computes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from modelfn.errors import InvalidInput, ModelUnavailable
+from modelfn.runtime import processing
+from modelfn.runtime.manifest import load_manifest, verify_file
+from modelfn.runtime.protocol import DATATYPES, InferRequest, RequestInput, to_array
+from modelfn.store import MANIFEST, Store
+
+DEFAULT_MAX_BATCH = 64
+
+
+def cpu_count() -> int:
+    """vCPUs this process may use (Lambda: follows the memory size)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    threads = int(os.environ.get("MODELFN_THREADS", "0")) or cpu_count()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def _shape_matches(shape: list[int], pattern: list[int]) -> bool:
+    return len(shape) == len(pattern) and all(p == -1 or p == s for s, p in zip(shape, pattern,
+                                                                                 strict=True))
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    manifest: dict[str, Any]
+    session: ort.InferenceSession
+    max_batch: int
+    load_seconds: float = 0.0
+    _pre: Any = field(default=None, repr=False)
+    _post: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._pre, self._post = processing.pipeline(self.manifest)
+        self._graph_outputs = [o["name"] for o in self.manifest["graph"]["outputs"]]
+
+    def metadata(self, versions: list[str]) -> dict[str, Any]:
+        """The v2 model metadata response."""
+        return model_metadata(self.manifest, versions)
+
+    def validate(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
+        """Check the request against the manifest's inputs; return arrays and batch size."""
+        given = {t.name: t for t in request.inputs}
+        arrays: dict[str, np.ndarray] = {}
+        batch = None
+        for spec in self.manifest["inputs"]:
+            tensor = given.pop(spec["name"], None)
+            if tensor is None:
+                raise InvalidInput(f"missing input {spec['name']!r}")
+            arrays[spec["name"]] = self._input_array(spec, tensor)
+            batch = tensor.shape[0]
+        if given:
+            raise InvalidInput(f"unknown input(s) {sorted(given)}; this model takes "
+                               f"{[s['name'] for s in self.manifest['inputs']]}")
+        assert batch is not None
+        return arrays, batch
+
+    def _input_array(self, spec: dict[str, Any], tensor: RequestInput) -> np.ndarray:
+        where = f"input {spec['name']!r}"
+        if tensor.datatype != spec["datatype"]:
+            raise InvalidInput(f"{where}: datatype must be {spec['datatype']}, "
+                               f"got {tensor.datatype}")
+        shapes = spec.get("shapes") or [spec["shape"]]
+        if not any(_shape_matches(tensor.shape, p) for p in shapes):
+            raise InvalidInput(f"{where}: shape {tensor.shape} does not match "
+                               f"{' or '.join(map(str, shapes))} (-1: any size)")
+        batch = tensor.shape[0]
+        if not 1 <= batch <= self.max_batch:
+            raise InvalidInput(f"{where}: batch size {batch} is outside 1..{self.max_batch}")
+        return to_array(tensor, DATATYPES[spec["datatype"]])
+
+    def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
+        arrays, _ = self.validate(request)
+        return self.run(arrays, request.outputs)
+
+    def run(self, arrays: dict[str, np.ndarray],
+            wanted: list[str] | None = None) -> dict[str, np.ndarray]:
+        feeds = self._pre(arrays)
+        raw = dict(zip(self._graph_outputs, self.session.run(self._graph_outputs, feeds),
+                       strict=True))
+        outputs = self._post(raw)
+        if wanted is None:
+            return outputs
+        unknown = [n for n in wanted if n not in outputs]
+        if unknown:
+            raise InvalidInput(f"unknown output(s) {unknown}; this model returns "
+                               f"{sorted(outputs)}")
+        return {n: outputs[n] for n in wanted}
+
+
+def model_metadata(manifest: dict[str, Any], versions: list[str]) -> dict[str, Any]:
+    def tensors(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"name": s["name"], "datatype": s["datatype"], "shape": s["shape"]}
+                for s in specs]
+
+    return {
+        "name": manifest["name"],
+        "versions": versions,
+        "platform": manifest.get("platform", "onnxruntime_onnx"),
+        "inputs": tensors(manifest["inputs"]),
+        "outputs": tensors(manifest["outputs"]),
+        "parameters": {"version": manifest["version"], "task": manifest["task"]},
+    }
+
+
+def read_manifest(store: Store, name: str, version: str) -> dict[str, Any]:
+    where = f"{name} version {version}"
+    try:
+        raw = store.read_bytes(f"models/{name}/{version}/{MANIFEST}")
+    except FileNotFoundError as exc:
+        raise ModelUnavailable(f"{where}: manifest.json is missing") from exc
+    manifest = load_manifest(raw, where)
+    if (manifest["name"], str(manifest["version"])) != (name, version):
+        raise ModelUnavailable(f"{where}: its manifest describes {manifest['name']} version "
+                               f"{manifest['version']}; refusing a bundle in the wrong place")
+    return manifest
+
+
+def load(store: Store, name: str, version: str, manifest: dict[str, Any] | None = None,
+         max_batch: int | None = None) -> LoadedModel:
+    """Verify every bundle file against the manifest, then create the session.
+
+    A mismatch raises :class:`~modelfn.errors.IntegrityError` before onnxruntime
+    sees a byte of the model.
+    """
+    started = time.perf_counter()
+    where = f"{name} version {version}"
+    manifest = manifest or read_manifest(store, name, version)
+    blobs: dict[str, bytes] = {}
+    for rel in manifest["files"]:
+        try:
+            data = store.read_bytes(f"models/{name}/{version}/{rel}")
+        except FileNotFoundError as exc:
+            raise ModelUnavailable(f"{where}: {rel} is listed in the manifest but "
+                                   "missing from the bundle") from exc
+        blobs[rel] = verify_file(manifest, rel, data, where)
+    try:
+        session = ort.InferenceSession(blobs[manifest["model_file"]], session_options(),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelUnavailable(f"{where}: onnxruntime cannot load the model: "
+                               f"{type(exc).__name__}") from exc
+    limit = max_batch or int(os.environ.get("MODELFN_MAX_BATCH", DEFAULT_MAX_BATCH))
+    limit = min(limit, manifest.get("limits", {}).get("max_batch", limit))
+    return LoadedModel(name, version, manifest, session, limit,
+                       load_seconds=time.perf_counter() - started)

@@ -1,0 +1,180 @@
+"""Open Inference Protocol v2 (KServe / Triton HTTP/REST): request decoding and
+response encoding, with no knowledge of any model.
+
+The decoder turns untrusted bytes into :class:`InferRequest` or raises a
+:class:`~modelfn.errors.ModelfnError` whose status is the right HTTP code:
+400 for a body that is not the JSON object the protocol defines, 413 for one
+over the size limit, 422 for tensors that are well-formed JSON but wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modelfn.errors import InvalidInput, MalformedRequest, PayloadTooLarge
+
+#: v2 datatypes → numpy dtypes (BYTES is handled as a list of str/bytes).
+DATATYPES: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
+    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+    "BYTES": np.object_,
+}
+_NUMPY_TO_V2 = {np.dtype(v): k for k, v in DATATYPES.items() if k != "BYTES"}
+
+
+@dataclass
+class RequestInput:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: Any
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InferRequest:
+    inputs: list[RequestInput]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] | None = None  # names the client asked for; None means all
+
+
+def body_bytes(body: str | bytes | None, is_base64: bool, limit: int) -> bytes:
+    """The raw request body, size-checked *before* any decoding (413 over ``limit``)."""
+    if body is None:
+        return b""
+    if isinstance(body, str):
+        if is_base64:
+            # decoded length = 3/4 of the encoded length, less padding: known without decoding
+            size = len(body) * 3 // 4 - body[-2:].count("=")
+            if size > limit:
+                raise PayloadTooLarge(f"request body is {size} bytes; the limit is {limit}")
+            try:
+                return base64.b64decode(body, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise MalformedRequest("request body is not valid base64") from exc
+        body = body.encode("utf-8", "surrogatepass")
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {limit}")
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise MalformedRequest(f"request body is not valid JSON: {name} is not a JSON value")
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except MalformedRequest:
+        raise
+    except RecursionError as exc:
+        raise MalformedRequest("request body is not valid JSON: nested too deeply") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedRequest(f"request body is not valid JSON: {exc}") from exc
+
+
+def _check_shape(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    ):
+        raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
+    return value
+
+
+def decode_infer_request(raw: bytes) -> InferRequest:
+    """Decode a v2 inference request body (raises 400 / 422 errors)."""
+    doc = parse_json(raw)
+    if not isinstance(doc, dict):
+        raise MalformedRequest("request body must be a JSON object")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("'inputs' must be a non-empty list of tensors")
+    req_id = doc.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise InvalidInput("'id' must be a string")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    decoded = []
+    for i, item in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidInput(f"{where} must be an object")
+        name, datatype = item.get("name"), item.get("datatype")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"{where}: 'name' must be a non-empty string")
+        if datatype not in DATATYPES:
+            raise InvalidInput(f"{where} ({name}): unknown datatype {datatype!r}; "
+                               f"expected one of {', '.join(DATATYPES)}")
+        if "data" not in item:
+            raise InvalidInput(f"{where} ({name}): 'data' is required")
+        in_params = item.get("parameters") or {}
+        if not isinstance(in_params, dict):
+            raise InvalidInput(f"{where} ({name}): 'parameters' must be an object")
+        decoded.append(RequestInput(name, datatype, _check_shape(item.get("shape"), where),
+                                    item["data"], in_params))
+    names = [d.name for d in decoded]
+    if len(set(names)) != len(names):
+        raise InvalidInput("input names must be unique")
+    return InferRequest(decoded, req_id, params, _requested_outputs(doc.get("outputs")))
+
+
+def _requested_outputs(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in value
+    ):
+        raise InvalidInput("'outputs' must be a list of objects with a 'name'")
+    return [o["name"] for o in value]
+
+
+def to_array(tensor: RequestInput, dtype: Any) -> np.ndarray:
+    """A numeric request tensor as a numpy array of ``dtype`` and its declared shape."""
+    where = f"input {tensor.name!r}"
+    try:
+        arr = np.asarray(tensor.data)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{where}: 'data' must be a (nested) list of numbers") from exc
+    if arr.dtype.kind not in "iuf" or arr.dtype == np.object_:
+        raise InvalidInput(f"{where}: 'data' must be a (nested) list of numbers")
+    expected = math.prod(tensor.shape)
+    if arr.size != expected:
+        raise InvalidInput(f"{where}: shape {tensor.shape} needs {expected} values, "
+                           f"'data' has {arr.size}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(dtype).reshape(tensor.shape)
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise InvalidInput(f"{where}: values must be finite (no NaN, no Infinity, "
+                           f"nothing out of {np.dtype(dtype).name} range)")
+    return out
+
+
+def encode_tensor(name: str, arr: np.ndarray) -> dict[str, Any]:
+    datatype = _NUMPY_TO_V2.get(arr.dtype, "BYTES")
+    data = arr.reshape(-1).tolist()
+    return {"name": name, "datatype": datatype, "shape": list(arr.shape), "data": data}
+
+
+def infer_response(model: str, version: str, outputs: dict[str, np.ndarray],
+                   request_id: str | None, parameters: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    resp: dict[str, Any] = {
+        "model_name": model,
+        "model_version": version,
+        "outputs": [encode_tensor(n, a) for n, a in outputs.items()],
+    }
+    if request_id is not None:
+        resp["id"] = request_id
+    if parameters:
+        resp["parameters"] = parameters
+    return resp

@@ -1,0 +1,1 @@
+"""Training: data, models and the training job (torch; never shipped to Lambda)."""

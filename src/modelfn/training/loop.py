@@ -1,0 +1,162 @@
+"""The training job: runs on a GPU when present, on the CPU otherwise, and writes
+checkpoint, metrics and a training curve to the store."""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from modelfn.errors import TrainingError
+from modelfn.runtime import processing
+from modelfn.runtime.manifest import sha256
+from modelfn.store import Store, json_bytes
+from modelfn.training.recipes import Recipe
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but no CUDA device is available "
+                            "(use --device auto or cpu)")
+    if requested not in {"cpu", "cuda"}:
+        raise TrainingError(f"unknown device {requested!r}: use auto, cpu or cuda")
+    return torch.device(requested)
+
+
+def features(recipe: Recipe, x: np.ndarray) -> torch.Tensor:
+    """Raw inputs → network input, through the runtime's own preprocessing."""
+    spec = recipe.preprocess
+    return torch.from_numpy(processing.PREPROCESS[spec["kind"]](spec, {spec["input"]: x})
+                            [spec["feed"]])
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y).item()
+        acc = (logits.argmax(dim=1) == y).float().mean().item()
+    return loss, acc
+
+
+def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | None = None,
+          seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train ``recipe``; write ``runs/<name>/<run_id>/`` to ``store``; return the metrics."""
+    started = time.perf_counter()
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    split = recipe.load_data()
+    x_tr, y_tr = features(recipe, split.x_train).to(dev), torch.from_numpy(split.y_train).to(dev)
+    x_ho = features(recipe, split.x_holdout).to(dev)
+    y_ho = torch.from_numpy(split.y_holdout).to(dev)
+
+    model = recipe.build_model(len(split.labels)).to(dev)
+    n_epochs = recipe.epochs if epochs is None else epochs
+    if n_epochs < 1:
+        raise TrainingError("--epochs must be at least 1")
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_epochs)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    bar = tqdm(range(1, n_epochs + 1), desc=f"train {recipe.name} [{dev.type}]", unit="epoch",
+               disable=not progress)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(x_tr), generator=gen).to(dev)
+        total, correct, seen = 0.0, 0, 0
+        for i in range(0, len(order), recipe.batch_size):
+            idx = order[i:i + recipe.batch_size]
+            logits = model(x_tr[idx])
+            loss = nn.functional.cross_entropy(logits, y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            correct += (logits.argmax(dim=1) == y_tr[idx]).sum().item()
+            seen += len(idx)
+        sched.step()
+        ho_loss, ho_acc = evaluate(model, x_ho, y_ho)
+        history.append({"epoch": epoch, "train_loss": total / seen,
+                        "train_accuracy": correct / seen, "holdout_loss": ho_loss,
+                        "holdout_accuracy": ho_acc})
+        bar.set_postfix(loss=f"{total / seen:.4f}", holdout_acc=f"{ho_acc:.4f}")
+
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "recipe": recipe.name, "n_classes": len(split.labels),
+                "labels": split.labels}, buf)
+    checkpoint = buf.getvalue()
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    metrics = {
+        "recipe": recipe.name,
+        "run_id": run_id,
+        "seed": seed,
+        "device": dev.type,
+        "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "epochs": history,
+        "holdout_accuracy": history[-1]["holdout_accuracy"],
+        "holdout_loss": history[-1]["holdout_loss"],
+        "data": {"source": split.source, "fingerprint": split.fingerprint,
+                 "n_train": len(split.y_train), "n_holdout": len(split.y_holdout)},
+        "hyperparameters": {"epochs": n_epochs, "batch_size": recipe.batch_size,
+                            "lr": recipe.lr, "weight_decay": recipe.weight_decay,
+                            "optimizer": "AdamW", "schedule": "cosine"},
+        "checkpoint_sha256": sha256(checkpoint),
+        "torch_version": torch.__version__,
+        "duration_seconds": round(time.perf_counter() - started, 3),
+    }
+    store.publish_folder(f"runs/{recipe.name}/{run_id}", {
+        "checkpoint.pt": checkpoint,
+        "training_curve.png": training_curve(recipe.name, history),
+        "metrics.json": json_bytes(metrics),
+    }, last="metrics.json")
+    return metrics
+
+
+def training_curve(name: str, history: list[dict[str, float]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(epochs, [h["holdout_loss"] for h in history], label="holdout")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale="log")
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], label="train")
+    ax_acc.plot(epochs, [h["holdout_accuracy"] for h in history], label="holdout")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{name}: final holdout accuracy {history[-1]['holdout_accuracy']:.4f}")
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out.getvalue()
+
+
+def load_checkpoint(store: Store, name: str, run_id: str) -> tuple[dict[str, Any], dict[str, Any],
+                                                                   bytes]:
+    """(checkpoint, metrics, raw checkpoint bytes) of a run; weights only, never pickled code."""
+    raw = store.read_bytes(f"runs/{name}/{run_id}/checkpoint.pt")
+    metrics = json.loads(store.read_bytes(f"runs/{name}/{run_id}/metrics.json"))
+    if sha256(raw) != metrics.get("checkpoint_sha256"):
+        raise TrainingError(f"runs/{name}/{run_id}/checkpoint.pt does not match the sha256 "
+                            "in its metrics.json")
+    ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    return ckpt, metrics, raw

@@ -1,0 +1,94 @@
+"""Shared fixtures: a store with a trained and built digits-cnn, a moto S3 server,
+and events read from events/ (the ones sam local invoke uses) or tests/events/."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
+
+
+def load_event(name: str) -> dict[str, Any]:
+    for folder in (ROOT / "events", ROOT / "tests" / "events"):
+        path = folder / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local store with digits-cnn trained on the default recipe and built as version 1."""
+    from modelfn.export.build import build
+    from modelfn.store import open_store
+    from modelfn.training import loop, recipes
+
+    root = tmp_path_factory.mktemp("store")
+    store = open_store(str(root))
+    loop.train(recipes.get("digits-cnn"), store, seed=0, progress=False)
+    build("digits-cnn", store, log=lambda *_: None)
+    return root
+
+
+@pytest.fixture
+def store_copy(built_store: Path, tmp_path: Path) -> Path:
+    """A private copy of the built store, for tests that tamper with it."""
+    import shutil
+
+    dest = tmp_path / "store"
+    shutil.copytree(built_store, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A real local S3 endpoint (moto's server) that boto3 reaches through its own
+    AWS_ENDPOINT_URL setting, exactly as it would reach AWS."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty bucket per test."""
+    import boto3
+
+    name = "modelfn-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]")
+    name = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=name)
+    return name

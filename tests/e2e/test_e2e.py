@@ -1,0 +1,124 @@
+"""End to end, as a user runs it: train → build → serve on a free port → HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from modelfn.training import data
+from tests.conftest import free_port
+from tests.openapi_check import check_response
+
+MODELFN = [sys.executable, "-m", "modelfn.cli"]
+
+
+def run(*args: str, store: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MODELFN, *args, "--store", str(store)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def start(args: list[str], port: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*MODELFN, *args, "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).ok:
+                return proc
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server did not become ready")
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    store = tmp_path_factory.mktemp("e2e") / "store"
+    trained = run("train", "digits-cnn", "--epochs", "5", "--seed", "1", store=store)
+    assert trained.returncode == 0, trained.stderr
+    assert "holdout accuracy" in trained.stdout
+    assert "epoch" in trained.stderr  # the progress bar
+    built = run("build", "digits-cnn", store=store)
+    assert built.returncode == 0, built.stderr
+    assert "parity gate passed" in built.stdout and "published digits-cnn version 1" in built.stdout
+    port = free_port()
+    proc = start(["serve", "--store", str(store)], port)
+    yield f"http://127.0.0.1:{port}"
+    log = stop(proc)
+    assert "Traceback" not in log
+
+
+def test_e2e_protocol_example_request_gets_the_right_digit(served: str) -> None:
+    split = data.digits()
+    x, y = split.x_holdout[:8], split.y_holdout[:8]
+    # shaped exactly like the protocol's example: id, inputs[name, shape, datatype, data]
+    body = {"id": "42", "inputs": [{"name": "pixels", "shape": [8, 64], "datatype": "FP32",
+                                    "data": x.ravel().tolist()}],
+            "outputs": [{"name": "label"}, {"name": "probabilities"}]}
+    resp = requests.post(f"{served}/v2/models/digits-cnn/infer", json=body, timeout=30)
+    doc = check_response("POST", "/v2/models/digits-cnn/infer", resp.status_code, resp.text)
+    assert resp.status_code == 200 and doc["id"] == "42" and doc["model_version"] == "1"
+    labels = next(o for o in doc["outputs"] if o["name"] == "label")["data"]
+    assert (np.array(labels, dtype=int) == y).mean() >= 0.875  # 5 epochs: at least 7 of 8
+    versioned = requests.post(f"{served}/v2/models/digits-cnn/versions/1/infer", json=body,
+                              timeout=30)
+    assert versioned.json()["outputs"] == doc["outputs"]
+
+
+def test_e2e_health_metadata_and_errors(served: str) -> None:
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/models",
+                 "/v2/models/digits-cnn", "/v2/models/digits-cnn/versions/1",
+                 "/v2/models/digits-cnn/ready"):
+        resp = requests.get(served + path, timeout=30)
+        check_response("GET", path, resp.status_code, resp.text)
+        assert resp.status_code == 200, path
+    meta = requests.get(f"{served}/v2/models/digits-cnn", timeout=30).json()
+    assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+    bad = requests.post(f"{served}/v2/models/digits-cnn/infer", data="{nope", timeout=30)
+    assert bad.status_code == 400 and "error" in bad.json()
+    missing = requests.get(f"{served}/v2/models/nope", timeout=30)
+    assert missing.status_code == 404 and missing.json() == {"error": "unknown model 'nope'"}
+    spec = requests.get(f"{served}/openapi.json", timeout=30).json()
+    assert spec["openapi"].startswith("3.")
+
+
+def test_e2e_keep_alive_client_has_no_nagle_stall(served: str) -> None:
+    """Headers and body go out in one write: a keep-alive client sees no ~40 ms stalls."""
+    with requests.Session() as session:
+        session.get(f"{served}/v2/health/live", timeout=5)
+        started = time.perf_counter()
+        for _ in range(20):
+            assert session.get(f"{served}/v2/health/live", timeout=5).ok
+        assert (time.perf_counter() - started) / 20 < 0.03
+
+
+def test_e2e_up_trains_builds_and_serves_an_empty_store(tmp_path: Path) -> None:
+    """`make run`'s command on a fresh store."""
+    port = free_port()
+    proc = start(["up", "--store", str(tmp_path / "fresh")], port)
+    try:
+        meta = requests.get(f"http://127.0.0.1:{port}/v2/models", timeout=30).json()
+        assert meta["models"][0]["name"] == "digits-cnn"
+        assert meta["models"][0]["versions"] == ["1"]
+        manifest = json.loads((tmp_path / "fresh/models/digits-cnn/1/manifest.json").read_text())
+        assert manifest["training"]["holdout_accuracy"] >= 0.97
+    finally:
+        out = stop(proc)
+    assert "training one" in out and "building one" in out and "parity gate passed" in out

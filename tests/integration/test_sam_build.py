@@ -1,0 +1,108 @@
+"""sam build without Docker, the built layer within Lambda's limits, and the built
+function answering an event under Python 3.12 with nothing but its layer on the path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modelfn.cli import main
+from modelfn.packaging.limits import UNZIPPED_LIMIT, check_function, measure
+from tests.conftest import ROOT
+
+
+def sam_cli() -> str:
+    found = shutil.which("sam") or str(ROOT / ".venv-sam/bin/sam")
+    assert Path(found).exists(), "the SAM CLI is missing: `make setup` installs it in .venv-sam"
+    return found
+
+
+def lambda_python() -> str | None:
+    """A local CPython 3.12 (Lambda's python3.12), if this machine has one."""
+    pyenv = Path("~/.pyenv/versions").expanduser()
+    candidates = [*map(str, sorted(pyenv.glob("3.12*/bin/python3.12"))),
+                  shutil.which("python3.12")]
+    for candidate in filter(None, candidates):
+        probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == "(3, 12)":
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def sam_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    out = tmp_path_factory.mktemp("sam") / "build"
+    env = {**os.environ, "SAM_CLI_TELEMETRY": "0"}
+    proc = subprocess.run([sam_cli(), "build", "--build-dir", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    yield out
+
+
+def test_sam_build_layer_fits_lambda(sam_build: Path, capsys: pytest.CaptureFixture[str]
+                                     ) -> None:
+    layer = measure(sam_build / "RuntimeLayer")
+    function = measure(sam_build / "ApiFunction")
+    total = check_function(function, [layer])
+    assert total < UNZIPPED_LIMIT
+    assert 50e6 < layer.unzipped < 200e6  # onnxruntime + numpy are really in it
+    site = sam_build / "RuntimeLayer/python"
+    for pkg in ("onnxruntime", "numpy", "aws_lambda_powertools", "modelfn/runtime"):
+        assert (site / pkg).is_dir(), pkg
+    assert not (site / "torch").exists() and not (site / "modelfn/training").exists()
+    # wheels for the Lambda platform, not this machine's Python 3.11
+    assert list(site.glob("onnxruntime/capi/onnxruntime_pybind11_state.cpython-312-*.so"))
+    assert main(["package-check", "--build-dir", str(sam_build)]) == 0
+    assert "fits" in capsys.readouterr().out
+
+
+def test_package_check_refuses_an_oversized_layer(sam_build: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    big = tmp_path / "BigLayer"
+    big.mkdir()
+    with (big / "weights.bin").open("wb") as fh:
+        fh.truncate(UNZIPPED_LIMIT)  # sparse: no real disk used
+    shutil.copytree(sam_build / "ApiFunction", tmp_path / "ApiFunction")
+    code = main(["package-check", "--build-dir", str(tmp_path), "--layer", "BigLayer"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Lambda allows 262.1 MB" in err and "container image" in err
+
+
+def test_built_function_answers_under_python312(sam_build: Path, built_store: Path) -> None:
+    python = lambda_python()
+    if python is None:
+        pytest.skip("no local CPython 3.12 to stand in for Lambda's python3.12")
+    script = (
+        "import json, sys\n"
+        "import app\n"
+        "from types import SimpleNamespace as NS\n"
+        "ctx = NS(function_name='f', memory_limit_in_mb=1769, aws_request_id='r',\n"
+        "         invoked_function_arn='arn:aws:lambda:us-east-1:0:function:f')\n"
+        "r = app.lambda_handler(json.load(open(sys.argv[1])), ctx)\n"
+        "print(json.dumps({'status': r['statusCode'], 'body': json.loads(r['body']),\n"
+        "  'torch': 'torch' in sys.modules, 'version': sys.version_info[:2]}))\n")
+    # Lambda's path: the function's folder, then /opt/python (the layer); -S: no site-packages
+    env = {"PYTHONPATH": f"{sam_build / 'ApiFunction'}:{sam_build / 'RuntimeLayer/python'}",
+           "MODELFN_STORE": str(built_store), "POWERTOOLS_METRICS_DISABLED": "true",
+           "POWERTOOLS_LOG_LEVEL": "WARNING", "PATH": os.environ.get("PATH", "")}
+    proc = subprocess.run([python, "-S", "-c", script, str(ROOT / "events/api-infer.json")],
+                          env=env, capture_output=True, text=True, timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["version"] == [3, 12] and result["status"] == 200 and not result["torch"]
+    assert result["body"]["outputs"][1]["data"] == ["7"]
+
+
+def test_sam_validate_lint(sam_build: Path) -> None:
+    env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1", "SAM_CLI_TELEMETRY": "0"}
+    proc = subprocess.run([sam_cli(), "validate", "--lint"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

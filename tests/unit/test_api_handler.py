@@ -1,0 +1,176 @@
+"""The deployed API handler (functions/api/app.py), invoked with the events in events/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from modelfn.local.apigw import load_function
+from modelfn.local.lambda_context import LocalContext
+from modelfn.runtime.http import openapi_document
+from tests.conftest import ROOT, load_event
+from tests.openapi_check import check_response
+
+
+def fresh_api(store: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> ModuleType:
+    """Import the handler module as a new Lambda execution environment would."""
+    monkeypatch.setenv("MODELFN_STORE", str(store))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return load_function("api", f"api_under_test_{id(store)}_{len(env)}")
+
+
+def invoke(api: ModuleType, event: dict) -> tuple[int, dict]:
+    result = api.lambda_handler(event, LocalContext())
+    assert result["headers"]["Content-Type"] == "application/json"
+    body = result["body"]
+    check_response(event["requestContext"]["http"]["method"], event["rawPath"],
+                   result["statusCode"], body)
+    return result["statusCode"], json.loads(body)
+
+
+@pytest.fixture
+def api(built_store: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    return fresh_api(built_store, monkeypatch)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "events").glob("api-*.json")))
+def test_handler_answers_every_sample_event(api: ModuleType, name: str) -> None:
+    status, body = invoke(api, load_event(name))
+    assert status == 200, body
+
+
+def test_handler_infer_event_predicts_its_digit(api: ModuleType) -> None:
+    _, body = invoke(api, load_event("api-infer"))
+    assert body["id"] == "req-7" and body["model_name"] == "digits-cnn"
+    assert body["model_version"] == "1"
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert outputs["label"]["data"] == ["7"]
+    probs = outputs["probabilities"]
+    assert probs["shape"] == [1, 10] and abs(sum(probs["data"]) - 1) < 1e-5
+    assert max(probs["data"]) == probs["data"][7]
+    _, body = invoke(api, load_event("api-version-infer"))  # the [1, 8, 8] form
+    assert {o["name"]: o for o in body["outputs"]}["label"]["data"] == ["3"]
+
+
+def test_handler_base64_body_is_decoded(api: ModuleType) -> None:
+    status, body = invoke(api, load_event("api-infer-base64"))
+    assert status == 200 and body["outputs"][1]["data"] == ["7"]
+
+
+@pytest.mark.parametrize("name, status, message", [
+    ("api-infer-malformed-json", 400, "not valid JSON"),
+    ("api-infer-wrong-shape", 422, "does not match"),
+    ("api-infer-wrong-datatype", 422, "datatype must be FP32"),
+    ("api-infer-unknown-model", 404, "unknown model"),
+    ("api-infer-unknown-version", 404, "no version or alias"),
+])
+def test_handler_bad_requests_get_their_code(api: ModuleType, name: str, status: int,
+                                             message: str) -> None:
+    got, body = invoke(api, load_event(name))
+    assert got == status and message in body["error"]
+    assert "Traceback" not in json.dumps(body)
+
+
+def with_body(doc: object, event: str = "api-infer") -> dict:
+    ev = load_event(event)
+    ev["body"] = doc if isinstance(doc, str) else json.dumps(doc)
+    return ev
+
+
+def pixels(n: int, value: float = 0.0) -> dict:
+    return {"inputs": [{"name": "pixels", "shape": [n, 64], "datatype": "FP32",
+                        "data": [value] * (64 * n)}]}
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ('{"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": ['
+     + ",".join(["NaN"] * 64) + "]}]}", 400, "NaN"),
+    (pixels(1, 1e39), 422, "finite"),
+    (pixels(1, 99), 422, "[0, 16]"),
+    (pixels(65), 422, "outside 1..64"),
+    ({"inputs": [{"name": "pixels", "shape": [0, 64], "datatype": "FP32", "data": []}]}, 422,
+     "outside"),
+    ({**pixels(1), "outputs": [{"name": "nope"}]}, 422, "unknown output"),
+    ("[" * 50_000 + "]" * 50_000, 400, "nested"),
+])
+def test_handler_invalid_tensors(api: ModuleType, body: object, status: int,
+                                 message: str) -> None:
+    got, doc = invoke(api, with_body(body))
+    assert got == status and message in doc["error"]
+
+
+def test_handler_body_limit(built_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    api = fresh_api(built_store, monkeypatch, MODELFN_MAX_BODY_BYTES="2000")
+    doc = json.dumps(pixels(1))
+    padded = doc[:-1] + " " * (2000 - len(doc)) + "}"
+    assert len(padded) == 2000
+    assert invoke(api, with_body(padded))[0] == 200
+    status, body = invoke(api, with_body(padded + " "))
+    assert status == 413 and "2001 bytes" in body["error"]
+
+
+def test_handler_batch_limit_from_environment(built_store: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    api = fresh_api(built_store, monkeypatch, MODELFN_MAX_BATCH="4")
+    assert invoke(api, with_body(pixels(4)))[0] == 200
+    assert invoke(api, with_body(pixels(5)))[0] == 422
+
+
+def test_handler_tampered_bundle_is_503_and_others_keep_serving(
+        store_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = store_copy / "models"
+    shutil.copytree(models / "digits-cnn", models / "digits-twin")
+    manifest = json.loads((models / "digits-twin/1/manifest.json").read_text())
+    (models / "digits-twin/1/manifest.json").write_text(json.dumps({**manifest,
+                                                                    "name": "digits-twin"}))
+    path = models / "digits-cnn/1/model.onnx"
+    raw = bytearray(path.read_bytes())
+    raw[1000] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+    api = fresh_api(store_copy, monkeypatch)
+    status, body = invoke(api, load_event("api-infer"))
+    assert status == 503 and "sha256" in body["error"]
+    assert invoke(api, load_event("api-model-ready"))[0] == 503
+    twin = load_event("api-infer")
+    twin["rawPath"] = twin["requestContext"]["http"]["path"] = "/v2/models/digits-twin/infer"
+    status, body = invoke(api, twin)
+    assert status == 200 and body["model_name"] == "digits-twin"
+
+
+def test_handler_manifest_must_match_its_location(store_copy: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    models = store_copy / "models"
+    shutil.copytree(models / "digits-cnn", models / "other")
+    status, body = invoke(fresh_api(store_copy, monkeypatch), {
+        **load_event("api-infer"), "rawPath": "/v2/models/other/infer",
+        "requestContext": {**load_event("api-infer")["requestContext"],
+                           "http": {"method": "POST", "path": "/v2/models/other/infer"}}})
+    assert status == 503 and "digits-cnn" in body["error"]
+
+
+def test_handler_unknown_route_is_json_404(api: ModuleType) -> None:
+    ev = load_event("api-health-live")
+    ev["rawPath"] = ev["requestContext"]["http"]["path"] = "/v2/nothing/here"
+    result = api.lambda_handler(ev, LocalContext())
+    assert result["statusCode"] == 404
+    assert json.loads(result["body"]) == {"error": "no route for GET /v2/nothing/here"}
+
+
+def test_handler_serves_the_checked_in_openapi_document(api: ModuleType) -> None:
+    _, body = invoke(api, load_event("api-openapi"))
+    assert body == openapi_document()
+
+
+def test_handler_preload_failure_makes_server_not_ready(store_copy: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    (store_copy / "models/digits-cnn/1/model.onnx").write_bytes(b"not a model")
+    api = fresh_api(store_copy, monkeypatch, MODELFN_PRELOAD="digits-cnn")
+    status, body = invoke(api, load_event("api-health-ready"))
+    assert status == 503 and body["ready"] is False

@@ -1,0 +1,107 @@
+"""The build step: single-file ONNX, the parity gate, and nothing published on a miss."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from modelfn import store as registry
+from modelfn.errors import ExportParityError, ModelfnError
+from modelfn.export import build as build_mod
+from modelfn.export.onnx_export import check_single_file, export_onnx
+from modelfn.export.parity import check_parity
+from modelfn.runtime.manifest import sha256
+from modelfn.store import open_store
+from modelfn.training import data, loop, recipes
+
+DIGITS = recipes.get("digits-cnn")
+
+
+def trained_module(store_root: Path) -> torch.nn.Module:
+    store = open_store(str(store_root))
+    ckpt, _, _ = loop.load_checkpoint(store, "digits-cnn",
+                                      registry.latest_run(store, "digits-cnn"))
+    module = DIGITS.build_model(ckpt["n_classes"])
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()
+
+
+def test_build_publishes_a_complete_manifest(built_store: Path) -> None:
+    store = open_store(str(built_store))
+    manifest = store.read_json("models/digits-cnn/1/manifest.json")
+    onnx_bytes = store.read_bytes("models/digits-cnn/1/model.onnx")
+    assert manifest["files"]["model.onnx"] == {"sha256": sha256(onnx_bytes),
+                                               "size": len(onnx_bytes)}
+    parity = manifest["export"]["parity"]
+    assert parity["passed"] and parity["max_abs_diff"]["logits"] <= parity["atol"]
+    assert parity["agreement"] >= 0.999 and parity["holdout_size"] == 360
+    assert set(parity["batch_sizes"]).isdisjoint({2})  # not the export example's batch
+    assert manifest["training"]["holdout_accuracy"] >= 0.97
+    assert manifest["source"]["data_fingerprint"] == data.digits().fingerprint
+    assert manifest["postprocess"]["labels"] == [str(i) for i in range(10)]
+    assert manifest["inputs"][0]["shapes"] == [[-1, 64], [-1, 8, 8]]
+    assert manifest["quantization"]["applied"] is False
+    # one self-contained file with a dynamic batch axis
+    check_single_file(onnx_bytes)
+    graph_input = onnx.load_from_string(onnx_bytes).graph.input[0]
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param  # symbolic, not fixed
+
+
+def test_parity_gate_fails_a_broken_export(built_store: Path) -> None:
+    """GIVEN an ONNX file exported from slightly different weights THEN the gate fails."""
+    module = trained_module(built_store)
+    broken = trained_module(built_store)
+    with torch.no_grad():
+        broken.head[-1].bias += 0.5 * torch.randn_like(broken.head[-1].bias)
+    onnx_bytes = export_onnx(broken, torch.zeros(2, 1, 8, 8), "image", "logits", 18)
+    manifest = {"name": "digits-cnn", "preprocess": DIGITS.preprocess,
+                "postprocess": {**DIGITS.postprocess, "labels": list("0123456789")}}
+    with pytest.raises(ExportParityError, match="exceeds atol"):
+        check_parity(module, onnx_bytes, feed_name="image", output_name="logits",
+                     manifest=manifest, holdout_x=data.digits().x_holdout,
+                     batch_sizes=[1, 5], atol=1e-4, min_agreement=0.999)
+
+
+def test_build_publishes_nothing_when_the_gate_fails(store_copy: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    real_export = build_mod.export_onnx
+
+    def export_wrong_weights(model: torch.nn.Module, *args: object) -> bytes:
+        drifted = copy.deepcopy(model)  # the gate still compares against the original
+        with torch.no_grad():
+            for p in drifted.parameters():
+                p.mul_(1.05)
+        return real_export(drifted, *args)
+
+    monkeypatch.setattr(build_mod, "export_onnx", export_wrong_weights)
+    store = open_store(str(store_copy))
+    with pytest.raises(ExportParityError):
+        build_mod.build("digits-cnn", store, log=lambda *_: None)
+    assert registry.versions(store, "digits-cnn") == ["1"]
+    assert registry.next_version(store, "digits-cnn") == "2"
+
+
+def test_build_refuses_an_existing_version(store_copy: Path) -> None:
+    with pytest.raises(ModelfnError, match="already exists"):
+        build_mod.build("digits-cnn", open_store(str(store_copy)), version="1",
+                        log=lambda *_: None)
+
+
+def test_export_refuses_external_data() -> None:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    w = onnx.numpy_helper.from_array(np.ones(1, np.float32), "w")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    w.ClearField("raw_data")
+    entry = w.external_data.add()
+    entry.key, entry.value = "location", "../x"
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                                   [x], [y], [w])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    with pytest.raises(Exception, match="external|outside|location"):
+        check_single_file(model.SerializeToString())

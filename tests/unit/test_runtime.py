@@ -1,0 +1,130 @@
+"""The runtime: verified loading, one session per model, faithful predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from modelfn.errors import IntegrityError, InvalidInput, ModelNotFound, ModelUnavailable
+from modelfn.runtime.protocol import InferRequest, RequestInput
+from modelfn.runtime.repository import Repository
+from modelfn.store import open_store
+from modelfn.training import data
+
+
+def request(x: np.ndarray, outputs: list[str] | None = None) -> InferRequest:
+    return InferRequest([RequestInput("pixels", "FP32", list(x.shape), x.tolist())],
+                        outputs=outputs)
+
+
+@pytest.fixture
+def session_spy(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    created: list[object] = []
+    real = ort.InferenceSession
+
+    def spy(*args: object, **kwargs: object) -> ort.InferenceSession:
+        created.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    return created
+
+
+def test_runtime_predicts_the_holdout_set(built_store: Path) -> None:
+    split = data.digits()
+    model = Repository(open_store(str(built_store))).get("digits-cnn")
+    out = model.infer(request(split.x_holdout[:64]))
+    assert out["probabilities"].shape == (64, 10)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
+    accuracy = (out["label"].astype(int) == split.y_holdout[:64]).mean()
+    assert accuracy >= 0.95
+
+
+def test_runtime_accepts_both_declared_shapes(built_store: Path) -> None:
+    model = Repository(open_store(str(built_store))).get("digits-cnn")
+    x = data.digits().x_holdout[:3]
+    flat = model.infer(request(x))
+    square = model.infer(request(x.reshape(3, 8, 8)))
+    np.testing.assert_array_equal(flat["probabilities"], square["probabilities"])
+
+
+def test_runtime_creates_one_session_per_model(built_store: Path,
+                                               session_spy: list[object]) -> None:
+    repo = Repository(open_store(str(built_store)))
+    first = repo.get("digits-cnn")
+    assert repo.get("digits-cnn") is first
+    assert repo.get("digits-cnn", "1") is first
+    assert len(session_spy) == 1
+
+
+def test_runtime_refuses_a_flipped_byte_before_creating_a_session(
+        store_copy: Path, session_spy: list[object]) -> None:
+    path = store_copy / "models/digits-cnn/1/model.onnx"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="sha256"):
+        Repository(open_store(str(store_copy))).get("digits-cnn")
+    assert session_spy == []
+
+
+def test_runtime_missing_bundle_file_is_unavailable(store_copy: Path) -> None:
+    (store_copy / "models/digits-cnn/1/model.onnx").unlink()
+    with pytest.raises(ModelUnavailable, match="missing"):
+        Repository(open_store(str(store_copy))).get("digits-cnn")
+
+
+def test_runtime_resolves_aliases_once(store_copy: Path) -> None:
+    """What a process serves does not change when the store changes under it."""
+    from modelfn import store as registry
+
+    store = open_store(str(store_copy))
+    repo = Repository(store)
+    assert repo.resolve("digits-cnn") == "1"
+    (store_copy / "models/digits-cnn/2").mkdir()
+    for f in ("model.onnx", "manifest.json"):
+        (store_copy / "models/digits-cnn/2" / f).write_bytes(
+            (store_copy / "models/digits-cnn/1" / f).read_bytes())
+    registry.set_alias(store, "digits-cnn", "live", "2")
+    assert repo.resolve("digits-cnn") == "1"
+    assert Repository(store).resolve("digits-cnn") == "2"  # a new process sees it
+
+
+@pytest.mark.parametrize("x, message", [
+    (np.full((1, 64), 17.0), r"\[0, 16\]"),
+    (np.full((1, 64), -1.0), r"\[0, 16\]"),
+    (np.zeros((1, 65)), "does not match"),
+    (np.zeros((1, 4, 16)), "does not match"),
+    (np.zeros((65, 64)), "outside 1..64"),
+])
+def test_runtime_rejects_invalid_inputs(built_store: Path, x: np.ndarray, message: str) -> None:
+    model = Repository(open_store(str(built_store))).get("digits-cnn")
+    with pytest.raises(InvalidInput, match=message):
+        model.infer(request(x))
+
+
+def test_runtime_unknown_input_and_output_names(built_store: Path) -> None:
+    model = Repository(open_store(str(built_store))).get("digits-cnn")
+    x = np.zeros((1, 64))
+    with pytest.raises(InvalidInput, match="unknown output"):
+        model.infer(request(x, outputs=["logits"]))
+    assert list(model.infer(request(x, outputs=["label"]))) == ["label"]
+    extra = InferRequest([RequestInput("pixels", "FP32", [1, 64], x.tolist()),
+                          RequestInput("extra", "FP32", [1], [0])])
+    with pytest.raises(InvalidInput, match="unknown input"):
+        model.infer(extra)
+    with pytest.raises(InvalidInput, match="missing input"):
+        model.infer(InferRequest([RequestInput("image", "FP32", [1, 64], x.tolist())]))
+
+
+def test_runtime_unknown_model(built_store: Path) -> None:
+    repo = Repository(open_store(str(built_store)))
+    with pytest.raises(ModelNotFound):
+        repo.get("nope")
+    with pytest.raises(ModelNotFound):
+        repo.get("digits-cnn", "42")
+    with pytest.raises(ModelNotFound):
+        repo.get("../digits-cnn")

@@ -1,0 +1,97 @@
+"""template.yaml: valid, safe by default, and in step with the code it deploys."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from modelfn.runtime.http import openapi_document
+from tests.conftest import ROOT
+from tests.template import resources, template
+
+
+def test_template_passes_cfn_lint() -> None:
+    cfn_lint = Path(sys.executable).with_name("cfn-lint")  # the venv's, not the machine's
+    out = subprocess.run([str(cfn_lint), str(ROOT / "template.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_template_targets_python312_and_x86() -> None:
+    fn = template()["Globals"]["Function"]
+    assert fn["Runtime"] == "python3.12" and fn["Architectures"] == ["x86_64"]
+    for layer in resources("AWS::Serverless::LayerVersion").values():
+        assert layer["Properties"]["CompatibleRuntimes"] == ["python3.12"]
+
+
+def test_template_routes_match_the_openapi_document() -> None:
+    events = resources("AWS::Serverless::Function")["ApiFunction"]["Properties"]["Events"]
+    routes = {(e["Properties"]["Method"].lower(), e["Properties"]["Path"])
+              for e in events.values() if e["Type"] == "HttpApi"}
+    documented = {(method, path) for path, item in openapi_document()["paths"].items()
+                  for method in item}
+    assert routes == documented
+
+
+def test_model_bucket_is_encrypted_private_and_tls_only() -> None:
+    bucket = template()["Resources"]["ModelBucket"]["Properties"]
+    sse = bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+    assert sse["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in {"AES256", "aws:kms"}
+    assert all(bucket["PublicAccessBlockConfiguration"].values())
+    assert len(bucket["PublicAccessBlockConfiguration"]) == 4
+    (policy,) = resources("AWS::S3::BucketPolicy").values()
+    deny = [s for s in policy["Properties"]["PolicyDocument"]["Statement"]
+            if s["Effect"] == "Deny"]
+    assert any(s["Condition"]["Bool"]["aws:SecureTransport"] is False for s in deny)
+
+
+def test_api_function_can_only_read_models() -> None:
+    props = resources("AWS::Serverless::Function")["ApiFunction"]["Properties"]
+    statements = [s for p in props["Policies"] for s in p["Statement"]]
+    actions = sorted(a for s in statements for a in
+                     ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
+    assert actions == ["s3:GetObject", "s3:ListBucket"]
+    for s in statements:
+        assert s["Effect"] == "Allow"
+        assert "*" not in json.dumps(s["Action"])
+        resource = json.dumps(s["Resource"])
+        assert resource != '"*"'
+        if s["Action"] == "s3:GetObject":
+            assert "/models/*" in resource
+        else:
+            assert s["Condition"]["StringLike"]["s3:prefix"] == ["models", "models/*"]
+
+
+def test_every_function_has_a_log_group_with_retention() -> None:
+    groups = resources("AWS::Logs::LogGroup")
+    named = {json.dumps(g["Properties"].get("LogGroupName")) for g in groups.values()}
+    for name in resources("AWS::Serverless::Function"):
+        assert any(name in n for n in named), f"{name} has no log group"
+    assert all("RetentionInDays" in g["Properties"] for g in groups.values())
+
+
+def test_api_stage_is_throttled() -> None:
+    (api,) = resources("AWS::Serverless::HttpApi").values()
+    settings = api["Properties"]["DefaultRouteSettings"]
+    assert {"ThrottlingRateLimit", "ThrottlingBurstLimit"} <= set(settings)
+
+
+def test_every_makefile_build_has_its_target() -> None:
+    built = {**resources("AWS::Serverless::Function"),
+             **resources("AWS::Serverless::LayerVersion")}
+    for name, res in built.items():
+        assert res["Metadata"]["BuildMethod"] == "makefile"
+        folder = res["Properties"].get("CodeUri") or res["Properties"]["ContentUri"]
+        makefile = (ROOT / folder / "Makefile").read_text()
+        assert re.search(rf"^build-{name}:", makefile, re.M), f"{folder}/Makefile: {name}"
+
+
+def test_every_sample_event_matches_a_template_route() -> None:
+    events = resources("AWS::Serverless::Function")["ApiFunction"]["Properties"]["Events"]
+    route_keys = {f"{e['Properties']['Method']} {e['Properties']['Path']}"
+                  for e in events.values()}
+    for path in sorted((ROOT / "events").glob("api-*.json")):
+        assert json.loads(path.read_text())["routeKey"] in route_keys, path.name

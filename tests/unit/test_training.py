@@ -1,0 +1,93 @@
+"""The training job: real data, real torch, files in the store."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelfn import store as registry
+from modelfn.cli import main
+from modelfn.errors import TrainingError
+from modelfn.store import open_store
+from modelfn.training import data, loop, recipes
+
+
+def test_training_default_recipe_reaches_097(built_store: Path) -> None:
+    """The session store was trained with the default recipe (30 epochs, seed 0)."""
+    store = open_store(str(built_store))
+    run = registry.latest_run(store, "digits-cnn")
+    metrics = store.read_json(f"runs/digits-cnn/{run}/metrics.json")
+    assert metrics["holdout_accuracy"] >= 0.97
+    assert len(metrics["epochs"]) == 30
+    assert {"train_loss", "train_accuracy", "holdout_loss", "holdout_accuracy"} <= set(
+        metrics["epochs"][0])
+    assert metrics["data"]["fingerprint"] == data.digits().fingerprint
+    assert metrics["data"]["n_holdout"] == 360 and metrics["data"]["n_train"] == 1437
+    assert metrics["device"] == "cpu" and metrics["seed"] == 0
+    assert metrics["duration_seconds"] > 0
+
+
+def test_training_writes_loadable_weights_only_checkpoint(built_store: Path) -> None:
+    store = open_store(str(built_store))
+    run = registry.latest_run(store, "digits-cnn")
+    ckpt, metrics, raw = loop.load_checkpoint(store, "digits-cnn", run)
+    model = recipes.get("digits-cnn").build_model(ckpt["n_classes"])
+    model.load_state_dict(ckpt["state_dict"])  # strict: every weight present
+    assert ckpt["labels"] == [str(i) for i in range(10)]
+    # weights_only=True refuses pickled code: the file holds tensors and plain data only
+    torch.load(io.BytesIO(raw), weights_only=True)
+    png = store.read_bytes(f"runs/digits-cnn/{run}/training_curve.png")
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_training_split_is_fixed_and_stratified() -> None:
+    a, b = data.digits(), data.digits()
+    assert a.fingerprint == b.fingerprint
+    counts = torch.bincount(torch.from_numpy(a.y_holdout))
+    assert counts.min() >= 35  # every class in the holdout set
+
+
+def test_training_refuses_cuda_when_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainingError, match="no CUDA"):
+        loop.pick_device("cuda")
+    assert loop.pick_device("auto").type == "cpu"
+
+
+def test_training_checkpoint_tamper_is_detected(store_copy: Path) -> None:
+    store = open_store(str(store_copy))
+    run = registry.latest_run(store, "digits-cnn")
+    raw = bytearray(store.read_bytes(f"runs/digits-cnn/{run}/checkpoint.pt"))
+    raw[-10] ^= 0xFF
+    store.write_bytes(f"runs/digits-cnn/{run}/checkpoint.pt", bytes(raw))
+    with pytest.raises(TrainingError, match="sha256"):
+        loop.load_checkpoint(store, "digits-cnn", run)
+
+
+def test_train_command_writes_to_s3(s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"s3://{s3_bucket}/team/a"
+    assert main(["train", "digits-cnn", "--store", uri, "--epochs", "1", "--quiet"]) == 0
+    store = open_store(uri)
+    run = registry.latest_run(store, "digits-cnn")
+    assert run is not None
+    for name in ("checkpoint.pt", "metrics.json", "training_curve.png"):
+        assert store.exists(f"runs/digits-cnn/{run}/{name}")
+    metrics = json.loads(store.read_bytes(f"runs/digits-cnn/{run}/metrics.json"))
+    assert len(metrics["epochs"]) == 1
+    assert "holdout accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "no-such-model", "--epochs", "1"], "unknown model"),
+    (["train", "digits-cnn", "--epochs", "0"], "at least 1"),
+    (["build", "digits-cnn"], "no training run"),
+])
+def test_cli_user_errors_are_one_line(argv: list[str], message: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, "--store", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
