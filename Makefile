@@ -31,10 +31,12 @@ run: $(VENV)/.installed
 
 test: setup
 	$(BIN)/ruff check src functions tests
+	$(BIN)/mypy src
 	PATH="$(CURDIR)/$(SAM_VENV)/bin:$$PATH" $(BIN)/pytest
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src functions tests
+	$(BIN)/mypy src
 	$(BIN)/cfn-lint template.yaml
 
 # Lambda artefacts without Docker: wheels for manylinux/python3.12 (see layers/runtime/Makefile)

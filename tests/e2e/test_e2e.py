@@ -122,3 +122,24 @@ def test_e2e_up_trains_builds_and_serves_an_empty_store(tmp_path: Path) -> None:
     finally:
         out = stop(proc)
     assert "training one" in out and "building one" in out and "parity gate passed" in out
+
+
+def test_e2e_binary_content_type_arrives_base64_and_is_decoded(served: str) -> None:
+    """API Gateway base64-encodes non-text bodies; the handler decodes them."""
+    body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
+                                   "data": data.digits().x_holdout[0].tolist()}]}).encode()
+    resp = requests.post(f"{served}/v2/models/digits-cnn/infer", data=body, timeout=30,
+                         headers={"content-type": "application/octet-stream"})
+    assert resp.status_code == 200 and resp.json()["outputs"][1]["shape"] == [1]
+
+
+def test_e2e_gateway_refuses_bodies_over_its_quota_unread(served: str) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(served)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/digits-cnn/infer HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 20000000\r\n\r\n")
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 413")

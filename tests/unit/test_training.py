@@ -91,3 +91,27 @@ def test_cli_user_errors_are_one_line(argv: list[str], message: str, tmp_path: P
     assert main([*argv, "--store", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_models_command_lists_versions_and_parity(store_copy: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    store = open_store(str(store_copy))
+    registry.set_alias(store, "digits-cnn", "live", "1")
+    assert main(["models", "--store", str(store_copy)]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split()[:4] == ["model", "version", "aliases", "size"]
+    assert row.split()[:3] == ["digits-cnn", "1", "live"]
+    assert "1.0000" in row  # holdout agreement of the parity gate
+
+
+def test_serve_on_a_busy_port_is_one_line(built_store: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--store", str(built_store), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err

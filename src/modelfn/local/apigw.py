@@ -141,7 +141,10 @@ def make_server(handler: Handler, host: str = "127.0.0.1", port: int = 8080,
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass  # one access line per request is written by _handle
 
-    server = ThreadingHTTPServer((host, port), Gateway)
+    try:
+        server = ThreadingHTTPServer((host, port), Gateway)
+    except OSError as exc:
+        raise ModelfnError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     server.daemon_threads = True
     return server
 

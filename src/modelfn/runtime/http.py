@@ -129,7 +129,7 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
     def infer(name: str, version: str | None = None) -> Response:
         started = time.perf_counter()
         ev = app.current_event
-        raw = body_bytes(ev.body, ev.is_base64_encoded, settings.max_body_bytes)
+        raw = body_bytes(ev.body, bool(ev.is_base64_encoded), settings.max_body_bytes)
         concrete = repo.resolve(name, version)
         request = decode_infer_request(raw)
         model = repo.get(name, concrete)
