@@ -1,7 +1,7 @@
 """Lambda's deployment size limits, checked by code after ``sam build``.
 
 Lambda allows 250 MB (262,144,000 bytes) unzipped for a function and all its
-layers together, and 50 MB zipped for a direct upload.
+layers together.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 from modelfn.errors import PackagingError
 
 UNZIPPED_LIMIT = 262_144_000  # bytes: function + all layers, unzipped
-ZIPPED_DIRECT_LIMIT = 50 * 1024 * 1024
 
 
 @dataclass(frozen=True)

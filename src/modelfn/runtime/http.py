@@ -11,6 +11,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -47,6 +48,7 @@ def json_response(status: int, body: Any) -> Response:
                     body=json.dumps(body, separators=(",", ":")))
 
 
+@cache
 def openapi_document() -> dict[str, Any]:
     return json.loads(resources.files("modelfn.runtime").joinpath("openapi.json").read_text())
 
@@ -139,6 +141,7 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         elapsed_ms = (time.perf_counter() - started) * 1000
         logger.info("inference", extra={"model": name, "version": concrete, "batch": batch,
                                         "latency_ms": round(elapsed_ms, 3)})
+        metrics.add_dimension(name="model", value=name)
         metrics.add_metric(name="InferenceLatency", unit=MetricUnit.Milliseconds,
                            value=elapsed_ms)
         metrics.add_metric(name="BatchSize", unit=MetricUnit.Count, value=batch)

@@ -7,7 +7,6 @@ once per process); :meth:`LoadedModel.infer` only computes.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,17 +52,12 @@ class LoadedModel:
     manifest: dict[str, Any]
     session: ort.InferenceSession
     max_batch: int
-    load_seconds: float = 0.0
     _pre: Any = field(default=None, repr=False)
     _post: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._pre, self._post = processing.pipeline(self.manifest)
         self._graph_outputs = [o["name"] for o in self.manifest["graph"]["outputs"]]
-
-    def metadata(self, versions: list[str]) -> dict[str, Any]:
-        """The v2 model metadata response."""
-        return model_metadata(self.manifest, versions)
 
     def validate(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
         """Check the request against the manifest's inputs; return arrays and batch size."""
@@ -150,7 +144,6 @@ def load(store: Store, name: str, version: str, manifest: dict[str, Any] | None 
     A mismatch raises :class:`~modelfn.errors.IntegrityError` before onnxruntime
     sees a byte of the model.
     """
-    started = time.perf_counter()
     where = f"{name} version {version}"
     manifest = manifest or read_manifest(store, name, version)
     blobs: dict[str, bytes] = {}
@@ -169,5 +162,4 @@ def load(store: Store, name: str, version: str, manifest: dict[str, Any] | None 
                                f"{type(exc).__name__}") from exc
     limit = max_batch or int(os.environ.get("MODELFN_MAX_BATCH", DEFAULT_MAX_BATCH))
     limit = min(limit, manifest.get("limits", {}).get("max_batch", limit))
-    return LoadedModel(name, version, manifest, session, limit,
-                       load_seconds=time.perf_counter() - started)
+    return LoadedModel(name, version, manifest, session, limit)

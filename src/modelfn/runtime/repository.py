@@ -73,6 +73,3 @@ class Repository:
                 "loaded": sorted(v for (n, v) in self._loaded if n == name),
             })
         return out
-
-    def is_loaded(self, name: str, version: str) -> bool:
-        return (name, version) in self._loaded
