@@ -174,3 +174,21 @@ def test_handler_preload_failure_makes_server_not_ready(store_copy: Path,
     api = fresh_api(store_copy, monkeypatch, MODELFN_PRELOAD="digits-cnn")
     status, body = invoke(api, load_event("api-health-ready"))
     assert status == 503 and body["ready"] is False
+
+
+def test_handler_emits_one_emf_record_per_inference(api: ModuleType,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    capsys.readouterr()
+    for _ in range(2):
+        assert invoke(api, load_event("api-infer"))[0] == 200
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+               if line.startswith('{"_aws"')]
+    inference = [r for r in records if "InferenceLatency" in r]
+    assert len(inference) == 2  # flushed per invocation, not accumulated
+    for record in inference:
+        assert record["model"] == "digits-cnn" and record["BatchSize"] == [1.0]
+        assert 0 < record["InferenceLatency"][0] < 5_000
+        # never the inputs or the predictions
+        assert "pixels" not in json.dumps(record) and "probabilities" not in json.dumps(record)

@@ -141,6 +141,9 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         elapsed_ms = (time.perf_counter() - started) * 1000
         logger.info("inference", extra={"model": name, "version": concrete, "batch": batch,
                                         "latency_ms": round(elapsed_ms, 3)})
+        # one request per invocation: start from a clean set (log_metrics flushes and
+        # clears it after each invocation, except when metrics are disabled locally)
+        metrics.clear_metrics()
         metrics.add_dimension(name="model", value=name)
         metrics.add_metric(name="InferenceLatency", unit=MetricUnit.Milliseconds,
                            value=elapsed_ms)
