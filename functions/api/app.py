@@ -19,7 +19,8 @@ from modelfn.store import open_store
 warnings.filterwarnings("ignore", "No application metrics to publish")
 logger = Logger(service="modelfn-api")
 metrics = Metrics(namespace="modelfn", service="modelfn-api")
-app = create_app(Repository(open_store()), Settings.from_env(), logger, metrics)
+settings = Settings.from_env()
+app = create_app(Repository(open_store(), settings.max_batch), settings, logger, metrics)
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)

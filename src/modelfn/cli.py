@@ -83,7 +83,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in registry.model_names(store):
         named = registry.aliases(store, name)
         for version in registry.versions(store, name):
-            m = json.loads(store.read_bytes(f"models/{name}/{version}/manifest.json"))
+            m = store.read_json(f"models/{name}/{version}/{registry.MANIFEST}")
             tags = ",".join(a for a, v in named.items() if v == version)
             size = sum(f["size"] for f in m["files"].values())
             rows.append((name, version, tags, f"{size / 1024:.0f} KiB", m["task"],

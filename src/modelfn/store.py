@@ -288,8 +288,9 @@ def resolve_version(store: Store, name: str, ref: str | None = None) -> str:
 
 
 def next_version(store: Store, name: str) -> str:
-    numeric = [int(v) for v in versions(store, name) if v.isdigit()]
-    numeric += [int(v) for v in store.children(f"models/{name}") if v.isdigit()]
+    """One past the highest numbered folder, published or half-written."""
+    numeric = [int(v) for v in store.children(f"models/{check_name('model name', name)}")
+               if v.isdigit()]
     return str(max(numeric, default=0) + 1)
 
 

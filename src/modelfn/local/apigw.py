@@ -63,7 +63,7 @@ def http_event(method: str, target: str, headers: dict[str, str], body: bytes,
     request_id = uuid.uuid4().hex[:20]
     lowered = {k.lower(): v for k, v in headers.items()}
     ctype = lowered.get("content-type", "application/json")
-    is_text = any(ctype.startswith(t) or "+json" in ctype for t in TEXT_TYPES)
+    is_text = ctype.startswith(TEXT_TYPES) or "+json" in ctype
     try:
         text_body = body.decode("utf-8") if is_text else None
     except UnicodeDecodeError:

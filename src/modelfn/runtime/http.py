@@ -21,6 +21,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 import modelfn
 from modelfn.errors import ModelfnError
+from modelfn.runtime.model import DEFAULT_MAX_BATCH
 from modelfn.runtime.model import model_metadata as describe
 from modelfn.runtime.protocol import body_bytes, decode_infer_request, infer_response
 from modelfn.runtime.repository import Repository
@@ -32,6 +33,7 @@ DEFAULT_MAX_BODY = 1024 * 1024
 @dataclass(frozen=True)
 class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY
+    max_batch: int = DEFAULT_MAX_BATCH
     preload: tuple[str, ...] = ()
 
     @classmethod
@@ -39,6 +41,7 @@ class Settings:
         preload = os.environ.get("MODELFN_PRELOAD", "")
         return cls(
             max_body_bytes=int(os.environ.get("MODELFN_MAX_BODY_BYTES", DEFAULT_MAX_BODY)),
+            max_batch=int(os.environ.get("MODELFN_MAX_BATCH", DEFAULT_MAX_BATCH)),
             preload=tuple(p.strip() for p in preload.split(",") if p.strip()),
         )
 

@@ -138,7 +138,7 @@ def read_manifest(store: Store, name: str, version: str) -> dict[str, Any]:
 
 
 def load(store: Store, name: str, version: str, manifest: dict[str, Any] | None = None,
-         max_batch: int | None = None) -> LoadedModel:
+         max_batch: int = DEFAULT_MAX_BATCH) -> LoadedModel:
     """Verify every bundle file against the manifest, then create the session.
 
     A mismatch raises :class:`~modelfn.errors.IntegrityError` before onnxruntime
@@ -160,6 +160,5 @@ def load(store: Store, name: str, version: str, manifest: dict[str, Any] | None 
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ModelUnavailable(f"{where}: onnxruntime cannot load the model: "
                                f"{type(exc).__name__}") from exc
-    limit = max_batch or int(os.environ.get("MODELFN_MAX_BATCH", DEFAULT_MAX_BATCH))
-    limit = min(limit, manifest.get("limits", {}).get("max_batch", limit))
+    limit = min(max_batch, manifest.get("limits", {}).get("max_batch", max_batch))
     return LoadedModel(name, version, manifest, session, limit)

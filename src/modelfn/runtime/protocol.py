@@ -145,7 +145,7 @@ def to_array(tensor: RequestInput, dtype: Any) -> np.ndarray:
         arr = np.asarray(tensor.data)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"{where}: 'data' must be a (nested) list of numbers") from exc
-    if arr.dtype.kind not in "iuf" or arr.dtype == np.object_:
+    if arr.dtype.kind not in "iuf":
         raise InvalidInput(f"{where}: 'data' must be a (nested) list of numbers")
     expected = math.prod(tensor.shape)
     if arr.size != expected:

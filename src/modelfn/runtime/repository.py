@@ -18,8 +18,9 @@ from modelfn.store import Store, check_name
 
 
 class Repository:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, max_batch: int = model_mod.DEFAULT_MAX_BATCH) -> None:
         self.store = store
+        self.max_batch = max_batch
         self._lock = threading.Lock()
         self._resolved: dict[tuple[str, str | None], str] = {}
         self._manifests: dict[tuple[str, str], dict[str, Any]] = {}
@@ -52,7 +53,7 @@ class Repository:
                 loaded = self._loaded.get(key)
                 if loaded is None:
                     loaded = model_mod.load(self.store, name, version,
-                                            self.manifest(name, version))
+                                            self.manifest(name, version), self.max_batch)
                     self._loaded[key] = loaded
         return loaded
 
