@@ -32,17 +32,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+BUILD_LOG: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local store with digits-cnn trained on the default recipe and built as version 1."""
+    """A local store with every model built as version 1 with the shipped configuration:
+    digits-cnn and textcls trained on their default recipes (seed 0), and minilm
+    (int8 where its gate passes). The build's log lines are kept in BUILD_LOG."""
     from modelfn.export.build import build
     from modelfn.store import open_store
     from modelfn.training import loop, recipes
 
     root = tmp_path_factory.mktemp("store")
     store = open_store(str(root))
-    loop.train(recipes.get("digits-cnn"), store, seed=0, progress=False)
-    build("digits-cnn", store, log=lambda *_: None)
+    for name in ("digits-cnn", "textcls"):
+        loop.train(recipes.get(name), store, seed=0, progress=False)
+        build(name, store, log=BUILD_LOG.append)
+    build("minilm", store, log=BUILD_LOG.append)
     return root
 
 

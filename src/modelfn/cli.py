@@ -10,11 +10,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from modelfn.errors import ModelfnError
 from modelfn.store import open_store
 
-DEFAULT_MODEL = "digits-cnn"
+#: what `modelfn up` (and `make run`) trains, builds and serves by default
+DEFAULT_MODELS = ("digits-cnn", "textcls", "minilm")
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -37,7 +39,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from modelfn.export.build import build
 
-    manifest = build(args.name, open_store(args.store), version=args.version, run_id=args.run)
+    manifest = build(args.name, open_store(args.store), version=args.version, run_id=args.run,
+                     precision=args.precision)
     if args.json:
         print(json.dumps(manifest, indent=2))
     return 0
@@ -56,20 +59,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """The main job on the embedded defaults: train if needed, build if needed, serve."""
+    """The main job on the embedded defaults: train and build what the store lacks, serve."""
     from modelfn import store as registry
+    from modelfn.export.build import load_config
 
     store = open_store(args.store)
     args.store = store.uri
-    name = args.model
-    if registry.latest_run(store, name) is None:
-        print(f"no training run of {name} in {store.uri}: training one", flush=True)
-        cmd_train(argparse.Namespace(name=name, store=store.uri, device="auto", epochs=None,
-                                     seed=0, quiet=False))
-    if not registry.versions(store, name):
-        print(f"no built version of {name} in {store.uri}: building one", flush=True)
-        cmd_build(argparse.Namespace(name=name, store=store.uri, version=None, run=None,
-                                     json=False))
+    for name in args.model or DEFAULT_MODELS:
+        config = load_config(name)
+        recipe = config.get("recipe", name)
+        if config.get("kind", "classifier") == "classifier" and \
+                registry.latest_run(store, recipe) is None:
+            print(f"no training run of {recipe} in {store.uri}: training one", flush=True)
+            cmd_train(argparse.Namespace(name=recipe, store=store.uri, device="auto",
+                                         epochs=None, seed=0, quiet=False))
+        if not registry.versions(store, name):
+            print(f"no built version of {name} in {store.uri}: building one", flush=True)
+            cmd_build(argparse.Namespace(name=name, store=store.uri, version=None, run=None,
+                                         precision="auto", json=False))
     for model in registry.model_names(store):
         print(f"  {model}: versions {', '.join(registry.versions(store, model))}")
     return cmd_serve(args)
@@ -86,23 +93,38 @@ def cmd_models(args: argparse.Namespace) -> int:
             m = store.read_json(f"models/{name}/{version}/{registry.MANIFEST}")
             tags = ",".join(a for a, v in named.items() if v == version)
             size = sum(f["size"] for f in m["files"].values())
-            rows.append((name, version, tags, f"{size / 1024:.0f} KiB", m["task"],
-                         f"{m['export']['parity']['agreement']:.4f}", m["created"]))
-    header = ("model", "version", "aliases", "size", "task", "parity", "created")
+            precision = "int8" if m.get("quantization", {}).get("applied") else "fp32"
+            rows.append((name, version, tags, f"{size / 1e6:.2f} MB", m["task"], precision,
+                         _gate(m), m["created"]))
+    header = ("model", "version", "aliases", "size", "task", "precision", "gate", "created")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     return 0
 
 
+def _gate(manifest: dict[str, Any]) -> str:
+    """The shipped model's gate in a few characters."""
+    quant = manifest.get("quantization") or {}
+    report = quant["gate"] if quant.get("applied") else manifest["export"]["parity"]
+    if "agreement" in report:
+        return f"agreement {report['agreement']:.4f}"
+    return f"min cos {report['min_cosine']:.4f}"
+
+
 def cmd_package_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from modelfn.packaging.limits import check_function, measure
+    from modelfn.packaging.limits import check_function, measure, measure_bundle
 
     build_dir = Path(args.build_dir)
     function = measure(build_dir / args.function)
     layers = [measure(build_dir / name) for name in args.layer]
+    if args.model:
+        store = open_store(args.store)
+        for ref in args.model:
+            name, _, version = ref.partition(":")
+            layers.append(measure_bundle(store, name, version or None))
     total = check_function(function, layers)
     for a in [function, *layers]:
         print(f"{a.name}: {a.unzipped / 1e6:.1f} MB unzipped, {a.zipped / 1e6:.1f} MB zipped, "
@@ -129,19 +151,24 @@ def parser() -> argparse.ArgumentParser:
     _store_arg(b)
     b.add_argument("--version", help="version to publish (default: next integer)")
     b.add_argument("--run", help="training run id (default: the newest)")
+    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
+                   help="auto: int8 where build/models.toml asks for it and its gate passes, "
+                        "else fp32; fp32: never quantize; int8: int8 or fail")
     b.add_argument("--json", action="store_true", help="print the manifest")
     b.set_defaults(func=cmd_build)
 
     for name, func, help_ in (("serve", cmd_serve, "serve the API locally (no Docker)"),
-                              ("up", cmd_up, "train and build the default model if the store "
-                                             "has none, then serve")):
+                              ("up", cmd_up, "train and build the default models the store "
+                                             "lacks, then serve")):
         s = sub.add_parser(name, help=help_)
         _store_arg(s)
         s.add_argument("--host", default="127.0.0.1")
         s.add_argument("--port", type=int, default=8080)
         s.add_argument("--quiet", action="store_true", help="no access log")
         if name == "up":
-            s.add_argument("--model", default=DEFAULT_MODEL)
+            s.add_argument("--model", action="append",
+                           help=f"model to make ready (repeatable; default: "
+                                f"{', '.join(DEFAULT_MODELS)})")
         s.set_defaults(func=func)
 
     m = sub.add_parser("models", help="list models and versions in the store")
@@ -152,6 +179,10 @@ def parser() -> argparse.ArgumentParser:
     pk.add_argument("--build-dir", default=".aws-sam/build")
     pk.add_argument("--function", default="ApiFunction")
     pk.add_argument("--layer", action="append", default=["RuntimeLayer"])
+    pk.add_argument("--model", action="append", metavar="NAME[:VERSION]",
+                    help="count a bundle from the store as shipped with the function "
+                         "(repeatable)")
+    _store_arg(pk)
     pk.set_defaults(func=cmd_package_check)
     return p
 

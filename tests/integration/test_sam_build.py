@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from modelfn.cli import main
-from modelfn.packaging.limits import UNZIPPED_LIMIT, check_function, measure
+from modelfn.packaging.limits import UNZIPPED_LIMIT, check_function, measure, measure_bundle
+from modelfn.store import open_store
 from tests.conftest import ROOT
 
 
@@ -54,13 +55,30 @@ def test_sam_build_layer_fits_lambda(sam_build: Path, capsys: pytest.CaptureFixt
     assert total < UNZIPPED_LIMIT
     assert 50e6 < layer.unzipped < 200e6  # onnxruntime + numpy are really in it
     site = sam_build / "RuntimeLayer/python"
-    for pkg in ("onnxruntime", "numpy", "aws_lambda_powertools", "modelfn/runtime"):
+    for pkg in ("onnxruntime", "numpy", "aws_lambda_powertools", "tokenizers",
+                "modelfn/runtime"):
         assert (site / pkg).is_dir(), pkg
-    assert not (site / "torch").exists() and not (site / "modelfn/training").exists()
+    for absent in ("torch", "modelfn/training", "huggingface_hub", "transformers"):
+        assert not (site / absent).exists(), absent
     # wheels for the Lambda platform, not this machine's Python 3.11
     assert list(site.glob("onnxruntime/capi/onnxruntime_pybind11_state.cpython-312-*.so"))
     assert main(["package-check", "--build-dir", str(sam_build)]) == 0
     assert "fits" in capsys.readouterr().out
+
+
+def test_layer_and_minilm_bundle_fit_lambda_together(sam_build: Path, built_store: Path,
+                                                     capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """The runtime layer plus the shipped minilm bundle (and textcls) within 250 MB."""
+    args = ["package-check", "--build-dir", str(sam_build), "--store", str(built_store),
+            "--model", "minilm", "--model", "textcls:1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "minilm/1:" in out and "textcls/1:" in out and "fits" in out
+    bundle = measure_bundle(open_store(str(built_store)), "minilm")
+    layer = measure(sam_build / "RuntimeLayer", zipped=False)
+    assert layer.unzipped + bundle.unzipped < UNZIPPED_LIMIT
+    assert bundle.files == 3  # model.onnx, tokenizer.json, manifest.json
 
 
 def test_package_check_refuses_an_oversized_layer(sam_build: Path, tmp_path: Path,
@@ -93,12 +111,15 @@ def test_built_function_answers_under_python312(sam_build: Path, built_store: Pa
     env = {"PYTHONPATH": f"{sam_build / 'ApiFunction'}:{sam_build / 'RuntimeLayer/python'}",
            "MODELFN_STORE": str(built_store), "POWERTOOLS_METRICS_DISABLED": "true",
            "POWERTOOLS_LOG_LEVEL": "WARNING", "PATH": os.environ.get("PATH", "")}
-    proc = subprocess.run([python, "-S", "-c", script, str(ROOT / "events/api-infer.json")],
-                          env=env, capture_output=True, text=True, timeout=120, cwd="/")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["version"] == [3, 12] and result["status"] == 200 and not result["torch"]
-    assert result["body"]["outputs"][1]["data"] == ["7"]
+    for event, check in (("api-infer", lambda out: out[1]["data"] == ["7"]),
+                         ("api-infer-minilm", lambda out: out[0]["shape"] == [3, 384]),
+                         ("api-infer-textcls", lambda out: out[1]["data"][0] == "billing")):
+        proc = subprocess.run([python, "-S", "-c", script, str(ROOT / f"events/{event}.json")],
+                              env=env, capture_output=True, text=True, timeout=120, cwd="/")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["version"] == [3, 12] and result["status"] == 200 and not result["torch"]
+        assert check(result["body"]["outputs"]), (event, result["body"])
 
 
 def test_sam_validate_lint(sam_build: Path) -> None:

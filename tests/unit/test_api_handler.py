@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 from modelfn.local.apigw import load_function
@@ -192,3 +194,72 @@ def test_handler_emits_one_emf_record_per_inference(api: ModuleType,
         assert 0 < record["InferenceLatency"][0] < 5_000
         # never the inputs or the predictions
         assert "pixels" not in json.dumps(record) and "probabilities" not in json.dumps(record)
+
+
+# --- text models: BYTES inputs ------------------------------------------------------------
+
+def strings(*items: object, shape: list[int] | None = None) -> dict:
+    return {"inputs": [{"name": "text", "datatype": "BYTES",
+                        "shape": shape or [len(items)], "data": list(items)}]}
+
+
+def test_handler_embeds_texts(api: ModuleType) -> None:
+    _, body = invoke(api, load_event("api-infer-minilm"))
+    assert body["id"] == "emb-1" and body["model_name"] == "minilm"
+    outputs = {o["name"]: o for o in body["outputs"]}
+    emb = np.array(outputs["embedding"]["data"], dtype=np.float32).reshape(
+        outputs["embedding"]["shape"])
+    assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    sims = emb @ emb.T
+    assert sims[0, 1] > 0.5 > sims[0, 2]  # the two cat sentences, not the stock market
+    assert outputs["truncated"] == {"name": "truncated", "datatype": "BOOL", "shape": [3],
+                                    "data": [False, False, False]}
+
+
+def test_handler_classifies_texts(api: ModuleType) -> None:
+    _, body = invoke(api, load_event("api-infer-textcls"))
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert outputs["label"]["data"] == ["billing", "delivery"]
+    assert outputs["probabilities"]["shape"] == [2, 5]
+
+
+def test_handler_reports_truncated_texts(api: ModuleType) -> None:
+    long = "serverless inference " * 300
+    body = strings("short one", long, shape=[2, 1])  # [N, 1] as some clients send
+    _, doc = invoke(api, with_body(body, "api-infer-minilm"))
+    truncated = {o["name"]: o for o in doc["outputs"]}["truncated"]
+    assert truncated["data"] == [False, True]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (strings(""), 422, "text is empty"),
+    (strings("ok", "  "), 422, "'text'[1]: text is empty"),
+    (strings("x" * 10_001), 422, "characters; this model takes at most"),
+    (strings(*["a"] * 65), 422, "outside 1..64"),
+    (strings(3), 422, "must be strings, got int"),
+    (strings(None), 422, "must be strings"),
+    (strings(["nested", "deeper"]), 422, "needs 1 strings"),
+    (strings("a", shape=[2]), 422, "needs 2 strings"),
+    (strings("a", shape=[1, 1, 1]), 422, "does not match"),
+    ('{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["\\udc80"]}]}',
+     422, "not valid UTF-8"),
+    ({"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, 422,
+     "must be BYTES"),
+    ({"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}, 422,
+     "missing input 'text'"),
+])
+def test_handler_bad_texts_get_422(api: ModuleType, body: object, status: int,
+                                   message: str) -> None:
+    for event in ("api-infer-minilm", "api-infer-textcls"):
+        got, doc = invoke(api, with_body(body, event))
+        assert (got, message in doc["error"]) == (status, True), doc
+
+
+def test_handler_non_utf8_bytes_in_a_text_get_422(api: ModuleType) -> None:
+    raw = b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["caf\xe9"]}]}'
+    ev = load_event("api-infer-minilm")
+    ev["body"], ev["isBase64Encoded"] = base64.b64encode(raw).decode(), True
+    status, doc = invoke(api, ev)
+    assert status == 422 and doc["error"] == "input 'text'[0]: text is not valid UTF-8"
+    ev["body"] = base64.b64encode(b'{"inputs": \xff}').decode()  # outside a string: not JSON
+    assert invoke(api, ev)[0] == 400

@@ -16,6 +16,7 @@ from modelfn.export import build as build_mod
 from modelfn.export.onnx_export import check_single_file, export_onnx
 from modelfn.export.parity import check_parity
 from modelfn.runtime.manifest import sha256
+from modelfn.runtime.model import from_files
 from modelfn.store import open_store
 from modelfn.training import data, loop, recipes
 
@@ -58,12 +59,11 @@ def test_parity_gate_fails_a_broken_export(built_store: Path) -> None:
     broken = trained_module(built_store)
     with torch.no_grad():
         broken.head[-1].bias += 0.5 * torch.randn_like(broken.head[-1].bias)
-    onnx_bytes = export_onnx(broken, torch.zeros(2, 1, 8, 8), "image", "logits", 18)
-    manifest = {"name": "digits-cnn", "preprocess": DIGITS.preprocess,
-                "postprocess": {**DIGITS.postprocess, "labels": list("0123456789")}}
+    onnx_bytes = export_onnx(broken, (torch.zeros(2, 1, 8, 8),), ["image"], ["logits"], 18)
+    manifest = open_store(str(built_store)).read_json("models/digits-cnn/1/manifest.json")
+    served = from_files(manifest, {"model.onnx": onnx_bytes})
     with pytest.raises(ExportParityError, match="exceeds atol"):
-        check_parity(module, onnx_bytes, feed_name="image", output_name="logits",
-                     manifest=manifest, holdout_x=data.digits().x_holdout,
+        check_parity(module, served, holdout_x=data.digits().x_holdout,
                      batch_sizes=[1, 5], atol=1e-4, min_agreement=0.999)
 
 

@@ -14,33 +14,45 @@ from tests.conftest import ROOT
 
 LAMBDA_SIDE = [ROOT / "functions", ROOT / "src/modelfn/runtime", ROOT / "src/modelfn/store.py",
                ROOT / "src/modelfn/errors.py", ROOT / "src/modelfn/__init__.py"]
-HEAVY = {"torch", "torchvision", "transformers", "sklearn", "matplotlib", "onnx", "tqdm"}
+HEAVY = {"torch", "torchvision", "transformers", "sklearn", "matplotlib", "onnx", "tqdm",
+         "sentence_transformers", "huggingface_hub", "safetensors"}
 
 SCRIPT = r"""
 import json, sys
+BLOCKED = {"torch", "transformers", "sklearn", "matplotlib", "onnx", "sentence_transformers",
+           "huggingface_hub", "safetensors"}
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"torch", "transformers", "sklearn", "matplotlib", "onnx"}:
+        if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is blocked in the Lambda runtime test")
 sys.meta_path.insert(0, Block())
 from modelfn.local.apigw import load_function
 from modelfn.local.lambda_context import LocalContext
 api = load_function("api")
-result = api.lambda_handler(json.load(open(sys.argv[1])), LocalContext())
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in
-               {"torch", "transformers", "sklearn", "matplotlib", "onnx", "boto3"})
-print(json.dumps({"status": result["statusCode"], "body": json.loads(result["body"]),
-                  "heavy": heavy}))
+results = []
+for path in sys.argv[1:]:
+    result = api.lambda_handler(json.load(open(path)), LocalContext())
+    results.append({"status": result["statusCode"], "body": json.loads(result["body"]),
+                    "tokenizers": "tokenizers" in sys.modules})
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED | {"boto3"})
+print(json.dumps({"results": results, "heavy": heavy}))
 """
 
 
 def test_handler_runs_with_torch_unimportable(built_store: Path) -> None:
+    """Image and text models answer with torch, transformers, sentence-transformers and
+    huggingface_hub unimportable; tokenizers loads only once a text model is asked for."""
     env = {**os.environ, "MODELFN_STORE": str(built_store)}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "events/api-infer.json")],
+    events = [str(ROOT / f"events/{name}.json")
+              for name in ("api-infer", "api-infer-minilm", "api-infer-textcls")]
+    out = subprocess.run([sys.executable, "-c", SCRIPT, *events],
                          env=env, capture_output=True, text=True, check=True, timeout=120)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["status"] == 200
-    assert result["body"]["outputs"][1]["data"] == ["7"]
+    digits, minilm, textcls = result["results"]
+    assert [r["status"] for r in result["results"]] == [200, 200, 200]
+    assert digits["body"]["outputs"][1]["data"] == ["7"] and not digits["tokenizers"]
+    assert minilm["body"]["outputs"][0]["shape"] == [3, 384] and minilm["tokenizers"]
+    assert textcls["body"]["outputs"][1]["data"] == ["billing", "delivery"]
     assert result["heavy"] == []  # nor boto3, with a local store
 
 
@@ -66,4 +78,4 @@ def test_layer_requirements_hold_no_torch() -> None:
     names = {line.split("==")[0].strip().lower() for line in lines
              if line.strip() and not line.startswith("#")}
     assert names == {"numpy", "onnxruntime", "aws-lambda-powertools", "jmespath",
-                     "typing_extensions"}
+                     "typing_extensions", "tokenizers"}

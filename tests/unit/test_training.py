@@ -98,10 +98,13 @@ def test_models_command_lists_versions_and_parity(store_copy: Path,
     store = open_store(str(store_copy))
     registry.set_alias(store, "digits-cnn", "live", "1")
     assert main(["models", "--store", str(store_copy)]) == 0
-    header, row = capsys.readouterr().out.strip().splitlines()
+    header, *rows = capsys.readouterr().out.strip().splitlines()
     assert header.split()[:4] == ["model", "version", "aliases", "size"]
-    assert row.split()[:3] == ["digits-cnn", "1", "live"]
-    assert "1.0000" in row  # holdout agreement of the parity gate
+    by_name = {row.split()[0]: row for row in rows}
+    assert sorted(by_name) == ["digits-cnn", "minilm", "textcls"]
+    assert by_name["digits-cnn"].split()[:3] == ["digits-cnn", "1", "live"]
+    assert "fp32" in by_name["digits-cnn"] and "agreement 1.0000" in by_name["digits-cnn"]
+    assert "sentence-embedding" in by_name["minilm"] and "min cos 0.9" in by_name["minilm"]
 
 
 def test_serve_on_a_busy_port_is_one_line(built_store: Path,

@@ -1,8 +1,21 @@
-"""``modelfn build``: checkpoint → ONNX → parity gate → versioned bundle in the store."""
+"""``modelfn build``: model → ONNX → gates → (int8 → gate) → versioned bundle in the store.
+
+Two sources, one flow:
+
+- ``kind = "classifier"``: a training run of a recipe (digits-cnn, textcls), gated
+  by :func:`~modelfn.export.parity.check_parity` on the recipe's holdout data;
+- ``kind = "sentence-embedding"``: a pretrained sentence-transformers model
+  (minilm), gated by cosine against the original on a shipped evaluation set.
+
+Nothing is written to the store unless the fp32 gate passes. int8 ships only
+when its own gate passes; otherwise fp32 ships and the manifest says why.
+"""
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,14 +24,17 @@ import onnxruntime as ort
 import torch
 
 from modelfn import store as registry
-from modelfn.errors import ModelfnError, TrainingError
+from modelfn.errors import ExportParityError, ModelfnError, TrainingError
+from modelfn.export import parity, quantize, sentence
 from modelfn.export.onnx_export import EXPORTER, check_single_file, export_onnx
-from modelfn.export.parity import check_parity
 from modelfn.runtime.manifest import SCHEMA_VERSION, file_entry, sha256
+from modelfn.runtime.model import LoadedModel, from_files
 from modelfn.store import Store, json_bytes
 from modelfn.training import loop, recipes
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "build" / "models.toml"
+PRECISIONS = ("auto", "fp32", "int8")
+Log = Callable[[str], None]
 
 
 def load_config(name: str, path: Path | None = None) -> dict[str, Any]:
@@ -32,22 +48,136 @@ def load_config(name: str, path: Path | None = None) -> dict[str, Any]:
     return config[name]
 
 
-def build(name: str, store: Store, *, version: str | None = None, run_id: str | None = None,
-          config_path: Path | None = None, log: Any = print) -> dict[str, Any]:
-    """Build ``name`` from a training run and publish it; return the manifest.
+@dataclass
+class Candidate:
+    """What a source hands to the common flow."""
 
-    Nothing is written to the store unless every gate passes.
+    module: torch.nn.Module
+    example: tuple[torch.Tensor, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    manifest: dict[str, Any]  # everything but files, export and quantization
+    assets: dict[str, bytes]
+    #: fp32 gate on the served candidate: returns a report, raises ExportParityError
+    gate: Callable[[LoadedModel], Any]
+    #: int8 gate and calibration loss, given the fp32 served model (None: no int8)
+    int8: Callable[[LoadedModel], tuple[Callable[[LoadedModel], Any],
+                                        Callable[[LoadedModel], float]]] | None = None
+
+
+def build(name: str, store: Store, *, version: str | None = None, run_id: str | None = None,
+          precision: str = "auto", config_path: Path | None = None,
+          log: Log = print) -> dict[str, Any]:
+    """Build ``name`` and publish it; return the manifest.
+
+    ``precision``: ``auto`` ships int8 where configured and its gate passes, else
+    fp32; ``fp32`` never quantizes; ``int8`` ships int8 or fails the build.
     """
+    if precision not in PRECISIONS:
+        raise ModelfnError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     config = load_config(name, config_path)
+    version = version or registry.next_version(store, name)
+    registry.check_name("version", version)
+    if store.exists(f"models/{name}/{version}/{registry.MANIFEST}"):
+        raise ModelfnError(f"{name} version {version} already exists in {store.uri}")
+    kind = config.get("kind", "classifier")
+    if kind == "classifier":
+        candidate = _trained(name, version, store, config, run_id, log)
+    elif kind == "sentence-embedding":
+        candidate = _sentence_embedding(name, version, config, log)
+    else:
+        raise ModelfnError(f"[{name}] kind {kind!r} is not one of classifier, sentence-embedding")
+
+    manifest = candidate.manifest
+    log(f"exporting {name} to ONNX, opset {config['opset']} ...")
+    onnx_bytes = export_onnx(candidate.module, candidate.example,
+                             [g["name"] for g in manifest["graph"]["inputs"]],
+                             [g["name"] for g in manifest["graph"]["outputs"]],
+                             config["opset"], candidate.dynamic_axes)
+    manifest["export"] = {"exporter": EXPORTER, "torch": torch.__version__,
+                          "onnxruntime": ort.__version__, **check_single_file(onnx_bytes)}
+    log("parity gate (fp32) ...")
+    served = _served(manifest, onnx_bytes, candidate.assets)
+    report = candidate.gate(served)
+    manifest["export"]["parity"] = report.as_dict()
+    log(f"parity gate passed: {report.summary}")
+
+    model_bytes, manifest["quantization"] = _precision(name, config, precision, candidate,
+                                                       served, onnx_bytes, log)
+    files = {manifest["model_file"]: model_bytes, **candidate.assets}
+    manifest["files"] = {rel: file_entry(data) for rel, data in files.items()}
+    registry.publish_version(store, name, version, {**files, "manifest.json":
+                                                    json_bytes(manifest)})
+    precision_used = "int8" if manifest["quantization"]["applied"] else "fp32"
+    log(f"published {name} version {version} ({precision_used}) to {store.uri}: "
+        f"{sum(len(d) for d in files.values()) / 1e6:.2f} MB")
+    return manifest
+
+
+def _served(manifest: dict[str, Any], model: bytes, assets: dict[str, bytes]) -> LoadedModel:
+    return from_files(manifest, {manifest["model_file"]: model, **assets},
+                      max_batch=manifest["limits"]["max_batch"])
+
+
+def _precision(name: str, config: dict[str, Any], precision: str, candidate: Candidate,
+               served: LoadedModel, onnx_bytes: bytes, log: Log
+               ) -> tuple[bytes, dict[str, Any]]:
+    """Which model ships, and the manifest's record of the decision."""
+    configured = config.get("quantize", "none")
+    if precision == "fp32" or (precision == "auto" and configured == "none"):
+        why = ("fp32 asked for (--precision fp32)" if precision == "fp32"
+               else f"not configured for {name} (build/models.toml: quantize = \"none\")")
+        return onnx_bytes, {"applied": False, "mode": "none", "reason": why}
+    if candidate.int8 is None or configured not in ("none", quantize.MODE):
+        raise ModelfnError(f"{name}: int8 is not available for this model "
+                           f"(quantize = {configured!r} in build/models.toml)")
+    gate, loss = candidate.int8(served)
+    log(f"int8 ({quantize.MODE}) ...")
+
+    def gate_bytes(model: bytes) -> Any:
+        return gate(_served(served.manifest, model, candidate.assets))
+
+    def loss_bytes(model: bytes) -> float:
+        return loss(_served(served.manifest, model, candidate.assets))
+
+    result = quantize.quantize_with_fallback(
+        onnx_bytes, gate_bytes, loss_bytes,
+        fallback_steps=list(config.get("int8_fallback_steps", [])), log=log)
+    record: dict[str, Any] = {
+        "mode": quantize.MODE, "fp32_size": len(onnx_bytes), "attempts": result.attempts,
+        "kept_fp32": result.kept_fp32, "sensitivity": result.sensitivity[:12]}
+    if result.passed:
+        assert result.model is not None
+        record.update(applied=True, size=len(result.model),
+                      gate=result.attempts[-1], reason="int8 passed its gate")
+        log(f"int8 ships: {len(result.model) / 1e6:.1f} MB instead of "
+            f"{len(onnx_bytes) / 1e6:.1f} MB")
+        return result.model, record
+    failures = "; ".join(result.attempts[-1]["failures"])
+    if precision == "int8":
+        raise ExportParityError(f"{name}: int8 failed its gate ({failures}); nothing published "
+                                "(without --precision int8 the build ships fp32)")
+    log(f"int8 failed its gate ({failures}): fp32 ships")
+    record.update(applied=False, gate=result.attempts[-1],
+                  reason=f"int8 failed its gate: {failures}")
+    return onnx_bytes, record
+
+
+def _base_manifest(name: str, version: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": SCHEMA_VERSION, "name": name, "version": version,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "platform": "onnxruntime_onnx", "model_file": "model.onnx",
+            "limits": {"max_batch": config.get("max_batch", 64)}}
+
+
+# --- classifiers trained by a recipe ----------------------------------------------------
+
+def _trained(name: str, version: str, store: Store, config: dict[str, Any],
+             run_id: str | None, log: Log) -> Candidate:
     recipe = recipes.get(config.get("recipe", name))
     run_id = run_id or registry.latest_run(store, recipe.name)
     if run_id is None:
         raise TrainingError(f"no training run of {recipe.name} in {store.uri}: "
                             f"run `modelfn train {recipe.name}` first")
-    version = version or registry.next_version(store, name)
-    registry.check_name("version", version)
-    if store.exists(f"models/{name}/{version}/{registry.MANIFEST}"):
-        raise ModelfnError(f"{name} version {version} already exists in {store.uri}")
     ckpt, metrics, raw_ckpt = loop.load_checkpoint(store, recipe.name, run_id)
     split = recipe.load_data()
     if metrics["data"]["fingerprint"] != split.fingerprint:
@@ -56,53 +186,18 @@ def build(name: str, store: Store, *, version: str | None = None, run_id: str | 
     module = recipe.build_model(ckpt["n_classes"])
     module.load_state_dict(ckpt["state_dict"])
     module.eval()
-
-    graph_in = recipe.graph["inputs"][0]
-    graph_out = recipe.graph["outputs"][0]
-    log(f"exporting {name} (run {run_id}) to ONNX, opset {config['opset']} ...")
-    example = torch.zeros((config.get("export_batch", 2), *graph_in["shape"][1:]))
-    onnx_bytes = export_onnx(module, example, graph_in["name"], graph_out["name"],
-                             config["opset"])
-    onnx_info = check_single_file(onnx_bytes)
-
-    manifest = _manifest(name, version, recipe, config, ckpt, metrics, run_id, raw_ckpt,
-                         onnx_info)
-    log("parity gate: torch vs onnxruntime ...")
-    report = check_parity(module, onnx_bytes, feed_name=graph_in["name"],
-                          output_name=graph_out["name"], manifest=manifest,
-                          holdout_x=split.x_holdout,
-                          batch_sizes=config.get("parity_batch_sizes", [1, 7, 64]),
-                          atol=config["atol"], min_agreement=config["min_agreement"])
-    manifest["export"]["parity"] = report.as_dict()
-    log(f"parity gate passed: max |diff| {max(report.max_abs_diff.values()):.3g} "
-        f"(atol {report.atol:g}), holdout agreement {report.agreement:.4f} "
-        f"({report.holdout_size} rows)")
-    files = {"model.onnx": onnx_bytes}
-    manifest["files"] = {rel: file_entry(data) for rel, data in files.items()}
-    registry.publish_version(store, name, version, {**files, "manifest.json":
-                                                    json_bytes(manifest)})
-    log(f"published {name} version {version} to {store.uri} "
-        f"({len(onnx_bytes) / 1024:.1f} KiB model)")
-    return manifest
-
-
-def _manifest(name: str, version: str, recipe: recipes.Recipe, config: dict[str, Any],
-              ckpt: dict[str, Any], metrics: dict[str, Any], run_id: str, raw_ckpt: bytes,
-              onnx_info: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "schema": SCHEMA_VERSION,
-        "name": name,
-        "version": version,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    log(f"{name}: run {run_id} of recipe {recipe.name} "
+        f"(holdout accuracy {metrics['holdout_accuracy']:.4f})")
+    assets = recipe.assets()
+    example = loop.features(recipe, split.x_holdout[:config.get("export_batch", 2)], assets)
+    manifest = {
+        **_base_manifest(name, version, config),
         "task": recipe.task,
-        "platform": "onnxruntime_onnx",
-        "model_file": "model.onnx",
         "inputs": recipe.inputs,
         "outputs": recipe.outputs,
         "graph": recipe.graph,
         "preprocess": recipe.preprocess,
         "postprocess": {**recipe.postprocess, "labels": ckpt["labels"]},
-        "limits": {"max_batch": config.get("max_batch", 64)},
         "source": {
             "recipe": recipe.name,
             "run": run_id,
@@ -111,11 +206,66 @@ def _manifest(name: str, version: str, recipe: recipes.Recipe, config: dict[str,
             "data_source": metrics["data"]["source"],
             "data_fingerprint": metrics["data"]["fingerprint"],
         },
-        "training": {k: metrics[k] for k in ("holdout_accuracy", "holdout_loss", "seed",
-                                             "device", "duration_seconds", "hyperparameters")},
-        "export": {"exporter": EXPORTER, "torch": torch.__version__,
-                   "onnxruntime": ort.__version__, **onnx_info},
-        "quantization": {"applied": False, "mode": config.get("quantize", "none"),
-                         "reason": "not configured for this model (build/models.toml)"},
-        "files": {},
+        "training": {k: metrics.get(k) for k in (
+            "holdout_accuracy", "holdout_loss", "majority_baseline", "seed", "device",
+            "duration_seconds", "hyperparameters")},
     }
+
+    def gate(served: LoadedModel) -> parity.ParityReport:
+        return parity.check_parity(module, served, holdout_x=split.x_holdout,
+                                   batch_sizes=config.get("parity_batch_sizes", [1, 7, 64]),
+                                   atol=config["atol"], min_agreement=config["min_agreement"])
+
+    return Candidate(module, example, recipe.dynamic_axes, manifest, assets, gate)
+
+
+# --- sentence embeddings from a pretrained model ----------------------------------------
+
+def _sentence_embedding(name: str, version: str, config: dict[str, Any], log: Log
+                        ) -> Candidate:
+    log(f"{name}: loading all-MiniLM-L6-v2 from the {sentence.pretrained.MINILM_PACKAGE} "
+        "package (offline)")
+    model = sentence.load_minilm()
+    evals = sentence.eval_set(config["eval_set"])
+    log(f"reference embeddings: sentence-transformers on {len(evals.texts)} texts "
+        f"({evals.source}) ...")
+    reference = model.encode(evals.texts)
+    assets = {recipes.TOKENIZER: model.tokenizer_json}
+    manifest = {**_base_manifest(name, version, config),
+                **sentence.contract(model, config["max_chars"]),
+                "source": {**model.source, "eval_set": evals.source},
+                "training": {}}
+    ids = torch.randint(1000, 2000, (config.get("export_batch", 2), 16))
+
+    def gate(served: LoadedModel) -> parity.EmbeddingReport:
+        got = parity.served_embeddings(served, evals.texts)
+        report = parity.compare_embeddings(
+            got, reference, evals.texts, evals.groups, against=model.source["reference"],
+            min_cosine=config["min_cosine"], atol=config.get("atol"))
+        if not report.passed:
+            raise ExportParityError("parity gate failed: " + "; ".join(report.failures))
+        return report
+
+    def int8(fp32: LoadedModel) -> tuple[Callable[[LoadedModel], Any],
+                                         Callable[[LoadedModel], float]]:
+        base = parity.served_embeddings(fp32, evals.texts)
+        calibration = sentence.calibration_texts(config["calibration_set"],
+                                                 config.get("calibration_size", 48))
+        calibration_base = parity.served_embeddings(fp32, calibration)
+
+        def int8_gate(served: LoadedModel) -> parity.EmbeddingReport:
+            return parity.compare_embeddings(
+                parity.served_embeddings(served, evals.texts), base, evals.texts,
+                evals.groups, against="fp32", min_cosine=config["int8_min_cosine"],
+                min_retrieval_agreement=config["int8_min_retrieval_agreement"])
+
+        def loss(served: LoadedModel) -> float:
+            got = parity.served_embeddings(served, calibration)
+            return float(1.0 - (got * calibration_base).sum(axis=1).min())
+
+        return int8_gate, loss
+
+    return Candidate(model.module, (ids, torch.ones_like(ids)),
+                     {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}},
+                     manifest, assets, gate, int8)
+

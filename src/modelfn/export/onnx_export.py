@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
 import warnings
@@ -16,23 +17,33 @@ from modelfn.errors import ModelfnError
 EXPORTER = "torch.onnx.export(dynamo=True)"
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, input_name: str,
-                output_name: str, opset: int) -> bytes:
-    """Export with the torch.export-based exporter, batch axis dynamic, weights inline.
+def export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
+                input_names: list[str], output_names: list[str], opset: int,
+                dynamic_axes: dict[str, dict[int, str]] | None = None) -> bytes:
+    """Export with the torch.export-based exporter, weights inline.
 
+    Axis 0 of every input is the dynamic batch axis; ``dynamic_axes`` names more
+    (e.g. ``{"input_ids": {1: "seq"}}``; axes with the same name share a size).
     Returns the model's bytes; raises if the result references external data.
     """
     model = model.eval()
     # the exporter logs a warning per torchvision op when torchvision is absent: noise here
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    dims: dict[str, torch.export.Dim] = {"batch": torch.export.Dim("batch", min=1, max=4096)}
+    params = list(inspect.signature(model.forward).parameters)
+    dynamic_shapes = {}
+    for param, name in zip(params, input_names, strict=False):
+        axes = {0: "batch", **(dynamic_axes or {}).get(name, {})}
+        dynamic_shapes[param] = {
+            axis: dims.setdefault(dim, torch.export.Dim(dim, min=1, max=4096))
+            for axis, dim in axes.items()}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
         torch.onnx.export(
-            model, (example,), str(path), dynamo=True, external_data=False,
-            input_names=[input_name], output_names=[output_name], opset_version=opset,
-            dynamic_shapes={"x": {0: batch}}, verbose=False, report=False,
+            model, example, str(path), dynamo=True, external_data=False,
+            input_names=input_names, output_names=output_names, opset_version=opset,
+            dynamic_shapes=dynamic_shapes, verbose=False, report=False,
         )
         data = path.read_bytes()
         extra = [p.name for p in Path(tmp).iterdir() if p.name != "model.onnx"]

@@ -7,12 +7,18 @@ layers together.
 from __future__ import annotations
 
 import io
+import json
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelfn.errors import PackagingError
+
+if TYPE_CHECKING:
+    from modelfn.store import Store
 
 UNZIPPED_LIMIT = 262_144_000  # bytes: function + all layers, unzipped
 
@@ -51,6 +57,20 @@ def zipped_size(path: Path) -> int:
 def measure(path: Path, name: str | None = None, zipped: bool = True) -> Artifact:
     size, files = tree_size(path)
     return Artifact(name or path.name, size, zipped_size(path) if zipped else 0, files)
+
+
+def measure_bundle(store: Store, name: str, version: str | None = None) -> Artifact:
+    """A published bundle as it would ship beside the function (e.g. in a models layer):
+    every file its manifest lists, plus the manifest itself."""
+    from modelfn import store as registry
+
+    version = registry.resolve_version(store, name, version)
+    prefix = f"models/{name}/{version}"
+    manifest_raw = store.read_bytes(f"{prefix}/{registry.MANIFEST}")
+    blobs = [manifest_raw, *(store.read_bytes(f"{prefix}/{rel}")
+                             for rel in json.loads(manifest_raw)["files"])]
+    return Artifact(f"{name}/{version}", sum(map(len, blobs)),
+                    sum(len(zlib.compress(b, 6)) for b in blobs), len(blobs))
 
 
 def check_function(function: Artifact, layers: list[Artifact]) -> int:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from modelfn.errors import InvalidInput, ModelUnavailable
 from modelfn.runtime import processing
 from modelfn.runtime.manifest import load_manifest, verify_file
-from modelfn.runtime.protocol import DATATYPES, InferRequest, RequestInput, to_array
+from modelfn.runtime.protocol import DATATYPES, InferRequest, RequestInput, to_array, to_strings
 from modelfn.store import MANIFEST, Store
 
 DEFAULT_MAX_BATCH = 64
@@ -52,12 +52,18 @@ class LoadedModel:
     manifest: dict[str, Any]
     session: ort.InferenceSession
     max_batch: int
-    _pre: Any = field(default=None, repr=False)
-    _post: Any = field(default=None, repr=False)
+    #: the bundle's verified files; the pipeline takes what it needs (e.g. a tokenizer)
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
+    #: the manifest's pre- and post-processing, ready to run (see processing.pipeline)
+    pre: Any = field(default=None, repr=False)
+    post: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self._pre, self._post = processing.pipeline(self.manifest)
+        self.pre, self.post = processing.pipeline(self.manifest, self.files)
+        self._graph_inputs = [i["name"] for i in self.manifest["graph"]["inputs"]]
         self._graph_outputs = [o["name"] for o in self.manifest["graph"]["outputs"]]
+        self._outputs = [o["name"] for o in self.manifest["outputs"]]
+        self.files = {}  # the pipeline holds what it needs; don't keep the model bytes
 
     def validate(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
         """Check the request against the manifest's inputs; return arrays and batch size."""
@@ -88,6 +94,8 @@ class LoadedModel:
         batch = tensor.shape[0]
         if not 1 <= batch <= self.max_batch:
             raise InvalidInput(f"{where}: batch size {batch} is outside 1..{self.max_batch}")
+        if spec["datatype"] == "BYTES":
+            return to_strings(tensor)
         return to_array(tensor, DATATYPES[spec["datatype"]])
 
     def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
@@ -96,17 +104,17 @@ class LoadedModel:
 
     def run(self, arrays: dict[str, np.ndarray],
             wanted: list[str] | None = None) -> dict[str, np.ndarray]:
-        feeds = self._pre(arrays)
-        raw = dict(zip(self._graph_outputs, self.session.run(self._graph_outputs, feeds),
-                       strict=True))
-        outputs = self._post(raw)
-        if wanted is None:
-            return outputs
-        unknown = [n for n in wanted if n not in outputs]
+        names = self._outputs if wanted is None else wanted
+        unknown = [n for n in names if n not in self._outputs]
         if unknown:
             raise InvalidInput(f"unknown output(s) {unknown}; this model returns "
-                               f"{sorted(outputs)}")
-        return {n: outputs[n] for n in wanted}
+                               f"{self._outputs}")
+        computed = self.pre(arrays)
+        feeds = {n: computed[n] for n in self._graph_inputs}
+        computed.update(zip(self._graph_outputs, self.session.run(self._graph_outputs, feeds),
+                            strict=True))
+        computed.update(self.post(computed))
+        return {n: computed[n] for n in names}
 
 
 def model_metadata(manifest: dict[str, Any], versions: list[str]) -> dict[str, Any]:
@@ -154,11 +162,19 @@ def load(store: Store, name: str, version: str, manifest: dict[str, Any] | None 
             raise ModelUnavailable(f"{where}: {rel} is listed in the manifest but "
                                    "missing from the bundle") from exc
         blobs[rel] = verify_file(manifest, rel, data, where)
+    return from_files(manifest, blobs, max_batch)
+
+
+def from_files(manifest: dict[str, Any], files: dict[str, bytes],
+               max_batch: int = DEFAULT_MAX_BATCH) -> LoadedModel:
+    """A served model from a manifest and its (already verified) files; the build
+    step's gates use this too, so they test exactly what will be served."""
+    name, version = manifest["name"], str(manifest["version"])
     try:
-        session = ort.InferenceSession(blobs[manifest["model_file"]], session_options(),
+        session = ort.InferenceSession(files[manifest["model_file"]], session_options(),
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise ModelUnavailable(f"{where}: onnxruntime cannot load the model: "
-                               f"{type(exc).__name__}") from exc
+        raise ModelUnavailable(f"{name} version {version}: onnxruntime cannot load the "
+                               f"model: {type(exc).__name__}") from exc
     limit = min(max_batch, manifest.get("limits", {}).get("max_batch", max_batch))
-    return LoadedModel(name, version, manifest, session, limit)
+    return LoadedModel(name, version, manifest, session, limit, files=files)

@@ -72,8 +72,12 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_json(raw: bytes) -> Any:
+    """JSON from bytes. Bytes that are not UTF-8 survive as lone surrogates, so a
+    string holding them is refused where it is used (422, naming the input), and
+    anywhere else the JSON syntax fails (400)."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(raw.decode("utf-8", "surrogateescape"),
+                          parse_constant=_reject_constant)
     except MalformedRequest:
         raise
     except RecursionError as exc:
@@ -157,6 +161,47 @@ def to_array(tensor: RequestInput, dtype: Any) -> np.ndarray:
         raise InvalidInput(f"{where}: values must be finite (no NaN, no Infinity, "
                            f"nothing out of {np.dtype(dtype).name} range)")
     return out
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:  # iterative: a deeply nested list cannot exhaust the stack
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def to_strings(tensor: RequestInput) -> np.ndarray:
+    """A BYTES request tensor as a flat object array of ``str``, one per element.
+
+    Every element must be a JSON string of valid Unicode that encodes to UTF-8
+    (a lone surrogate, e.g. from a non-UTF-8 byte, is refused with its index).
+    """
+    where = f"input {tensor.name!r}"
+    items = _flatten(tensor.data)
+    expected = math.prod(tensor.shape)
+    if len(items) != expected:
+        raise InvalidInput(f"{where}: shape {tensor.shape} needs {expected} strings, "
+                           f"'data' has {len(items)}")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InvalidInput(f"{where}[{i}]: BYTES elements must be strings, "
+                               f"got {type(item).__name__}")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(f"{where}[{i}]: text is not valid UTF-8") from None
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
 
 
 def encode_tensor(name: str, arr: np.ndarray) -> dict[str, Any]:

@@ -33,17 +33,21 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def features(recipe: Recipe, x: np.ndarray) -> torch.Tensor:
-    """Raw inputs → network input, through the runtime's own preprocessing."""
+Features = tuple[torch.Tensor, ...]
+
+
+def features(recipe: Recipe, x: np.ndarray, assets: dict[str, bytes]) -> Features:
+    """Raw inputs → the network's inputs in graph order, through the runtime's own
+    preprocessing (the same code, spec and files the served model uses)."""
     spec = recipe.preprocess
-    return torch.from_numpy(processing.PREPROCESS[spec["kind"]](spec, {spec["input"]: x})
-                            [spec["feed"]])
+    feeds = processing.PREPROCESS[spec["kind"]](spec, assets)({spec["input"]: x})
+    return tuple(torch.from_numpy(feeds[g["name"]]) for g in recipe.graph["inputs"])
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: Features, y: torch.Tensor) -> tuple[float, float]:
     model.eval()
     with torch.no_grad():
-        logits = model(x)
+        logits = model(*x)
         loss = nn.functional.cross_entropy(logits, y).item()
         acc = (logits.argmax(dim=1) == y).float().mean().item()
     return loss, acc
@@ -57,11 +61,15 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
     torch.manual_seed(seed)
     np.random.seed(seed)
     split = recipe.load_data()
-    x_tr, y_tr = features(recipe, split.x_train).to(dev), torch.from_numpy(split.y_train).to(dev)
-    x_ho = features(recipe, split.x_holdout).to(dev)
-    y_ho = torch.from_numpy(split.y_holdout).to(dev)
+    assets = recipe.assets()
+    x_tr = tuple(t.to(dev) for t in features(recipe, split.x_train, assets))
+    x_ho = tuple(t.to(dev) for t in features(recipe, split.x_holdout, assets))
+    y_tr, y_ho = torch.from_numpy(split.y_train).to(dev), torch.from_numpy(split.y_holdout).to(dev)
 
-    model = recipe.build_model(len(split.labels)).to(dev)
+    model = recipe.build_model(len(split.labels))
+    if recipe.init_model is not None:
+        recipe.init_model(model)
+    model = model.to(dev)
     n_epochs = recipe.epochs if epochs is None else epochs
     if n_epochs < 1:
         raise TrainingError("--epochs must be at least 1")
@@ -73,11 +81,11 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
                disable=not progress)
     for epoch in bar:
         model.train()
-        order = torch.randperm(len(x_tr), generator=gen).to(dev)
+        order = torch.randperm(len(y_tr), generator=gen).to(dev)
         total, correct, seen = 0.0, 0, 0
         for i in range(0, len(order), recipe.batch_size):
             idx = order[i:i + recipe.batch_size]
-            logits = model(x_tr[idx])
+            logits = model(*(t[idx] for t in x_tr))
             loss = nn.functional.cross_entropy(logits, y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -107,6 +115,7 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
                         else platform.processor() or platform.machine()),
         "epochs": history,
         "holdout_accuracy": history[-1]["holdout_accuracy"],
+        "majority_baseline": majority_baseline(split.y_train, split.y_holdout),
         "holdout_loss": history[-1]["holdout_loss"],
         "data": {"source": split.source, "fingerprint": split.fingerprint,
                  "n_train": len(split.y_train), "n_holdout": len(split.y_holdout)},
@@ -119,13 +128,20 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
     }
     store.publish_folder(f"runs/{recipe.name}/{run_id}", {
         "checkpoint.pt": checkpoint,
-        "training_curve.png": training_curve(recipe.name, history),
+        "training_curve.png": training_curve(recipe.name, history, metrics["majority_baseline"]),
         "metrics.json": json_bytes(metrics),
     }, last="metrics.json")
     return metrics
 
 
-def training_curve(name: str, history: list[dict[str, float]]) -> bytes:
+def majority_baseline(y_train: np.ndarray, y_holdout: np.ndarray) -> float:
+    """Holdout accuracy of always answering the training set's most common class."""
+    majority = np.bincount(y_train).argmax()
+    return float((y_holdout == majority).mean())
+
+
+def training_curve(name: str, history: list[dict[str, float]],
+                   baseline: float | None = None) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,6 +154,9 @@ def training_curve(name: str, history: list[dict[str, float]]) -> bytes:
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale="log")
     ax_acc.plot(epochs, [h["train_accuracy"] for h in history], label="train")
     ax_acc.plot(epochs, [h["holdout_accuracy"] for h in history], label="holdout")
+    if baseline is not None:
+        ax_acc.axhline(baseline, color="grey", linestyle="--",
+                       label=f"majority class ({baseline:.3f})")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

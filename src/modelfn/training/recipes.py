@@ -14,8 +14,12 @@ from typing import Any
 from torch import nn
 
 from modelfn.errors import TrainingError
-from modelfn.training import data
-from modelfn.training.models import DigitsCNN
+from modelfn.training import data, pretrained
+from modelfn.training.models import DigitsCNN, TextGRU
+
+
+def _no_assets() -> dict[str, bytes]:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,13 @@ class Recipe:
     graph: dict[str, list[dict[str, Any]]]
     preprocess: dict[str, Any]
     postprocess: dict[str, Any]
+    #: files the bundle ships beside the model (e.g. ``assets/tokenizer.json``); the
+    #: preprocessing reads them, in training and at run time alike
+    assets: Callable[[], dict[str, bytes]] = _no_assets
+    #: run once on a fresh model before training (e.g. load pretrained embeddings)
+    init_model: Callable[[nn.Module], None] | None = None
+    #: graph axes beyond the batch that are dynamic: {input name: {axis: name}}
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     epochs: int = 30
     batch_size: int = 64
     lr: float = 2e-3
@@ -56,7 +67,55 @@ DIGITS = Recipe(
     postprocess={"kind": "classification", "logits": "logits"},  # labels added from data
 )
 
-RECIPES = {r.name: r for r in (DIGITS,)}
+TOKENIZER = "assets/tokenizer.json"
+
+
+def _tokenizer_assets() -> dict[str, bytes]:
+    return {TOKENIZER: pretrained.minilm_tokenizer_json()}
+
+
+def _pretrained_embeddings(model: nn.Module) -> None:
+    assert isinstance(model, TextGRU)
+    model.init_embeddings(pretrained.minilm_word_embeddings(model.embed.embedding_dim))
+
+
+def text_preprocess(max_length: int, max_chars: int) -> dict[str, Any]:
+    """The ``text`` preprocessing spec: a BYTES input ``text`` → ids and mask."""
+    return {"kind": "text", "input": "text", "tokenizer": TOKENIZER, "max_length": max_length,
+            "pad_id": 0, "pad_token": "[PAD]", "max_chars": max_chars,
+            "feeds": {"input_ids": "input_ids", "attention_mask": "attention_mask"}}
+
+
+TEXT_INPUT = {"name": "text", "datatype": "BYTES", "shape": [-1], "shapes": [[-1], [-1, 1]],
+              "description": "UTF-8 texts, one per batch row; not empty"}
+TRUNCATED_OUTPUT = {"name": "truncated", "datatype": "BOOL", "shape": [-1],
+                    "description": "true where a text was cut to the model's token window"}
+TOKEN_GRAPH_INPUTS = [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+                      {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}]
+
+TEXTCLS = Recipe(
+    name="textcls",
+    task="text-classification",
+    load_data=data.support_tickets,
+    build_model=lambda n_classes: TextGRU(pretrained.vocab_size(
+        pretrained.minilm_tokenizer_json()), n_classes),
+    inputs=[TEXT_INPUT],
+    outputs=[{"name": "probabilities", "datatype": "FP32", "shape": [-1, 5]},
+             {"name": "label", "datatype": "BYTES", "shape": [-1]}, TRUNCATED_OUTPUT],
+    graph={"inputs": TOKEN_GRAPH_INPUTS,
+           "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 5]}]},
+    preprocess=text_preprocess(max_length=128, max_chars=2000),
+    postprocess={"kind": "classification", "logits": "logits"},
+    assets=_tokenizer_assets,
+    init_model=_pretrained_embeddings,
+    dynamic_axes={"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}},
+    epochs=40,
+    batch_size=32,
+    lr=3e-3,
+    weight_decay=1e-4,
+)
+
+RECIPES = {r.name: r for r in (DIGITS, TEXTCLS)}
 
 
 def get(name: str) -> Recipe:

@@ -1,0 +1,172 @@
+"""Sentence-embedding latency: the served path (tokenize → onnxruntime → pool) with the
+int8 and the fp32 minilm bundles, against sentence-transformers (torch) on the same
+texts, in one process, interleaved, at batch 1 and batch 32.
+
+    .venv/bin/python bench/text_latency.py            # builds both bundles in a temp store
+    .venv/bin/python bench/text_latency.py --store S --int8 1 --fp32 2
+
+Writes bench/results/text-latency.{md,json,png}. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "os": platform.platform(), "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    arr = np.array(samples) * 1000
+    return {"p50_ms": float(np.percentile(arr, 50)), "p90_ms": float(np.percentile(arr, 90)),
+            "p99_ms": float(np.percentile(arr, 99)), "n": len(samples)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store")
+    ap.add_argument("--int8", default="1")
+    ap.add_argument("--fp32", default="2")
+    ap.add_argument("--rounds", type=int, default=60)
+    args = ap.parse_args()
+
+    from modelfn.export import sentence
+    from modelfn.export.build import build
+    from modelfn.runtime.repository import Repository
+    from modelfn.store import open_store
+
+    tmp = None
+    if args.store is None:
+        tmp = tempfile.TemporaryDirectory()
+        args.store = tmp.name
+        print("building minilm (auto: int8 where its gate passes) and minilm --precision fp32")
+        build("minilm", open_store(args.store), version=args.int8, log=lambda *_: None)
+        build("minilm", open_store(args.store), version=args.fp32, precision="fp32",
+              log=lambda *_: None)
+    repo = Repository(open_store(args.store), max_batch=128)
+    served = {"modelfn int8": repo.get("minilm", args.int8), "modelfn fp32": repo.get("minilm",
+                                                                                      args.fp32)}
+    assert served["modelfn int8"].manifest["quantization"]["applied"], "version is not int8"
+    from sentence_transformers import SentenceTransformer
+
+    from modelfn.training import pretrained
+
+    st = SentenceTransformer(str(pretrained.minilm_path()), device="cpu")
+    evals = sentence.eval_set("sentence-eval.jsonl")
+    rng = np.random.default_rng(0)
+    batches = {"1": ["How do I reset my password?"],
+               "32": [evals.texts[i] for i in rng.choice(len(evals.texts), 32, replace=False)]}
+
+    def runner(name: str, texts: list[str]) -> Any:
+        if name == "sentence-transformers":
+            return lambda: st.encode(texts, batch_size=32, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=False)
+        arr = np.empty(len(texts), dtype=object)
+        arr[:] = texts
+        model = served[name]
+        return lambda: model.run({"text": arr}, ["embedding"])
+
+    names = ["modelfn int8", "modelfn fp32", "sentence-transformers"]
+    results: dict[str, dict[str, Any]] = {}
+    for size, texts in batches.items():
+        runs = {n: runner(n, texts) for n in names}
+        for fn in runs.values():  # warm-up
+            for _ in range(3):
+                fn()
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(args.rounds):  # interleaved: drift hits all three alike
+            for n, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[n].append(time.perf_counter() - t0)
+        results[size] = {n: percentiles(s) for n, s in samples.items()}
+        for n in names:
+            print(f"batch {size:>2} {n:22s} p50 {results[size][n]['p50_ms']:8.2f} ms  "
+                  f"p90 {results[size][n]['p90_ms']:8.2f} ms")
+
+    sizes = {n: served[n].manifest["files"]["model.onnx"]["size"] for n in served}
+    report = {"machine": machine(), "rounds": args.rounds, "results": results,
+              "model_bytes": sizes,
+              "int8_gate": served["modelfn int8"].manifest["quantization"]["gate"]["summary"],
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "text-latency.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "text-latency.md").write_text(markdown(report))
+    chart(report, RESULTS / "text-latency.png")
+    print(f"wrote {RESULTS / 'text-latency.md'}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = ["# minilm sentence embeddings: latency", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
+             f"onnxruntime {m['onnxruntime']}, torch {m['torch']} ({m['torch_threads']} threads); "
+             f"{report['created']}. {report['rounds']} interleaved rounds per cell.", "",
+             "Served path = the runtime's `LoadedModel.run`: tokenize (bundle tokenizer.json) → "
+             "onnxruntime → mean-pool + L2-normalize. sentence-transformers = "
+             "`encode(..., normalize_embeddings=True)` in torch.", "",
+             "| batch | what | p50 ms | p90 ms | p50 vs sentence-transformers |",
+             "|---|---|---|---|---|"]
+    for size, cells in report["results"].items():
+        base = cells["sentence-transformers"]["p50_ms"]
+        for name, c in cells.items():
+            lines.append(f"| {size} | {name} | {c['p50_ms']:.2f} | {c['p90_ms']:.2f} | "
+                         f"{base / c['p50_ms']:.2f}x faster |" if name != "sentence-transformers"
+                         else f"| {size} | {name} | {c['p50_ms']:.2f} | {c['p90_ms']:.2f} | 1 |")
+    lines += ["", "model.onnx: " + ", ".join(f"{n} {b / 1e6:.1f} MB"
+                                             for n, b in report["model_bytes"].items()),
+              "", f"int8 gate: {report['int8_gate']}", ""]
+    return "\n".join(lines)
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(report["results"]), figsize=(10, 4), dpi=100)
+    for ax, (size, cells) in zip(axes, report["results"].items(), strict=True):
+        names = list(cells)
+        ax.bar(names, [cells[n]["p50_ms"] for n in names], color=["C0", "C1", "C3"])
+        ax.errorbar(names, [cells[n]["p50_ms"] for n in names],
+                    yerr=[[0] * len(names), [cells[n]["p90_ms"] - cells[n]["p50_ms"]
+                                            for n in names]], fmt="none", ecolor="k")
+        ax.set(title=f"batch {size}", ylabel="ms (p50, bar to p90)")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"minilm embeddings on {report['machine']['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

