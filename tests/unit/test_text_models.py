@@ -108,6 +108,7 @@ def test_minilm_bundle_records_both_gates(built_store: Path) -> None:
         assert gate["min_cosine"] >= 0.98 and gate["retrieval_agreement"] >= 0.95
         assert len(files["model.onnx"]) < 0.5 * quant["fp32_size"]
         assert len(quant["kept_fp32"]) == gate["kept_fp32"]
+        assert gate["model_bytes"] == len(files["model.onnx"]) and gate["size"] == len(EVAL.texts)
     else:
         assert quant["reason"].startswith("int8 failed its gate")
     assert set(files) == {"model.onnx", recipes.TOKENIZER}
@@ -246,3 +247,19 @@ def test_textcls_answer_does_not_depend_on_batch_mates(built_store: Path) -> Non
     padded = model.run({"text": texts("refund my double charge please",
                                       "the app " * 50 + "crashes")})
     assert np.allclose(alone["probabilities"][0], padded["probabilities"][0], atol=1e-5)
+
+
+def test_texts_run_by_length_give_each_text_its_own_answer(built_store: Path) -> None:
+    """A batch over BUCKET_ROWS is run in length-sorted chunks padded to their own
+    longest text; each row's answer is the one it gets alone (fp32 textcls)."""
+    from modelfn.runtime import model as model_mod
+
+    model = Repository(open_store(str(built_store))).get("textcls")
+    batch = EVAL.texts[::7][:3 * model_mod.BUCKET_ROWS]
+    batch[5] = "the app keeps crashing " * 40  # one long text among short ones
+    together = model.run({"text": texts(*batch)})
+    alone = [model.run({"text": texts(t)}) for t in batch]
+    assert np.allclose(together["probabilities"],
+                       np.concatenate([a["probabilities"] for a in alone]), atol=1e-5)
+    assert together["label"].tolist() == [a["label"][0] for a in alone]
+    assert together["truncated"].tolist() == [a["truncated"][0] for a in alone]

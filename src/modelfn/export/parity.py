@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -28,8 +28,26 @@ from modelfn.errors import ExportParityError
 from modelfn.runtime.model import LoadedModel
 
 
+class GateReport:
+    """What every gate report shares: a list of failures, a one-line summary, a dict
+    for the manifest."""
+
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def summary(self) -> str:
+        raise NotImplementedError
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(cast(Any, self)), "passed": self.passed, "summary": self.summary}
+
+
 @dataclass
-class ParityReport:
+class ParityReport(GateReport):
     atol: float
     min_agreement: float
     max_abs_diff: dict[str, float] = field(default_factory=dict)
@@ -40,16 +58,9 @@ class ParityReport:
     failures: list[str] = field(default_factory=list)
 
     @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
     def summary(self) -> str:
         return (f"max |diff| {max(self.max_abs_diff.values()):.3g} (atol {self.atol:g}), "
                 f"holdout agreement {self.agreement:.4f} ({self.holdout_size} rows)")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed, "summary": self.summary}
 
 
 def _perturbed(rows: np.ndarray, spec: dict[str, Any], rng: np.random.Generator
@@ -148,7 +159,7 @@ def nearest(vectors: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class EmbeddingReport:
+class EmbeddingReport(GateReport):
     against: str
     min_cosine_required: float
     min_retrieval_agreement: float | None
@@ -165,17 +176,10 @@ class EmbeddingReport:
     failures: list[str] = field(default_factory=list)
 
     @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
     def summary(self) -> str:
         return (f"cosine min {self.min_cosine:.6f} / mean {self.mean_cosine:.6f}, top-1 "
                 f"retrieval agreement {self.retrieval_agreement:.4f} over {self.size} texts "
                 f"(against {self.against})")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed, "summary": self.summary}
 
 
 def compare_embeddings(candidate: np.ndarray, reference: np.ndarray, texts: Sequence[str],

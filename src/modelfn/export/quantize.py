@@ -73,7 +73,7 @@ def quantize_with_fallback(model: bytes, gate: Callable[[bytes], Any],
     result = QuantizeResult(model=None)
     candidate = quantize_int8(model)
     report = gate(candidate)
-    result.attempts.append({"kept_fp32": 0, "size": len(candidate), **report.as_dict()})
+    result.attempts.append({**report.as_dict(), "kept_fp32": 0, "model_bytes": len(candidate)})
     log(f"  int8, everything quantized ({len(candidate) / 1e6:.1f} MB): {report.summary}"
         f" -> {'pass' if report.passed else 'fail'}")
     if report.passed:
@@ -89,7 +89,8 @@ def quantize_with_fallback(model: bytes, gate: Callable[[bytes], Any],
         keep = [n for _, n in ranked[:k]]
         candidate = quantize_int8(model, exclude=keep)
         report = gate(candidate)
-        result.attempts.append({"kept_fp32": k, "size": len(candidate), **report.as_dict()})
+        result.attempts.append({**report.as_dict(), "kept_fp32": k,
+                                "model_bytes": len(candidate)})
         log(f"  int8, {k} most sensitive MatMuls kept in fp32 ({len(candidate) / 1e6:.1f} MB):"
             f" {report.summary} -> {'pass' if report.passed else 'fail'}")
         if report.passed:

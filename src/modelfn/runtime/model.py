@@ -20,6 +20,8 @@ from modelfn.runtime.protocol import DATATYPES, InferRequest, RequestInput, to_a
 from modelfn.store import MANIFEST, Store
 
 DEFAULT_MAX_BATCH = 64
+#: texts per onnxruntime call when a batch of texts is run by length (see _by_length)
+BUCKET_ROWS = 8
 
 
 def cpu_count() -> int:
@@ -63,6 +65,10 @@ class LoadedModel:
         self._graph_inputs = [i["name"] for i in self.manifest["graph"]["inputs"]]
         self._graph_outputs = [o["name"] for o in self.manifest["graph"]["outputs"]]
         self._outputs = [o["name"] for o in self.manifest["outputs"]]
+        # text models: token feeds with a dynamic sequence axis, run length-bucketed
+        token_feeds = self.manifest["preprocess"].get("feeds", {})
+        self._mask_feed = token_feeds.get("attention_mask")
+        self._seq_arrays = set(token_feeds.values())
         self.files = {}  # the pipeline holds what it needs; don't keep the model bytes
 
     def validate(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
@@ -110,11 +116,42 @@ class LoadedModel:
             raise InvalidInput(f"unknown output(s) {unknown}; this model returns "
                                f"{self._outputs}")
         computed = self.pre(arrays)
-        feeds = {n: computed[n] for n in self._graph_inputs}
-        computed.update(zip(self._graph_outputs, self.session.run(self._graph_outputs, feeds),
-                            strict=True))
-        computed.update(self.post(computed))
+        mask = computed.get(self._mask_feed) if self._mask_feed else None
+        if mask is None or len(mask) <= BUCKET_ROWS:
+            for part in self._graph_and_post(computed):
+                computed.update(part)
+        else:
+            computed.update(self._by_length(computed, mask))
         return {n: computed[n] for n in names}
+
+    def _graph_and_post(self, computed: dict[str, np.ndarray]
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(the graph's outputs, the postprocessed outputs) for ``computed`` feeds."""
+        feeds = {n: computed[n] for n in self._graph_inputs}
+        out = dict(zip(self._graph_outputs, self.session.run(self._graph_outputs, feeds),
+                       strict=True))
+        return out, self.post({**computed, **out})
+
+    def _by_length(self, computed: dict[str, np.ndarray], mask: np.ndarray
+                   ) -> dict[str, np.ndarray]:
+        """Texts sorted by length and run in chunks of BUCKET_ROWS, each padded only to
+        its own longest text: a batch of short texts with one long one no longer pays
+        for padding every row to the long one. Exact: padding is on the right and
+        masked, so a row's result does not depend on its pad length (the gates run
+        this path). Returns the postprocessed outputs in the request's order."""
+        lengths = mask.sum(axis=1)
+        order = np.argsort(lengths, kind="stable")
+        assembled: dict[str, np.ndarray] = {}
+        for start in range(0, len(order), BUCKET_ROWS):
+            idx = order[start:start + BUCKET_ROWS]
+            width = max(int(lengths[idx].max()), 1)
+            chunk = {k: (v[idx, :width] if k in self._seq_arrays else v[idx])
+                     for k, v in computed.items()}
+            for name, values in self._graph_and_post(chunk)[1].items():
+                if name not in assembled:
+                    assembled[name] = np.empty((len(order), *values.shape[1:]), values.dtype)
+                assembled[name][idx] = values
+        return assembled
 
 
 def model_metadata(manifest: dict[str, Any], versions: list[str]) -> dict[str, Any]:
