@@ -263,3 +263,32 @@ def test_texts_run_by_length_give_each_text_its_own_answer(built_store: Path) ->
                        np.concatenate([a["probabilities"] for a in alone]), atol=1e-5)
     assert together["label"].tolist() == [a["label"][0] for a in alone]
     assert together["truncated"].tolist() == [a["truncated"][0] for a in alone]
+
+
+def test_a_new_model_of_an_existing_kind_needs_no_code(store_copy: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new section in the build configuration (a second model from the textcls recipe)
+    is built and served by the deployed handler: manifest-driven, no new code."""
+    from modelfn.local.apigw import http_event, load_function
+    from modelfn.local.lambda_context import LocalContext
+
+    section = tomllib.loads(build_mod.DEFAULT_CONFIG.read_text())["textcls"]
+    config = tmp_path / "models.toml"
+    config.write_text("[tickets]\n" + "".join(f"{k} = {json.dumps(v)}\n"
+                                              for k, v in section.items()))
+    build_mod.build("tickets", open_store(str(store_copy)), config_path=config, **QUIET)
+    monkeypatch.setenv("MODELFN_STORE", str(store_copy))
+    api = load_function("api", "api_new_model_kind")
+    body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                                   "data": ["I was charged twice for my subscription"]}]})
+    answers = {}
+    for name in ("tickets", "textcls"):  # built from the same training run
+        result = api.lambda_handler(http_event("POST", f"/v2/models/{name}/infer",
+                                               {"content-type": "application/json"},
+                                               body.encode()), LocalContext())
+        assert result["statusCode"] == 200
+        doc = json.loads(result["body"])
+        assert doc["model_name"] == name
+        answers[name] = {o["name"]: o["data"] for o in doc["outputs"]}
+    assert answers["tickets"]["label"] == answers["textcls"]["label"] == ["billing"]
+    assert np.allclose(answers["tickets"]["probabilities"], answers["textcls"]["probabilities"])
