@@ -82,6 +82,37 @@ def cmd_up(args: argparse.Namespace) -> int:
     return cmd_serve(args)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Batch inference over a local JSONL file: the batch function's code, with a progress bar."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from modelfn.runtime import batch
+    from modelfn.runtime.repository import Repository
+    from modelfn.store import LocalStore
+
+    source = Path(args.input)
+    if not source.is_file():
+        raise ModelfnError(f"{source}: no such file")
+    target = Path(args.output) if args.output else source.with_name(
+        f"{source.stem}.predictions.jsonl")
+    if target.resolve() == source.resolve():
+        raise ModelfnError("--output must not be the input file")
+    reader, writer = LocalStore(source.parent), LocalStore(target.parent)
+    total = sum(chunk.count(b"\n") for chunk in reader.iter_chunks(source.name))
+    repo = Repository(open_store(args.store))
+    summary = batch.Summary(input=str(source), output=str(target))
+    limits = batch.Limits(micro_batch=args.micro_batch)
+    with tqdm(total=total, unit="line", desc=f"batch {source.name}",
+              disable=args.quiet) as bar, writer.open_writer(target.name) as out:
+        batch.run_lines(reader.iter_lines(source.name), repo, out.write, summary=summary,
+                        default_model=args.model, limits=limits, progress=bar.update)
+    result = summary.as_dict()
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from modelfn import store as registry
 
@@ -170,6 +201,16 @@ def parser() -> argparse.ArgumentParser:
                            help=f"model to make ready (repeatable; default: "
                                 f"{', '.join(DEFAULT_MODELS)})")
         s.set_defaults(func=func)
+
+    bt = sub.add_parser("batch", help="batch inference over a local JSONL file")
+    bt.add_argument("input", help="JSONL: one {\"id\", \"inputs\", [\"model\"], [\"version\"]} "
+                                  "per line")
+    bt.add_argument("--model", help="the model for lines that name none")
+    _store_arg(bt)
+    bt.add_argument("--output", help="default: INPUT's name + .predictions.jsonl")
+    bt.add_argument("--micro-batch", type=int, default=32)
+    bt.add_argument("--quiet", action="store_true", help="no progress bar")
+    bt.set_defaults(func=cmd_batch)
 
     m = sub.add_parser("models", help="list models and versions in the store")
     _store_arg(m)

@@ -9,6 +9,7 @@ Layout (keys are ``/``-separated, relative to the store root)::
     runs/<name>/<run_id>/checkpoint.pt      training output (never loaded by the runtime)
     runs/<name>/<run_id>/metrics.json       written last: its presence completes a run
     runs/<name>/<run_id>/training_curve.png
+    inputs/...jsonl, outputs/...jsonl       batch inference (see modelfn.runtime.batch)
 
 The backend is chosen once, from a URI (``MODELFN_STORE``); nothing else in the
 code base forks on it. boto3 is imported only when an S3 store is opened.
@@ -16,6 +17,7 @@ code base forks on it. boto3 is imported only when an S3 store is opened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,8 +25,10 @@ import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from modelfn.errors import ModelfnError, ModelNotFound, StoreError
 
@@ -33,6 +37,8 @@ STORE_ENV = "MODELFN_STORE"
 MANIFEST = "manifest.json"
 ALIASES = "aliases.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CHUNK = 1 << 20  # streamed reads
+PART_SIZE = 8 << 20  # multipart parts (S3 needs >= 5 MiB for all but the last)
 
 
 def check_name(kind: str, value: str) -> str:
@@ -65,6 +71,29 @@ class Store(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None: ...
 
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes; FileNotFoundError if it is absent."""
+
+    @abstractmethod
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """The object's bytes in chunks, streamed: never the whole object in memory."""
+
+    @abstractmethod
+    def open_writer(self, key: str) -> AbstractContextManager[Writer]:
+        """A streaming writer for ``key``. The object appears whole when the block ends
+        without an exception, and not at all (nothing at ``key``) when it raises."""
+
+    def iter_lines(self, key: str) -> Iterator[bytes]:
+        """The object's lines (split on ``\n`` only, without it), streamed."""
+        pending = b""
+        for chunk in self.iter_chunks(key):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            yield from lines
+        if pending:
+            yield pending
+
     def publish_folder(self, prefix: str, files: dict[str, bytes], last: str) -> None:
         """Write ``files`` under ``prefix`` with ``last`` written after all others.
 
@@ -83,6 +112,10 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
+
+
+class Writer(Protocol):
+    def write(self, data: bytes, /) -> Any: ...
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -119,6 +152,26 @@ class LocalStore(Store):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        with self._path(key).open("rb") as fh:
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    @contextlib.contextmanager
+    def open_writer(self, key: str) -> Iterator[Writer]:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh
+            Path(tmp).replace(path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def children(self, prefix: str) -> list[str]:
         folder = self._path(prefix) if prefix.strip("/") else self.root
@@ -193,6 +246,34 @@ class S3Store(Store):
             return False
         return True
 
+    def size(self, key: str) -> int:
+        return int(self._call("head", self._s3.head_object, Key=self._key(key))["ContentLength"])
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        body = self._call("get", self._s3.get_object, Key=self._key(key))["Body"]
+        try:
+            yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
+    @contextlib.contextmanager
+    def open_writer(self, key: str) -> Iterator[Writer]:
+        """A multipart upload, completed only when the block ends cleanly; aborted
+        (no object, no parts left behind) when it raises."""
+        full = self._key(key)
+        upload = self._call("multipart start", self._s3.create_multipart_upload, Key=full)
+        writer = _PartWriter(self, full, upload["UploadId"])
+        try:
+            yield writer
+            writer.flush(final=True)
+            self._call("multipart complete", self._s3.complete_multipart_upload, Key=full,
+                       UploadId=writer.upload_id, MultipartUpload={"Parts": writer.parts})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._s3.abort_multipart_upload(Bucket=self.bucket, Key=full,
+                                                UploadId=writer.upload_id)
+            raise
+
     def _list(self, prefix: str, delimiter: str | None) -> list[dict[str, Any]]:
         pages = []
         base = self._key(prefix)
@@ -221,6 +302,32 @@ class S3Store(Store):
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
                 self._call("delete", self._s3.delete_objects, Delete={"Objects": keys})
+
+
+class _PartWriter:
+    """Buffers writes into parts of PART_SIZE bytes (S3's minimum is 5 MiB but for the
+    last part): memory stays at one part whatever the object's size."""
+
+    def __init__(self, store: S3Store, key: str, upload_id: str) -> None:
+        self.store, self.key, self.upload_id = store, key, upload_id
+        self.parts: list[dict[str, Any]] = []
+        self._buffer = bytearray()
+
+    def write(self, data: bytes, /) -> int:
+        self._buffer += data
+        if len(self._buffer) >= PART_SIZE:
+            self.flush()
+        return len(data)
+
+    def flush(self, final: bool = False) -> None:
+        if not self._buffer and not (final and not self.parts):
+            return
+        number = len(self.parts) + 1
+        resp = self.store._call("multipart upload", self.store._s3.upload_part, Key=self.key,
+                                UploadId=self.upload_id, PartNumber=number,
+                                Body=bytes(self._buffer))
+        self.parts.append({"ETag": resp["ETag"], "PartNumber": number})
+        self._buffer.clear()
 
 
 def open_store(uri: str | None = None) -> Store:

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from modelfn.runtime.http import openapi_document
 from tests.conftest import ROOT
@@ -95,3 +96,74 @@ def test_every_sample_event_matches_a_template_route() -> None:
                   for e in events.values()}
     for path in sorted((ROOT / "events").glob("api-*.json")):
         assert json.loads(path.read_text())["routeKey"] in route_keys, path.name
+
+
+# --- batch inference ------------------------------------------------------------------
+
+def _param_default(name: str) -> Any:
+    return template()["Parameters"][name]["Default"]
+
+
+def _statements(function: str) -> list[dict[str, Any]]:
+    props = template()["Resources"][function]["Properties"]
+    return [s for policy in props["Policies"] for s in policy["Statement"]]
+
+
+def test_uploads_under_inputs_notify_the_batch_queue_only() -> None:
+    bucket = template()["Resources"]["ModelBucket"]
+    (config,) = bucket["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
+    assert config["Event"] == "s3:ObjectCreated:*"
+    assert config["Queue"] == {"Fn::GetAtt": ["BatchQueue", "Arn"]}
+    rules = {r["Name"]: r["Value"] for r in config["Filter"]["S3Key"]["Rules"]}
+    assert rules == {"prefix": "inputs/", "suffix": ".jsonl"}
+    assert not "outputs/".startswith(rules["prefix"])  # outputs can never re-trigger
+    assert bucket["DependsOn"] == "BatchQueuePolicy"
+    (stmt,) = template()["Resources"]["BatchQueuePolicy"]["Properties"]["PolicyDocument"][
+        "Statement"]
+    assert stmt["Principal"] == {"Service": "s3.amazonaws.com"}
+    assert stmt["Action"] == "sqs:SendMessage"
+    assert stmt["Condition"]["StringEquals"]["aws:SourceAccount"] == {"Ref": "AWS::AccountId"}
+
+
+def test_batch_queue_has_dead_letters_and_a_long_enough_visibility_timeout() -> None:
+    queue = template()["Resources"]["BatchQueue"]["Properties"]
+    assert queue["RedrivePolicy"]["maxReceiveCount"] >= 5
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {
+        "Fn::GetAtt": ["BatchDeadLetterQueue", "Arn"]}
+    timeout = _param_default("BatchTimeout")
+    visibility = int(queue["VisibilityTimeout"]["Fn::Sub"].replace(
+        "${BatchTimeout}", str(timeout)))
+    assert visibility >= 6 * timeout
+    for bound in (template()["Parameters"]["BatchTimeout"]["MaxValue"],
+                  template()["Parameters"]["BatchTimeout"]["MinValue"]):
+        assert int(f"{bound}0") >= 6 * bound and int(f"{bound}0") <= 43_200  # SQS maximum
+    function = template()["Resources"]["BatchFunction"]["Properties"]
+    assert function["Timeout"] == {"Ref": "BatchTimeout"}
+    event = function["Events"]["Uploads"]
+    assert event["Type"] == "SQS" and event["Properties"]["Queue"] == {
+        "Fn::GetAtt": ["BatchQueue", "Arn"]}
+    assert event["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+
+def test_batch_function_reads_inputs_writes_outputs_reads_models_only() -> None:
+    by_sid = {s["Sid"]: s for s in _statements("BatchFunction")}
+    assert set(by_sid) == {"ReadInputs", "WriteOutputs", "ReadModels", "ListModels",
+                           "Idempotency"}
+    assert by_sid["ReadInputs"]["Action"] == "s3:GetObject"
+    assert by_sid["ReadInputs"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/inputs/*"}
+    assert by_sid["WriteOutputs"]["Action"] == ["s3:PutObject", "s3:AbortMultipartUpload"]
+    assert by_sid["WriteOutputs"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/outputs/*"}
+    assert by_sid["ReadModels"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/models/*"}
+    assert by_sid["Idempotency"]["Resource"] == {"Fn::GetAtt": ["IdempotencyTable", "Arn"]}
+    for stmt in by_sid.values():
+        actions = stmt["Action"] if isinstance(stmt["Action"], list) else [stmt["Action"]]
+        assert all("*" not in a for a in actions) and stmt["Resource"] != "*"
+
+
+def test_idempotency_table_is_on_demand_with_ttl() -> None:
+    table = template()["Resources"]["IdempotencyTable"]["Properties"]
+    assert table["BillingMode"] == "PAY_PER_REQUEST"
+    assert table["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
+    assert table["TimeToLiveSpecification"] == {"AttributeName": "expiration", "Enabled": True}
+    env = template()["Resources"]["BatchFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["MODELFN_IDEMPOTENCY_TABLE"] == {"Ref": "IdempotencyTable"}

@@ -67,23 +67,21 @@ def body_bytes(body: str | bytes | None, is_base64: bool, limit: int) -> bytes:
     return body
 
 
-def _reject_constant(name: str) -> Any:
-    raise MalformedRequest(f"request body is not valid JSON: {name} is not a JSON value")
-
-
-def parse_json(raw: bytes) -> Any:
+def parse_json(raw: bytes, what: str = "request body") -> Any:
     """JSON from bytes. Bytes that are not UTF-8 survive as lone surrogates, so a
     string holding them is refused where it is used (422, naming the input), and
     anywhere else the JSON syntax fails (400)."""
+    def reject_constant(name: str) -> Any:
+        raise MalformedRequest(f"{what} is not valid JSON: {name} is not a JSON value")
+
     try:
-        return json.loads(raw.decode("utf-8", "surrogateescape"),
-                          parse_constant=_reject_constant)
+        return json.loads(raw.decode("utf-8", "surrogateescape"), parse_constant=reject_constant)
     except MalformedRequest:
         raise
     except RecursionError as exc:
-        raise MalformedRequest("request body is not valid JSON: nested too deeply") from exc
+        raise MalformedRequest(f"{what} is not valid JSON: nested too deeply") from exc
     except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedRequest(f"request body is not valid JSON: {exc}") from exc
+        raise MalformedRequest(f"{what} is not valid JSON: {exc}") from exc
 
 
 def _check_shape(value: Any, where: str) -> list[int]:

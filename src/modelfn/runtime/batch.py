@@ -1,0 +1,288 @@
+"""Batch inference over a JSONL file: streamed, micro-batched, one output line per input.
+
+File format (documented in the README). One request per line::
+
+    {"id": "a1", "inputs": [0, 0, 5, ...]}                  # the model from the key
+    {"id": "a2", "model": "minilm", "inputs": "some text"}   # or named on the line
+    {"id": "a3", "model": "digits-cnn", "version": "2", "inputs": {"pixels": [...]}}
+
+``inputs`` is one example, shaped as one row of the HTTP API's tensor (64 numbers or
+8x8 for digits-cnn, a string for text models), or an object naming the model's
+inputs. The model is the line's ``model``, else the key's first folder under
+``inputs/`` (``inputs/<model>/...``); the version is the line's ``version``, else
+the model's live/newest one.
+
+Each output line is ``{"line", "id", "model", "version", "outputs": {...}}`` or, for
+a line that cannot run, ``{"line", "id", "error"}``; lines keep their order. Blank
+lines are skipped. Any other failure (the store, the model crashing) raises: the
+caller must then leave no output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modelfn.errors import InvalidInput, ModelfnError, StoreError
+from modelfn.runtime.model import LoadedModel
+from modelfn.runtime.protocol import InferRequest, RequestInput, parse_json
+from modelfn.runtime.repository import Repository
+from modelfn.store import Store
+
+INPUT_PREFIX = "inputs/"
+OUTPUT_PREFIX = "outputs/"
+MAX_LINE_BYTES = 1 << 20
+
+
+class LimitExceeded(ModelfnError):
+    """The file is over a configured limit: rejected whole, never retried."""
+
+    status = 413
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 512 << 20
+    max_lines: int = 1_000_000
+    micro_batch: int = 32
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> Limits:
+        return cls(int(env.get("MODELFN_BATCH_MAX_BYTES", cls.max_bytes)),
+                   int(env.get("MODELFN_BATCH_MAX_LINES", cls.max_lines)),
+                   int(env.get("MODELFN_BATCH_MICRO_BATCH", cls.micro_batch)))
+
+
+def output_key(input_key: str) -> str:
+    """``inputs/a/b.jsonl`` → ``outputs/a/b.jsonl``: never under the trigger prefix."""
+    if not input_key.startswith(INPUT_PREFIX):
+        raise InvalidInput(f"batch inputs live under {INPUT_PREFIX!r}, not {input_key!r}")
+    return OUTPUT_PREFIX + input_key[len(INPUT_PREFIX):]
+
+
+def summary_key(input_key: str) -> str:
+    out = output_key(input_key)
+    return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
+
+
+def model_from_key(key: str) -> str | None:
+    """``inputs/<model>/...`` names the file's model; ``inputs/x.jsonl`` names none."""
+    rest = key[len(INPUT_PREFIX):] if key.startswith(INPUT_PREFIX) else ""
+    folder, sep, _ = rest.partition("/")
+    return folder if sep and folder else None
+
+
+@dataclass
+class Summary:
+    input: str
+    output: str
+    lines: int = 0
+    predictions: int = 0
+    errors: int = 0
+    models: dict[str, str] = field(default_factory=dict)
+    status: str = "ok"
+    error: str | None = None
+    seconds: float = 0.0
+    inference_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        rows_per_s = self.predictions / self.seconds if self.seconds else 0.0
+        return {"input": self.input, "output": self.output, "status": self.status,
+                "error": self.error, "lines": self.lines, "predictions": self.predictions,
+                "errors": self.errors, "models": self.models,
+                "timings": {"total_seconds": round(self.seconds, 4),
+                            "inference_seconds": round(self.inference_seconds, 4),
+                            "rows_per_second": round(rows_per_s, 1)}}
+
+
+@dataclass
+class _Row:
+    line: int
+    id: Any
+    model: LoadedModel | None = None
+    arrays: dict[str, np.ndarray] | None = None
+    result: dict[str, Any] | None = None
+
+
+def _error(line: int, row_id: Any, message: str) -> dict[str, Any]:
+    return {"line": line, "id": row_id, "error": message}
+
+
+class BatchRun:
+    """Turns lines into output lines, in order, running micro-batches per model."""
+
+    def __init__(self, repo: Repository, write: Callable[[bytes], Any], *,
+                 default_model: str | None, limits: Limits, summary: Summary) -> None:
+        self.repo, self.write, self.default_model = repo, write, default_model
+        self.limits, self.summary = limits, summary
+        self._rows: list[_Row] = []
+        self._waiting = 0
+        self._current: LoadedModel | None = None
+
+    def feed(self, lines: Iterable[bytes], progress: Callable[[int], Any] | None = None) -> None:
+        for number, raw in enumerate(lines, start=1):
+            if number > self.limits.max_lines:
+                raise LimitExceeded(f"the file has more than {self.limits.max_lines} lines")
+            if progress is not None:
+                progress(1)
+            if not raw.strip():
+                continue
+            self.summary.lines += 1
+            row = self._parse(number, raw)
+            if row.model is not None and row.model is not self._current:
+                self.flush()
+                self._current = row.model
+            self._rows.append(row)
+            self._waiting += row.model is not None
+            if self._waiting >= self.limits.micro_batch or len(self._rows) >= 4 * \
+                    self.limits.micro_batch:
+                self.flush()
+        self.flush()
+
+    def _parse(self, number: int, raw: bytes) -> _Row:
+        row_id = None
+        try:
+            if len(raw) > MAX_LINE_BYTES:
+                raise InvalidInput(f"line is {len(raw)} bytes; the limit is {MAX_LINE_BYTES}")
+            doc = parse_json(raw, "line")
+            if not isinstance(doc, dict):
+                raise InvalidInput("a line must be a JSON object")
+            row_id = doc.get("id")
+            if row_id is not None and not isinstance(row_id, str | int):
+                row_id = None
+                raise InvalidInput("'id' must be a string or an integer")
+            name = doc.get("model") or self.default_model
+            if not isinstance(name, str):
+                raise InvalidInput("no model: name one in the line ('model') or put the file "
+                                   "under inputs/<model>/")
+            version = doc.get("version")
+            if version is not None and not isinstance(version, str | int):
+                raise InvalidInput("'version' must be a string")
+            if "inputs" not in doc:
+                raise InvalidInput("'inputs' is required")
+            model = self.repo.get(name, None if version is None else str(version))
+            arrays, _ = model.validate(_request(model, doc["inputs"]))
+            return _Row(number, row_id, model, _canonical(model, arrays))
+        except StoreError:
+            raise  # the store, not the line: retry the whole file
+        except ModelfnError as exc:  # 4xx, and 503 for a model that cannot load
+            return _Row(number, row_id, result=_error(number, row_id, exc.message))
+
+    def flush(self) -> None:
+        waiting = [r for r in self._rows if r.model is not None and r.result is None]
+        if waiting:
+            started = time.perf_counter()
+            self._run(waiting)
+            self.summary.inference_seconds += time.perf_counter() - started
+        out = bytearray()
+        for row in self._rows:
+            assert row.result is not None
+            if "error" in row.result:
+                self.summary.errors += 1
+            else:
+                self.summary.predictions += 1
+            out += json.dumps(row.result, ensure_ascii=False).encode() + b"\n"
+        if out:
+            self.write(bytes(out))
+        self._rows, self._waiting = [], 0
+
+    def _run(self, rows: list[_Row]) -> None:
+        model = rows[0].model
+        assert model is not None
+        names = list(rows[0].arrays or {})
+        try:
+            outputs = model.run({n: np.concatenate([r.arrays[n] for r in rows])  # type: ignore[index]
+                                 for n in names})
+        except InvalidInput as exc:
+            if len(rows) == 1:
+                rows[0].result = _error(rows[0].line, rows[0].id, exc.message)
+            else:  # one bad row must not sink its batch mates: find it row by row
+                for row in rows:
+                    self._run([row])
+            return
+        self.summary.models[model.name] = model.version
+        for i, row in enumerate(rows):
+            row.result = {"line": row.line, "id": row.id, "model": model.name,
+                          "version": model.version,
+                          "outputs": {n: v[i:i + 1].tolist()[0] for n, v in outputs.items()}}
+
+
+def _canonical(model: LoadedModel, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows in the input's declared shape (e.g. [1, 64] for an [8, 8] row), so that rows
+    given in different accepted forms can share a micro-batch."""
+    for spec in model.manifest["inputs"]:
+        rest = spec["shape"][1:]
+        if -1 not in rest:
+            try:
+                arrays[spec["name"]] = arrays[spec["name"]].reshape(1, *rest)
+            except ValueError:
+                raise InvalidInput(f"input {spec['name']!r}: cannot be laid out as "
+                                   f"{spec['shape']}") from None
+    return arrays
+
+
+def _request(model: LoadedModel, inputs: Any) -> InferRequest:
+    """One line's ``inputs`` as a one-row v2 request for ``model``."""
+    specs = model.manifest["inputs"]
+    if not isinstance(inputs, dict):
+        if len(specs) != 1:
+            raise InvalidInput(f"this model takes {[s['name'] for s in specs]}: give "
+                               "'inputs' as an object")
+        inputs = {specs[0]["name"]: inputs}
+    tensors = []
+    for spec in specs:
+        if spec["name"] not in inputs:
+            raise InvalidInput(f"missing input {spec['name']!r}")
+        value = inputs[spec["name"]]
+        if spec["datatype"] == "BYTES":
+            if not isinstance(value, str):
+                raise InvalidInput(f"input {spec['name']!r} must be a string")
+            tensors.append(RequestInput(spec["name"], "BYTES", [1], [value]))
+            continue
+        try:
+            shape = [1, *np.shape(value)]
+        except ValueError:  # ragged nesting
+            raise InvalidInput(f"input {spec['name']!r}: not a rectangular array") from None
+        tensors.append(RequestInput(spec["name"], spec["datatype"], shape, value))
+    return InferRequest(tensors)
+
+
+def run_lines(lines: Iterable[bytes], repo: Repository, write: Callable[[bytes], Any], *,
+              summary: Summary, default_model: str | None = None,
+              limits: Limits | None = None,
+              progress: Callable[[int], Any] | None = None) -> Summary:
+    """Run every line; write output lines through ``write``; return the summary."""
+    started = time.perf_counter()
+    BatchRun(repo, write, default_model=default_model, limits=limits or Limits(),
+             summary=summary).feed(lines, progress)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def process_object(store: Store, key: str, repo: Repository, limits: Limits | None = None,
+                   progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Run ``inputs/...jsonl`` in ``store``; write ``outputs/...jsonl`` (whole or not at
+    all) and then its summary. A file over the limits gets a summary saying so and no
+    output, and returns normally: retrying cannot help it."""
+    limits = limits or Limits()
+    summary = Summary(input=key, output=output_key(key))
+    started = time.perf_counter()
+    try:
+        size = store.size(key)
+        if size > limits.max_bytes:
+            raise LimitExceeded(f"the file is {size} bytes; the limit is {limits.max_bytes}")
+        with store.open_writer(summary.output) as out:
+            run_lines(store.iter_lines(key), repo, out.write, summary=summary,
+                      default_model=model_from_key(key), limits=limits, progress=progress)
+    except LimitExceeded as exc:
+        summary = Summary(input=key, output=summary.output, status="rejected",
+                          error=exc.message)
+    summary.seconds = time.perf_counter() - started
+    result = summary.as_dict()
+    store.write_json(summary_key(key), result)
+    return result
