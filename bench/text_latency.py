@@ -11,9 +11,8 @@ Writes bench/results/text-latency.{md,json,png}. A benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,24 +21,8 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
-    import torch
-
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "os": platform.platform(), "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, now, write_results  # noqa: E402
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -124,12 +107,8 @@ def main() -> None:
     report = {"machine": machine(), "rounds": args.rounds, "results": results,
               "model_bytes": sizes, "tokens": tokens,
               "int8_gate": served["modelfn int8"].manifest["quantization"]["gate"]["summary"],
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "text-latency.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "text-latency.md").write_text(markdown(report))
-    chart(report, RESULTS / "text-latency.png")
-    print(f"wrote {RESULTS / 'text-latency.md'}")
+              "created": now()}
+    write_results("text-latency", report, markdown, chart)
     if tmp is not None:
         tmp.cleanup()
 

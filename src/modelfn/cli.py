@@ -49,12 +49,29 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from modelfn.local.apigw import serve
 
+    store_uri = open_store(args.store).uri
+    trigger = None
+    if getattr(args, "with_s3", False):
+        from modelfn.local.s3events import start_trigger
+
+        trigger = start_trigger(store_uri)
+        local, deployment, _ = trigger
+        print(f"S3 + SQS (moto) on {local.endpoint}: upload JSONL to "
+              f"s3://{deployment.bucket}/inputs/<model>/NAME.jsonl, predictions appear in "
+              f"outputs/ (e.g. AWS_ENDPOINT_URL={local.endpoint} aws s3 cp f.jsonl "
+              f"s3://{deployment.bucket}/inputs/digits-cnn/f.jsonl)", flush=True)
+
     def announce(server: object) -> None:
         host, port = server.server_address[:2]  # type: ignore[attr-defined]
         print(f"modelfn API (Open Inference Protocol v2) on http://{host}:{port}/v2 "
-              f"- store {open_store(args.store).uri}; Ctrl-C stops", flush=True)
+              f"- store {store_uri}; Ctrl-C stops", flush=True)
 
-    serve(args.host, args.port, args.store, quiet=args.quiet, ready=announce)
+    try:
+        serve(args.host, args.port, args.store, quiet=args.quiet, ready=announce)
+    finally:
+        if trigger is not None:
+            trigger[2].set()
+            trigger[0].stop()
     return 0
 
 
@@ -196,6 +213,9 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--host", default="127.0.0.1")
         s.add_argument("--port", type=int, default=8080)
         s.add_argument("--quiet", action="store_true", help="no access log")
+        s.add_argument("--with-s3", action="store_true",
+                       help="also run S3 + SQS on loopback (moto) and deliver uploads under "
+                            "inputs/ to the batch handler")
         if name == "up":
             s.add_argument("--model", action="append",
                            help=f"model to make ready (repeatable; default: "

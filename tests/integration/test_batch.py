@@ -16,20 +16,13 @@ import numpy as np
 import pytest
 
 from modelfn import store as registry
-from modelfn.local.apigw import load_function
 from modelfn.local.lambda_context import LocalContext
+from modelfn.local.s3events import BatchDeployment
 from modelfn.runtime import batch
 from modelfn.runtime.model import LoadedModel
 from modelfn.store import open_store
 from modelfn.training import data
 from tests.conftest import load_event
-from tests.template import template
-
-RESOURCES = template()["Resources"]
-
-
-def _default(name: str) -> Any:
-    return template()["Parameters"][name]["Default"]
 
 
 @pytest.fixture(scope="module")
@@ -47,64 +40,15 @@ def models_bucket(moto_endpoint: str, built_store: Path) -> str:
     return name
 
 
-class Deployment:
-    """The template's batch resources, created in moto."""
-
-    def __init__(self, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.s3, self.sqs = boto3.client("s3"), boto3.client("sqs")
-        self.bucket = bucket
-        suffix = uuid.uuid4().hex[:8]
-        dlq_props = RESOURCES["BatchDeadLetterQueue"]["Properties"]
-        dlq = self.sqs.create_queue(QueueName=f"dlq-{suffix}", Attributes={
-            "MessageRetentionPeriod": str(dlq_props["MessageRetentionPeriod"])})["QueueUrl"]
-        dlq_arn = self.sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])[
-            "Attributes"]["QueueArn"]
-        props = RESOURCES["BatchQueue"]["Properties"]
-        visibility = props["VisibilityTimeout"]["Fn::Sub"].replace(
-            "${BatchTimeout}", str(_default("BatchTimeout")))
-        redrive = {"deadLetterTargetArn": dlq_arn,
-                   "maxReceiveCount": props["RedrivePolicy"]["maxReceiveCount"]}
-        self.queue = self.sqs.create_queue(QueueName=f"batch-{suffix}", Attributes={
-            "VisibilityTimeout": visibility, "RedrivePolicy": json.dumps(redrive)})["QueueUrl"]
-        queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue, AttributeNames=[
-            "QueueArn"])["Attributes"]["QueueArn"]
-        table_props = RESOURCES["IdempotencyTable"]["Properties"]
-        self.table = f"idempotency-{suffix}"
-        ddb = boto3.client("dynamodb")
-        ddb.create_table(TableName=self.table, BillingMode=table_props["BillingMode"],
-                         AttributeDefinitions=table_props["AttributeDefinitions"],
-                         KeySchema=table_props["KeySchema"])
-        ddb.update_time_to_live(TableName=self.table, TimeToLiveSpecification=table_props[
-            "TimeToLiveSpecification"])
-        (config,) = RESOURCES["ModelBucket"]["Properties"]["NotificationConfiguration"][
-            "QueueConfigurations"]
-        self.s3.put_bucket_notification_configuration(Bucket=bucket,
-                                                      NotificationConfiguration={
-            "QueueConfigurations": [{"QueueArn": queue_arn, "Events": [config["Event"]],
-                                     "Filter": {"Key": {"FilterRules": config["Filter"][
-                                         "S3Key"]["Rules"]}}}]})
-        # S3 sends an s3:TestEvent when the notification is set up: kept for its test
-        self.setup_messages = self.messages()
-        monkeypatch.setenv("MODELFN_STORE", f"s3://{bucket}")
-        monkeypatch.setenv("MODELFN_IDEMPOTENCY_TABLE", self.table)
-        self.app = load_function("batch", f"batch_under_test_{suffix}")
+class Deployment(BatchDeployment):
+    """The template's batch resources in moto, with helpers for the tests."""
 
     def upload(self, key: str, lines: list[Any]) -> None:
         body = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=body.encode())
 
     def messages(self) -> list[dict[str, Any]]:
-        got: list[dict[str, Any]] = []
-        while True:
-            batch_ = self.sqs.receive_message(QueueUrl=self.queue, MaxNumberOfMessages=10,
-                                              WaitTimeSeconds=0).get("Messages", [])
-            if not batch_:
-                return got
-            got += batch_
-
-    def invoke(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        event = {"Records": [sqs_record(m["MessageId"], m["Body"]) for m in messages]}
-        return self.app.lambda_handler(event, LocalContext())
+        return self.receive()
 
     def read(self, key: str) -> bytes:
         return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
@@ -113,16 +57,11 @@ class Deployment:
         return "Contents" in self.s3.list_objects_v2(Bucket=self.bucket, Prefix=key)
 
 
-def sqs_record(message_id: str, body: str) -> dict[str, Any]:
-    return {"messageId": message_id, "receiptHandle": "r", "body": body,
-            "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {},
-            "md5OfBody": "", "eventSource": "aws:sqs",
-            "eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:batch", "awsRegion": "us-east-1"}
-
-
 @pytest.fixture
 def deployment(models_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deployment]:
-    yield Deployment(models_bucket, monkeypatch)
+    for name in ("MODELFN_STORE", "MODELFN_IDEMPOTENCY_TABLE"):  # restored afterwards
+        monkeypatch.setenv(name, "")
+    yield Deployment(models_bucket, f"s3://{models_bucket}")
 
 
 def digit_lines(n: int, bad: set[int] = frozenset()) -> list[Any]:  # type: ignore[assignment]
@@ -253,11 +192,14 @@ def test_keys_with_spaces_plus_and_non_ascii_are_found(deployment: Deployment) -
     assert [r["outputs"]["label"] for r in out] == ["billing", "delivery"]
 
 
-def test_the_s3_test_event_is_acknowledged_and_ignored(deployment: Deployment) -> None:
+def test_test_events_and_other_event_kinds_are_ignored(deployment: Deployment) -> None:
     (message,) = deployment.setup_messages  # what S3 (moto) really sent
     assert json.loads(message["Body"])["Event"] == "s3:TestEvent"
     before = deployment.s3.list_object_versions(Bucket=deployment.bucket).get("Versions", [])
-    assert deployment.invoke([message]) == {"batchItemFailures": []}
+    removed = json.dumps({"Records": [{"eventName": "ObjectRemoved:Delete", "s3": {
+        "bucket": {"name": deployment.bucket}, "object": {"key": "inputs/x.jsonl"}}}]})
+    assert deployment.invoke([message, {"MessageId": "rm", "Body": removed}]) == {
+        "batchItemFailures": []}
     after = deployment.s3.list_object_versions(Bucket=deployment.bucket).get("Versions", [])
     assert after == before  # nothing written
 
@@ -282,3 +224,49 @@ def test_the_sample_event_for_sam_local_invoke_runs(deployment: Deployment) -> N
     deployment.messages()  # the upload's own notification: not used here
     assert deployment.app.lambda_handler(event, LocalContext()) == {"batchItemFailures": []}
     assert len(rows(deployment.read("outputs/digits-cnn/day 1.jsonl"))) == 3
+
+
+def test_serve_with_s3_runs_uploads_through_the_batch_handler(built_store: Path) -> None:
+    """`modelfn serve --with-s3`: upload to the embedded S3, predictions appear in outputs/."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "modelfn.cli", "serve", "--store",
+                             str(built_store), "--port", str(port), "--with-s3", "--quiet"],
+                            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        seen = []
+        while not (found := re.search(r"S3 \+ SQS \(moto\) on (http://[\d.]+:\d+)",
+                                      seen[-1] if seen else "")):
+            line = proc.stdout.readline()
+            assert line, "".join(seen)
+            seen.append(line)
+        s3 = boto3.client("s3", endpoint_url=found.group(1), region_name="us-east-1",
+                          aws_access_key_id="t", aws_secret_access_key="t")
+        body = "".join(json.dumps({"id": i, "inputs": "where is my order"}) + "\n"
+                       for i in range(3))
+        s3.put_object(Bucket="modelfn-local", Key="inputs/textcls/local run.jsonl",
+                      Body=body.encode())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            listed = s3.list_objects_v2(Bucket="modelfn-local", Prefix="outputs/")
+            if len(listed.get("Contents", [])) == 2:  # the output and its summary
+                break
+            time.sleep(0.3)
+        out = s3.get_object(Bucket="modelfn-local", Key="outputs/textcls/local run.jsonl")
+        labels = [json.loads(line)["outputs"]["label"] for line in out["Body"].read().split(b"\n")
+                  if line]
+        assert labels == ["delivery"] * 3
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in log

@@ -1,0 +1,181 @@
+"""S3 → SQS → batch function, on loopback: moto's server stands in for S3, SQS and
+DynamoDB, with the queue, dead-letter queue, idempotency table and bucket
+notification created from template.yaml's own definitions, and a poller that does
+what Lambda's SQS event source does (receive, invoke, delete what succeeded).
+
+Used by ``modelfn serve --with-s3`` and by the tests. Needs the dev extras (moto).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from functools import cache
+from typing import Any
+
+import yaml
+
+from modelfn.errors import ModelfnError
+from modelfn.local.apigw import load_function, project_root
+from modelfn.local.lambda_context import LocalContext
+
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """YAML with CloudFormation's short tags kept as {"Ref": ...} / {"Fn::X": ...}."""
+
+
+def _tag(loader: yaml.Loader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
+    value: Any
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+        if suffix == "GetAtt":
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+    return {name: value}
+
+
+_CfnLoader.add_multi_constructor("!", _tag)  # type: ignore[no-untyped-call]
+
+
+@cache
+def template() -> dict[str, Any]:
+    return yaml.load((project_root() / "template.yaml").read_text(), Loader=_CfnLoader)  # noqa: S506
+
+
+def parameter_default(name: str) -> Any:
+    return template()["Parameters"][name]["Default"]
+
+
+class BatchDeployment:
+    """The template's batch resources in the S3/SQS/DynamoDB endpoint boto3 is set to
+    reach, for ``bucket``; :meth:`pump` delivers queued notifications to the handler."""
+
+    def __init__(self, bucket: str, models: str) -> None:
+        import boto3
+
+        res = template()["Resources"]
+        self.s3, self.sqs = boto3.client("s3"), boto3.client("sqs")
+        self.bucket = bucket
+        suffix = uuid.uuid4().hex[:8]
+        dlq = self.sqs.create_queue(QueueName=f"modelfn-dlq-{suffix}", Attributes={
+            "MessageRetentionPeriod": str(res["BatchDeadLetterQueue"]["Properties"][
+                "MessageRetentionPeriod"])})["QueueUrl"]
+        props = res["BatchQueue"]["Properties"]
+        visibility = props["VisibilityTimeout"]["Fn::Sub"].replace(
+            "${BatchTimeout}", str(parameter_default("BatchTimeout")))
+        redrive = {"deadLetterTargetArn": self._arn(dlq),
+                   "maxReceiveCount": props["RedrivePolicy"]["maxReceiveCount"]}
+        self.queue = self.sqs.create_queue(QueueName=f"modelfn-batch-{suffix}", Attributes={
+            "VisibilityTimeout": visibility, "RedrivePolicy": json.dumps(redrive)})["QueueUrl"]
+        self.dead_letters = dlq
+        table = res["IdempotencyTable"]["Properties"]
+        self.table = f"modelfn-idempotency-{suffix}"
+        ddb = boto3.client("dynamodb")
+        ddb.create_table(TableName=self.table, BillingMode=table["BillingMode"],
+                         AttributeDefinitions=table["AttributeDefinitions"],
+                         KeySchema=table["KeySchema"])
+        ddb.update_time_to_live(TableName=self.table,
+                                TimeToLiveSpecification=table["TimeToLiveSpecification"])
+        (notify,) = res["ModelBucket"]["Properties"]["NotificationConfiguration"][
+            "QueueConfigurations"]
+        self.s3.put_bucket_notification_configuration(
+            Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [{
+                "QueueArn": self._arn(self.queue), "Events": [notify["Event"]],
+                "Filter": {"Key": {"FilterRules": notify["Filter"]["S3Key"]["Rules"]}}}]})
+        # S3 sends an s3:TestEvent once the notification is set up
+        self.setup_messages = self.receive()
+        os.environ["MODELFN_STORE"] = models
+        os.environ["MODELFN_IDEMPOTENCY_TABLE"] = self.table
+        self.app = load_function("batch", f"modelfn_batch_{suffix}")
+
+    def _arn(self, queue_url: str) -> str:
+        return str(self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
+            "QueueArn"])["Attributes"]["QueueArn"])
+
+    def receive(self, wait_seconds: int = 0) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        while True:
+            page = self.sqs.receive_message(QueueUrl=self.queue, MaxNumberOfMessages=10,
+                                            WaitTimeSeconds=wait_seconds).get("Messages", [])
+            if not page:
+                return got
+            got += page
+            wait_seconds = 0
+
+    def invoke(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        event = {"Records": [sqs_record(m["MessageId"], m["Body"]) for m in messages]}
+        result: dict[str, Any] = self.app.lambda_handler(event, LocalContext())
+        return result
+
+    def pump(self, wait_seconds: int = 1) -> int:
+        """One poll as Lambda's event source does it: receive up to 10, invoke, delete
+        the ones that did not fail (failed ones come back after the visibility timeout
+        and go to the dead-letter queue after maxReceiveCount). Returns the count."""
+        messages = self.receive(wait_seconds)[:10]
+        if not messages:
+            return 0
+        failed = {f["itemIdentifier"] for f in self.invoke(messages)["batchItemFailures"]}
+        for m in messages:
+            if m["MessageId"] not in failed:
+                self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=m["ReceiptHandle"])
+        return len(messages)
+
+
+def sqs_record(message_id: str, body: str) -> dict[str, Any]:
+    return {"messageId": message_id, "receiptHandle": "local", "body": body,
+            "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {},
+            "md5OfBody": "", "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:modelfn-batch",
+            "awsRegion": "us-east-1"}
+
+
+class LocalS3:
+    """moto's server on loopback, reached by every boto3 client of this process."""
+
+    def __init__(self) -> None:
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError:
+            raise ModelfnError("--with-s3 needs moto: pip install -e '.[dev]'") from None
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        os.environ.update({**FAKE_CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint})
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_trigger(models: str, bucket: str = "modelfn-local") -> tuple[LocalS3, BatchDeployment,
+                                                                        threading.Event]:
+    """Start S3+SQS+DynamoDB on loopback, create ``bucket`` and the batch resources, and
+    deliver notifications to the batch handler from a background thread."""
+    import boto3
+
+    if models.startswith("s3://"):
+        raise ModelfnError("--with-s3 serves models from a local store: the embedded S3 "
+                           "endpoint would shadow a real one")
+    local = LocalS3()
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    deployment = BatchDeployment(bucket, models)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                deployment.pump(wait_seconds=1)
+            except Exception as exc:  # keep polling; the handler reports its own errors
+                print(f"batch trigger: {type(exc).__name__}: {exc}", flush=True)
+
+    threading.Thread(target=poll, name="sqs-poller", daemon=True).start()
+    return local, deployment, stop
