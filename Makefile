@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run    train + build the default model if the store has none, then serve the API
+#   make run    train + build the default models the store lacks, then serve the API
 #   make test   the whole test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV := .venv
