@@ -139,16 +139,8 @@ class LocalStore(Store):
         return self._path(key).read_bytes()
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            Path(tmp).replace(path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self.open_writer(key) as fh:
+            fh.write(data)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -320,7 +312,8 @@ class _PartWriter:
         return len(data)
 
     def flush(self, final: bool = False) -> None:
-        if not self._buffer and not (final and not self.parts):
+        empty_object = final and not self.parts  # completing needs at least one part
+        if not self._buffer and not empty_object:
             return
         number = len(self.parts) + 1
         resp = self.store._call("multipart upload", self.store._s3.upload_part, Key=self.key,

@@ -28,7 +28,7 @@ from modelfn.errors import ExportParityError, ModelfnError, TrainingError
 from modelfn.export import parity, quantize, sentence
 from modelfn.export.onnx_export import EXPORTER, check_single_file, export_onnx
 from modelfn.runtime.manifest import SCHEMA_VERSION, file_entry, sha256
-from modelfn.runtime.model import LoadedModel, from_files
+from modelfn.runtime.model import DEFAULT_MAX_BATCH, LoadedModel, from_files
 from modelfn.store import Store, json_bytes
 from modelfn.training import loop, recipes
 
@@ -166,7 +166,7 @@ def _base_manifest(name: str, version: str, config: dict[str, Any]) -> dict[str,
     return {"schema": SCHEMA_VERSION, "name": name, "version": version,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "platform": "onnxruntime_onnx", "model_file": "model.onnx",
-            "limits": {"max_batch": config.get("max_batch", 64)}}
+            "limits": {"max_batch": config.get("max_batch", DEFAULT_MAX_BATCH)}}
 
 
 # --- classifiers trained by a recipe ----------------------------------------------------

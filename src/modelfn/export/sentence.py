@@ -43,7 +43,7 @@ class EvalSet:
 
 def eval_set(file: str) -> EvalSet:
     rows = data.read_jsonl(data.DATA_DIR / file)
-    return EvalSet([str(r["text"]) for r in rows], [int(str(r["group"])) for r in rows],
+    return EvalSet([str(r["text"]) for r in rows], [int(r["group"]) for r in rows],
                    [str(r["kind"]) for r in rows], f"data/{file}")
 
 

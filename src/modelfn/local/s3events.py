@@ -76,7 +76,6 @@ class BatchDeployment:
                    "maxReceiveCount": props["RedrivePolicy"]["maxReceiveCount"]}
         self.queue = self.sqs.create_queue(QueueName=f"modelfn-batch-{suffix}", Attributes={
             "VisibilityTimeout": visibility, "RedrivePolicy": json.dumps(redrive)})["QueueUrl"]
-        self.dead_letters = dlq
         table = res["IdempotencyTable"]["Properties"]
         self.table = f"modelfn-idempotency-{suffix}"
         ddb = boto3.client("dynamodb")

@@ -7,7 +7,7 @@ once per process); :meth:`LoadedModel.infer` only computes.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,14 +54,15 @@ class LoadedModel:
     manifest: dict[str, Any]
     session: ort.InferenceSession
     max_batch: int
-    #: the bundle's verified files; the pipeline takes what it needs (e.g. a tokenizer)
-    files: dict[str, bytes] = field(default_factory=dict, repr=False)
+    #: the bundle's verified files, for the pipeline to take what it needs (e.g. a
+    #: tokenizer); not kept on the instance
+    files: InitVar[dict[str, bytes] | None] = None
     #: the manifest's pre- and post-processing, ready to run (see processing.pipeline)
     pre: Any = field(default=None, repr=False)
     post: Any = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        self.pre, self.post = processing.pipeline(self.manifest, self.files)
+    def __post_init__(self, files: dict[str, bytes] | None) -> None:
+        self.pre, self.post = processing.pipeline(self.manifest, files)
         self._graph_inputs = [i["name"] for i in self.manifest["graph"]["inputs"]]
         self._graph_outputs = [o["name"] for o in self.manifest["graph"]["outputs"]]
         self._outputs = [o["name"] for o in self.manifest["outputs"]]
@@ -69,7 +70,6 @@ class LoadedModel:
         token_feeds = self.manifest["preprocess"].get("feeds", {})
         self._mask_feed = token_feeds.get("attention_mask")
         self._seq_arrays = set(token_feeds.values())
-        self.files = {}  # the pipeline holds what it needs; don't keep the model bytes
 
     def validate(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
         """Check the request against the manifest's inputs; return arrays and batch size."""
