@@ -1,6 +1,6 @@
 """API function: the Open Inference Protocol v2 behind API Gateway (HTTP API).
 
-Everything expensive (store, sessions, resolver, Powertools) is created once per
+Everything expensive (store, sessions, routes, Powertools) is created once per
 process at module scope; the handler is one line. Routes live in
 ``modelfn.runtime.http`` so that ``modelfn serve`` runs exactly this code.
 """
@@ -8,22 +8,24 @@ process at module scope; the handler is one line. Routes live in
 import warnings
 
 from aws_lambda_powertools import Logger, Metrics
-from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from modelfn.runtime.http import Settings, create_app
+from modelfn.runtime.http import Settings, create_app, request_id
+from modelfn.runtime.protocol import log_json
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
 
 # health and metadata routes publish no application metrics: that is expected
 warnings.filterwarnings("ignore", "No application metrics to publish")
-logger = Logger(service="modelfn-api")
+logger = Logger(service="modelfn-api", json_serializer=log_json)
 metrics = Metrics(namespace="modelfn", service="modelfn-api")
 settings = Settings.from_env()
-app = create_app(Repository(open_store(), settings.max_batch), settings, logger, metrics)
+repo = Repository(open_store(), settings.max_batch)
+app = create_app(repo, settings, logger, metrics)
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@logger.inject_lambda_context
 @metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
+    logger.set_correlation_id(request_id(event))
     return app.resolve(event, context)

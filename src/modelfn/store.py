@@ -79,6 +79,11 @@ class Store(ABC):
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """The object's bytes in chunks, streamed: never the whole object in memory."""
 
+    def local_path(self, key: str) -> Path | None:
+        """The object's file, where the store is a folder on this machine (and so a
+        reader may open it directly); None otherwise or if it is absent."""
+        return None
+
     @abstractmethod
     def open_writer(self, key: str) -> AbstractContextManager[Writer]:
         """A streaming writer for ``key``. The object appears whole when the block ends
@@ -147,6 +152,10 @@ class LocalStore(Store):
 
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
+
+    def local_path(self, key: str) -> Path | None:
+        path = self._path(key)
+        return path if path.is_file() else None
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         with self._path(key).open("rb") as fh:

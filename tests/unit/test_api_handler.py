@@ -164,6 +164,35 @@ def test_handler_unknown_route_is_json_404(api: ModuleType) -> None:
     assert json.loads(result["body"]) == {"error": "no route for GET /v2/nothing/here"}
 
 
+def test_handler_wrong_method_is_405_naming_the_allowed_one(api: ModuleType) -> None:
+    ev = load_event("api-health-live")
+    ev["requestContext"]["http"]["method"] = "POST"
+    result = api.lambda_handler(ev, LocalContext())
+    assert result["statusCode"] == 405 and result["headers"]["Allow"] == "GET"
+    assert json.loads(result["body"]) == {"error": "POST is not allowed on /v2/health/live"}
+
+
+@pytest.mark.parametrize("event", [
+    {}, {"Records": []}, {"requestContext": {}}, [], "x",
+    {"requestContext": {"http": {"method": 1, "path": "/v2"}}},
+    {"requestContext": {"http": {"method": "GET", "path": ["/v2"]}}},
+    {"requestContext": {"http": {"method": "POST", "path": "/v2/models/digits-cnn/infer"}},
+     "body": {"inputs": []}},
+])
+def test_handler_event_that_is_not_from_api_gateway_is_400(api: ModuleType, event: object
+                                                            ) -> None:
+    result = api.lambda_handler(event, LocalContext())
+    assert result["statusCode"] == 400
+    assert "API Gateway" in json.loads(result["body"])["error"]
+
+
+def test_handler_routes_match_whole_paths_only(api: ModuleType) -> None:
+    for path in ("/v2/health/live\n", "/v2/health/live/", "/x/v2/health/live"):
+        ev = load_event("api-health-live")
+        ev["rawPath"] = ev["requestContext"]["http"]["path"] = path
+        assert api.lambda_handler(ev, LocalContext())["statusCode"] == 404, repr(path)
+
+
 def test_handler_serves_the_checked_in_openapi_document(api: ModuleType) -> None:
     _, body = invoke(api, load_event("api-openapi"))
     assert body == openapi_document()

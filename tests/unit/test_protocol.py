@@ -13,7 +13,9 @@ from modelfn.runtime.protocol import (
     RequestInput,
     body_bytes,
     decode_infer_request,
+    dumps,
     encode_tensor,
+    parse_json,
     to_array,
 )
 
@@ -105,8 +107,66 @@ def test_to_array_rejects_bad_data(data: object, shape: list[int], message: str)
 
 
 def test_encode_tensor_flattens_row_major() -> None:
-    out = encode_tensor("y", np.arange(6, dtype=np.float32).reshape(2, 3))
+    out = json.loads(dumps(encode_tensor("y", np.arange(6, dtype=np.float32).reshape(2, 3))))
     assert out == {"name": "y", "datatype": "FP32", "shape": [2, 3],
                    "data": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]}
+    # column-major and strided arrays are written in row-major order too
+    fortran = np.asfortranarray(np.arange(6, dtype=np.int64).reshape(2, 3))
+    assert json.loads(dumps(encode_tensor("z", fortran)))["data"] == [0, 1, 2, 3, 4, 5]
+    assert json.loads(dumps(encode_tensor("s", np.arange(10, dtype=np.float32)[::3])))[
+        "data"] == [0.0, 3.0, 6.0, 9.0]
     labels = encode_tensor("label", np.array(["7", "3"], dtype=object))
     assert labels["datatype"] == "BYTES" and labels["data"] == ["7", "3"]
+
+
+def test_dumps_writes_float32_exactly_and_shortest() -> None:
+    values = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    raw = dumps({"data": values})
+    assert np.array_equal(np.asarray(json.loads(raw)["data"], dtype=np.float32), values)
+    # shortest float32 digits, not the float64 expansion: 0.1f is "0.1", not 0.10000000149
+    assert dumps(np.array([0.1], dtype=np.float32)) == b"[0.1]"
+
+
+def test_dumps_escapes_strings_that_are_not_utf8() -> None:
+    # a lone surrogate (from a body that was not UTF-8) cannot be written as UTF-8
+    raw = dumps({"error": "bad \udcff byte", "data": np.zeros(2, dtype=np.float32)})
+    assert json.loads(raw) == {"error": "bad \udcff byte", "data": [0.0, 0.0]}
+
+
+@pytest.mark.parametrize(("raw", "fast"), [
+    (b'{"a": [1, 2.5, "x", null, true]}', True),
+    (b'{"a": 1, "a": 2}', True),  # the last key wins, as in the standard library
+    (b'["\\ud800"]', False),  # a lone surrogate escape: only the standard library takes it
+    (b'["\xff"]', False),  # not UTF-8: kept as a surrogate, refused where used
+])
+def test_parse_json_agrees_with_the_standard_library(raw: bytes, fast: bool) -> None:
+    import orjson
+
+    expected = json.loads(raw.decode("utf-8", "surrogateescape"))
+    assert parse_json(raw) == expected
+    try:
+        orjson.loads(raw)
+        took_fast_path = True
+    except orjson.JSONDecodeError:
+        took_fast_path = False
+    assert took_fast_path is fast
+
+
+@pytest.mark.parametrize("raw", [b"[NaN]", b"[Infinity]", b"[-Infinity]",
+                                 b"[" * 5000 + b"]" * 5000, b"\xef\xbb\xbf{}", b"{"])
+def test_parse_json_refuses_what_is_not_strict_json(raw: bytes) -> None:
+    with pytest.raises(MalformedRequest):
+        parse_json(raw)
+
+
+@pytest.mark.parametrize(("data", "dtype", "message"), [
+    ([1.5], np.int32, "must be integers"),
+    ([300], np.uint8, r"\[0, 255\]"),
+    ([-1], np.uint16, r"\[0, 65535\]"),
+    ([2 ** 63], np.int64, "must lie in"),
+])
+def test_to_array_never_truncates_or_wraps_integers(data: list, dtype: type, message: str
+                                                    ) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        to_array(tensor(data, [1]), dtype)
+    assert to_array(tensor([3.0], [1]), np.int32).tolist() == [3]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from modelfn.errors import IntegrityError, InvalidInput, ModelNotFound, ModelUnavailable
+from modelfn.runtime.manifest import file_entry
+from modelfn.runtime.model import from_files
 from modelfn.runtime.protocol import InferRequest, RequestInput
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
@@ -128,3 +132,51 @@ def test_runtime_unknown_model(built_store: Path) -> None:
         repo.get("digits-cnn", "42")
     with pytest.raises(ModelNotFound):
         repo.get("../digits-cnn")
+
+
+def test_runtime_local_store_hands_onnxruntime_the_verified_file(
+        built_store: Path, session_spy: list[object]) -> None:
+    # no copy of the model passes through Python: onnxruntime opens the file it was
+    # verified from (a models layer, the local store)
+    Repository(open_store(str(built_store))).get("digits-cnn")
+    (source, *_), = session_spy
+    assert source == str(built_store / "models/digits-cnn/1/model.onnx")
+
+
+def external_data_model(folder: Path) -> bytes:
+    """A valid ONNX model whose one weight lives in a file beside it, ``w.bin``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((64, 10), np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["pixels"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [None, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])],
+        [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save_model(model, str(folder / "external.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.bin", size_threshold=0)
+    return (folder / "external.onnx").read_bytes()
+
+
+def test_runtime_refuses_a_model_with_external_data(store_copy: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights file sits right beside the model (and in the working directory),
+    where onnxruntime would find it by default; the manifest's sha256 matches. Still
+    refused: a bundle is its manifest's files, nothing else is read."""
+    bundle = store_copy / "models/digits-cnn/1"
+    raw = external_data_model(tmp_path)
+    shutil.copy(tmp_path / "w.bin", bundle / "w.bin")
+    (bundle / "model.onnx").write_bytes(raw)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = file_entry(raw)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    # sanity: onnxruntime's defaults would load it, from the path or (cwd) from bytes
+    assert ort.InferenceSession(str(bundle / "model.onnx")).get_inputs()[0].name == "pixels"
+    with pytest.raises(ModelUnavailable, match="onnxruntime cannot load"):
+        Repository(open_store(str(store_copy))).get("digits-cnn")
+    monkeypatch.chdir(bundle)
+    with pytest.raises(ModelUnavailable, match="onnxruntime cannot load"):
+        from_files(manifest, {"model.onnx": raw})

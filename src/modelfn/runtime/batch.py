@@ -20,7 +20,6 @@ caller must then leave no output behind.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import numpy as np
 
 from modelfn.errors import InvalidInput, ModelfnError, StoreError
 from modelfn.runtime.model import LoadedModel
-from modelfn.runtime.protocol import InferRequest, RequestInput, parse_json
+from modelfn.runtime.protocol import InferRequest, RequestInput, dumps, parse_json
 from modelfn.runtime.repository import Repository
 from modelfn.store import Store
 
@@ -186,7 +185,7 @@ class BatchRun:
                 self.summary.errors += 1
             else:
                 self.summary.predictions += 1
-            out += json.dumps(row.result, ensure_ascii=False).encode() + b"\n"
+            out += dumps(row.result) + b"\n"
         if out:
             self.write(bytes(out))
         self._rows, self._waiting = [], 0

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from modelfn.errors import IntegrityError, ModelUnavailable
@@ -45,12 +48,26 @@ def load_manifest(raw: bytes, where: str) -> dict[str, Any]:
     return manifest
 
 
-def verify_file(manifest: dict[str, Any], rel: str, data: bytes, where: str) -> bytes:
-    """Return ``data`` if its size and sha256 match the manifest, else raise IntegrityError."""
+def _verify(manifest: dict[str, Any], rel: str, where: str, size: int,
+            digest: Callable[[], str]) -> None:
     entry = manifest["files"].get(rel)
     if entry is None:
         raise IntegrityError(f"{where}: {rel} is not listed in the manifest")
-    if len(data) != entry.get("size") or sha256(data) != entry.get("sha256"):
+    if size != entry.get("size") or digest() != entry.get("sha256"):
         raise IntegrityError(f"{where}: {rel} does not match the sha256 recorded in its "
                              "manifest; refusing to load it")
+
+
+def verify_file(manifest: dict[str, Any], rel: str, data: bytes, where: str) -> bytes:
+    """Return ``data`` if its size and sha256 match the manifest, else raise IntegrityError."""
+    _verify(manifest, rel, where, len(data), lambda: sha256(data))
     return data
+
+
+def verify_path(manifest: dict[str, Any], rel: str, path: Path, where: str) -> Path:
+    """As :func:`verify_file` for a file on disk, hashed as it streams (the file is
+    never held in memory whole); returns ``path``."""
+    with path.open("rb") as fh:
+        _verify(manifest, rel, where, os.fstat(fh.fileno()).st_size,
+                lambda: hashlib.file_digest(fh, "sha256").hexdigest())
+    return path
