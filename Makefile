@@ -9,7 +9,7 @@ SAM_CLI_VERSION := 1.170.0
 export HF_HUB_OFFLINE := 1
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: run test setup lint sam-build package-check clean
+.PHONY: run test setup lint sam-build package-check bench clean
 
 # the project's environment (torch==2.13.0 is pinned: the CPU wheel on local disk)
 $(VENV)/.installed: pyproject.toml
@@ -30,12 +30,12 @@ run: $(VENV)/.installed
 	$(BIN)/modelfn up
 
 test: setup
-	$(BIN)/ruff check src functions tests
+	$(BIN)/ruff check src functions tests bench
 	$(BIN)/mypy src
 	PATH="$(CURDIR)/$(SAM_VENV)/bin:$$PATH" $(BIN)/pytest
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src functions tests
+	$(BIN)/ruff check src functions tests bench
 	$(BIN)/mypy src
 	$(BIN)/cfn-lint template.yaml
 
@@ -43,6 +43,11 @@ lint: $(VENV)/.installed
 sam-build: setup
 	$(SAM_VENV)/bin/sam build
 	$(BIN)/modelfn package-check
+
+# the serving benchmarks (cold start, warm latency and cost, BentoML peer, sizes): about
+# 10 minutes; results and charts in bench/results/, summary in bench/results/serving.md
+bench: $(VENV)/.installed
+	$(BIN)/python bench/serving.py
 
 clean:
 	rm -rf .aws-sam .pytest_cache .ruff_cache

@@ -8,7 +8,7 @@
    of the same size; for text models the raw side includes tokenization and pooling).
    Interleaved rounds, medians.
 2. Peak memory: ``process_object`` over a local file of N and of 10N digit rows, each in
-   a fresh process; peak RSS (ru_maxrss) compared.
+   a fresh process; peak RSS (VmHWM) compared.
 
 Writes bench/results/batch-throughput.{md,json,png}. A benchmark, not a test.
 """
@@ -27,19 +27,21 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, now, write_results  # noqa: E402
+from common import machine, now, save_figure, subplots, write_results  # noqa: E402
 
 MICRO = 32
 
 MEMORY_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from modelfn.runtime import batch
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
 store = open_store(sys.argv[1])
 t = time.perf_counter()
 result = batch.process_object(store, sys.argv[2], Repository(open_store(sys.argv[3])))
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent at fork
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mb": hwm / 1024,
                   "seconds": time.perf_counter() - t, "predictions": result["predictions"]}))
 """
 
@@ -191,12 +193,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def chart(r: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    fig, (ax, ax2) = subplots(1, 2, figsize=(11, 4), dpi=100)
     names = [c["model"] for c in r["throughput"]]
     x = np.arange(len(names))
     for i, label in enumerate(("raw onnxruntime", "batch path")):
@@ -209,9 +206,7 @@ def chart(r: dict[str, Any], path: Path) -> None:
             color="C2")
     ax2.set(ylabel="peak RSS (MB)", title=f"digits-cnn file: 10x rows, {r['memory_ratio']:.2f}x "
                                           "memory")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch's OpenMP threads otherwise spin on both cores after each sentence-transformers
+# call and slow down whatever runs next in this interleaved benchmark (measured: modelfn
+# int8 at batch 1 from 2.3 ms to 6.6 ms); set before torch is imported
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, now, write_results  # noqa: E402
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    arr = np.array(samples) * 1000
-    return {"p50_ms": float(np.percentile(arr, 50)), "p90_ms": float(np.percentile(arr, 90)),
-            "p99_ms": float(np.percentile(arr, 99)), "n": len(samples)}
+from common import machine, now, percentiles, save_figure, subplots, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -94,8 +92,8 @@ def main() -> None:
                 samples[n].append(time.perf_counter() - t0)
         results[size] = {n: percentiles(s) for n, s in samples.items()}
         for n in names:
-            print(f"batch {size:>2} {n:22s} p50 {results[size][n]['p50_ms']:8.2f} ms  "
-                  f"p90 {results[size][n]['p90_ms']:8.2f} ms")
+            print(f"batch {size:>2} {n:22s} p50 {results[size][n]['p50']:8.2f} ms  "
+                  f"p90 {results[size][n]['p90']:8.2f} ms")
 
     sizes = {n: served[n].manifest["files"]["model.onnx"]["size"] for n in served}
     tokens = {}
@@ -133,10 +131,10 @@ def markdown(report: dict[str, Any]) -> str:
              "(batch_size=32) p50 |",
              "|---|---|---|---|---|"]
     for size, cells in report["results"].items():
-        base = cells["sentence-transformers"]["p50_ms"]
+        base = cells["sentence-transformers"]["p50"]
         for name, c in cells.items():
-            lines.append(f"| {size} | {name} | {c['p50_ms']:.2f} | {c['p90_ms']:.2f} | "
-                         f"{base / c['p50_ms']:.2f}x |")
+            lines.append(f"| {size} | {name} | {c['p50']:.2f} | {c['p90']:.2f} | "
+                         f"{base / c['p50']:.2f}x |")
     lines += ["", "model.onnx: " + ", ".join(f"{n} {b / 1e6:.1f} MB"
                                              for n, b in report["model_bytes"].items()),
               "", f"int8 gate: {report['int8_gate']}", ""]
@@ -144,26 +142,18 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(report["results"]), figsize=(12, 4.5), dpi=100)
+    fig, axes = subplots(1, len(report["results"]), figsize=(12, 4.5), dpi=100)
     for ax, (size, cells) in zip(axes, report["results"].items(), strict=True):
         names = list(cells)
         ax.bar([n.replace(" batch_size", "\nbatch_size") for n in names],
-               [cells[n]["p50_ms"] for n in names], color=["C0", "C1", "C3", "C4"])
+               [cells[n]["p50"] for n in names], color=["C0", "C1", "C3", "C4"])
         ax.errorbar([n.replace(" batch_size", "\nbatch_size") for n in names],
-                    [cells[n]["p50_ms"] for n in names],
-                    yerr=[[0] * len(names), [cells[n]["p90_ms"] - cells[n]["p50_ms"]
+                    [cells[n]["p50"] for n in names],
+                    yerr=[[0] * len(names), [cells[n]["p90"] - cells[n]["p50"]
                                             for n in names]], fmt="none", ecolor="k")
         ax.set(title=f"batch {size}", ylabel="ms (p50, bar to p90)")
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"minilm embeddings on {report['machine']['cpu']}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, f"minilm embeddings on {report['machine']['cpu']}")
 
 
 if __name__ == "__main__":
