@@ -36,6 +36,12 @@ class PayloadTooLarge(ModelfnError):
     status = 413
 
 
+class UnsupportedMediaType(ModelfnError):
+    """A request body in a media type the API does not take (HTTP 415)."""
+
+    status = 415
+
+
 class InvalidInput(ModelfnError):
     """Well-formed, but not what the model takes: shape, datatype, values (HTTP 422)."""
 

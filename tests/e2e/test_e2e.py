@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,37 +13,13 @@ import pytest
 import requests
 
 from modelfn.training import data
-from tests.conftest import free_port
+from tests.conftest import MODELFN, free_port, start, stop
 from tests.openapi_check import check_response
-
-MODELFN = [sys.executable, "-m", "modelfn.cli"]
 
 
 def run(*args: str, store: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*MODELFN, *args, "--store", str(store)], capture_output=True,
                           text=True, timeout=600)
-
-
-def start(args: list[str], port: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*MODELFN, *args, "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).ok:
-                return proc
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("server did not become ready")
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.terminate()
-    out, _ = proc.communicate(timeout=30)
-    return out
 
 
 @pytest.fixture(scope="module")

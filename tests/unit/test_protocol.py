@@ -8,15 +8,19 @@ import json
 import numpy as np
 import pytest
 
-from modelfn.errors import InvalidInput, MalformedRequest, PayloadTooLarge
+from modelfn.errors import InvalidInput, MalformedRequest, PayloadTooLarge, UnsupportedMediaType
 from modelfn.runtime.protocol import (
     RequestInput,
     body_bytes,
+    check_media_type,
     decode_infer_request,
     dumps,
+    encode_infer_response,
     encode_tensor,
     parse_json,
+    split_body,
     to_array,
+    to_strings,
 )
 
 
@@ -170,3 +174,97 @@ def test_to_array_never_truncates_or_wraps_integers(data: list, dtype: type, mes
     with pytest.raises(InvalidInput, match=message):
         to_array(tensor(data, [1]), dtype)
     assert to_array(tensor([3.0], [1]), np.int32).tolist() == [3]
+
+
+def binary_request(inputs: list[tuple[str, str, list[int], bytes]], **doc: object
+                   ) -> tuple[bytes, bytes]:
+    """(JSON header, binary data) as the binary data extension sends them."""
+    header = {"inputs": [{"name": n, "datatype": t, "shape": s,
+                          "parameters": {"binary_data_size": len(b)}} for n, t, s, b in inputs],
+              **doc}
+    return json.dumps(header).encode(), b"".join(b for *_, b in inputs)
+
+
+def length_prefixed(*texts: str) -> bytes:
+    return b"".join(len(t.encode()).to_bytes(4, "little") + t.encode() for t in texts)
+
+
+def test_binary_inputs_decode_to_the_same_arrays_as_json() -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    req = decode_infer_request(*binary_request([
+        ("x", "FP32", [2, 3], x.tobytes()),
+        ("t", "BYTES", [2], length_prefixed("héllo", "")),
+        ("i", "INT64", [2], np.array([1, -2], "<i8").tobytes())]))
+    x_in, t_in, i_in = req.inputs
+    np.testing.assert_array_equal(to_array(x_in, np.float32), x)
+    assert to_strings(t_in).tolist() == ["héllo", ""]
+    assert to_array(i_in, np.int64).tolist() == [1, -2]
+
+
+@pytest.mark.parametrize(("inputs", "extra", "message"), [
+    ([("x", "FP32", [2], b"\0" * 4)], b"", "needs 8 bytes"),
+    ([("x", "FP32", [1], b"\0" * 4)], b"\0", "1 bytes of binary data that no input"),
+    ([("x", "FP32", [1], np.array([np.nan], "<f4").tobytes())], b"", "finite"),
+    ([("t", "BYTES", [1], b"\x05\0\0\0ab")], b"", "cut short"),
+    ([("t", "BYTES", [2], length_prefixed("a"))], b"", "needs 2 strings"),
+])
+def test_binary_inputs_refuse_what_does_not_add_up(inputs: list, extra: bytes,
+                                                    message: str) -> None:
+    header, data = binary_request(inputs)
+    with pytest.raises(InvalidInput, match=message):
+        req = decode_infer_request(header, data + extra)
+        for t in req.inputs:
+            to_strings(t) if t.datatype == "BYTES" else to_array(t, np.float32)
+
+
+def test_binary_data_size_past_the_body_or_beside_data_is_invalid() -> None:
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
+                                     "parameters": {"binary_data_size": 8}}]}).encode()
+    with pytest.raises(InvalidInput, match="runs past"):
+        decode_infer_request(header, b"\0" * 4)
+    both = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1],
+                                   "parameters": {"binary_data_size": 4}}]}).encode()
+    with pytest.raises(InvalidInput, match="not both"):
+        decode_infer_request(both, b"\0" * 4)
+
+
+@pytest.mark.parametrize("length", ["x", "0", "-1", "99999"])
+def test_split_body_refuses_a_bad_header_length(length: str) -> None:
+    with pytest.raises(MalformedRequest, match="Inference-Header-Content-Length"):
+        split_body(b'{"inputs": []}', length)
+
+
+@pytest.mark.parametrize(("content_type", "ok"), [
+    (None, True), ("application/json", True), ("application/json; charset=utf-8", True),
+    ("application/octet-stream", True), ("text/plain", False),
+    ("application/x-www-form-urlencoded", False), ("multipart/form-data; boundary=x", False),
+])
+def test_check_media_type(content_type: str | None, ok: bool) -> None:
+    if ok:
+        check_media_type(content_type)
+    else:
+        with pytest.raises(UnsupportedMediaType):
+            check_media_type(content_type)
+
+
+def test_binary_outputs_follow_the_json_header() -> None:
+    header, data = binary_request([("x", "FP32", [1], b"\0" * 4)],
+                                  outputs=[{"name": "p", "parameters": {"binary_data": True}},
+                                           {"name": "label"}])
+    req = decode_infer_request(header, data)
+    outputs = {"p": np.array([[0.25, 0.75]], np.float32),
+               "label": np.array(["b"], dtype=object)}
+    body, n = encode_infer_response("m", "1", outputs, req)
+    assert n is not None
+    doc = json.loads(body[:n])
+    p, label = doc["outputs"]
+    assert p["parameters"] == {"binary_data_size": 8} and "data" not in p
+    assert label["data"] == ["b"]  # asked for without binary_data
+    np.testing.assert_array_equal(np.frombuffer(body[n:], "<f4"), [0.25, 0.75])
+    everything = decode_infer_request(*binary_request([("x", "FP32", [1], b"\0" * 4)],
+                                                      parameters={"binary_data_output": True}))
+    body, n = encode_infer_response("m", "1", outputs, everything)
+    assert n is not None and body[n + 8:] == length_prefixed("b")
+    plain = decode_infer_request(b'{"inputs": [{"name": "x", "datatype": "FP32", '
+                                 b'"shape": [1], "data": [0]}]}')
+    assert encode_infer_response("m", "1", outputs, plain)[1] is None

@@ -14,6 +14,7 @@ metrics.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -31,10 +32,19 @@ import modelfn
 from modelfn.errors import MalformedRequest, ModelfnError
 from modelfn.runtime.model import DEFAULT_MAX_BATCH
 from modelfn.runtime.model import model_metadata as describe
-from modelfn.runtime.protocol import body_bytes, decode_infer_request, dumps, infer_response
+from modelfn.runtime.protocol import (
+    HEADER_LENGTH,
+    body_bytes,
+    check_media_type,
+    decode_infer_request,
+    dumps,
+    encode_infer_response,
+    split_body,
+)
 from modelfn.runtime.repository import Repository
 
 JSON = "application/json"
+BINARY_HEADER = "Inference-Header-Content-Length"
 DEFAULT_MAX_BODY = 1024 * 1024
 
 
@@ -59,12 +69,20 @@ class Response:
     status: int
     body: Any
     headers: dict[str, str] = field(default_factory=dict)
+    #: the body already encoded (JSON, or with the binary data extension: a JSON
+    #: header of Inference-Header-Content-Length bytes, then the binary tensors)
+    raw: bytes | None = None
 
     def to_lambda(self) -> dict[str, Any]:
-        """The HTTP API (payload 2.0) response."""
+        """The HTTP API (payload 2.0) response; binary bodies go base64, as API Gateway
+        requires."""
+        body = self.raw if self.raw is not None else dumps(self.body)
+        if BINARY_HEADER in self.headers:
+            return {"statusCode": self.status, "isBase64Encoded": True,
+                    "headers": {"Content-Type": "application/octet-stream", **self.headers},
+                    "body": base64.b64encode(body).decode()}
         return {"statusCode": self.status, "isBase64Encoded": False,
-                "headers": {"Content-Type": JSON, **self.headers},
-                "body": dumps(self.body).decode()}
+                "headers": {"Content-Type": JSON, **self.headers}, "body": body.decode()}
 
 
 def json_response(status: int, body: Any) -> Response:
@@ -89,6 +107,7 @@ class Request:
     path: str
     body: str | None
     is_base64_encoded: bool
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-case
 
     @classmethod
     def from_event(cls, event: Any) -> Request:
@@ -101,8 +120,11 @@ class Request:
         if not (isinstance(method, str) and isinstance(path, str)
                 and (body is None or isinstance(body, str))):
             raise MalformedRequest("not an API Gateway HTTP API (payload 2.0) event")
+        headers = event.get("headers") or {}
         return cls(method=method.upper(), path=path, body=body,
-                   is_base64_encoded=bool(event.get("isBase64Encoded")))
+                   is_base64_encoded=bool(event.get("isBase64Encoded")),
+                   headers={str(k).lower(): str(v) for k, v in headers.items()}
+                   if isinstance(headers, dict) else {})
 
 
 Route = Callable[..., Response]
@@ -212,12 +234,13 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
     def infer(req: Request, name: str, version: str | None = None) -> Response:
         started = time.perf_counter()
         raw = body_bytes(req.body, req.is_base64_encoded, settings.max_body_bytes)
+        check_media_type(req.headers.get("content-type"))
         concrete = repo.resolve(name, version)
-        request = decode_infer_request(raw)
+        request = decode_infer_request(*split_body(raw, req.headers.get(HEADER_LENGTH)))
         model = repo.get(name, concrete)
         arrays, batch = model.validate(request)
         outputs = model.run(arrays, request.outputs)
-        body = infer_response(name, concrete, outputs, request.id)
+        body, header_length = encode_infer_response(name, concrete, outputs, request)
         elapsed_ms = (time.perf_counter() - started) * 1000
         logger.info("inference", extra={"model": name, "version": concrete, "batch": batch,
                                         "latency_ms": round(elapsed_ms, 3)})
@@ -228,7 +251,8 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         metrics.add_metric(name="InferenceLatency", unit=MetricUnit.Milliseconds,
                            value=elapsed_ms)
         metrics.add_metric(name="BatchSize", unit=MetricUnit.Count, value=batch)
-        return json_response(200, body)
+        binary = {} if header_length is None else {BINARY_HEADER: str(header_length)}
+        return Response(200, None, binary, raw=body)
 
     @app.route("GET", "/openapi.json")
     def openapi(req: Request) -> Response:

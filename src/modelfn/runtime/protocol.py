@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from modelfn.errors import InvalidInput, MalformedRequest, PayloadTooLarge
+from modelfn.errors import InvalidInput, MalformedRequest, PayloadTooLarge, UnsupportedMediaType
 
 #: v2 datatypes → numpy dtypes (BYTES is handled as a list of str/bytes).
 DATATYPES: dict[str, Any] = {
@@ -29,6 +29,12 @@ DATATYPES: dict[str, Any] = {
     "BYTES": np.object_,
 }
 _NUMPY_TO_V2 = {np.dtype(v): k for k, v in DATATYPES.items() if k != "BYTES"}
+#: the binary tensor data extension: the JSON header's length, the rest of the body
+#: (and of a response) is the tensors' raw bytes, in the order the JSON lists them
+HEADER_LENGTH = "inference-header-content-length"
+#: request media types: JSON, or JSON + binary tensors (no Content-Type is taken as
+#: JSON, as curl and tritonclient may send none)
+MEDIA_TYPES = ("application/json", "application/octet-stream")
 
 
 @dataclass
@@ -38,6 +44,8 @@ class RequestInput:
     shape: list[int]
     data: Any
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: the tensor's raw bytes, when it came as binary data (then ``data`` is None)
+    binary: bytes | None = None
 
 
 @dataclass
@@ -46,6 +54,35 @@ class InferRequest:
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] | None = None  # names the client asked for; None means all
+    #: binary data extension: per-output ``binary_data`` flags, and the request's
+    #: ``binary_data_output`` (the flag for outputs without one)
+    binary_flags: dict[str, bool] = field(default_factory=dict)
+    binary_default: bool = False
+
+    def binary_output(self, name: str) -> bool:
+        return self.binary_flags.get(name, self.binary_default)
+
+
+def check_media_type(content_type: str | None) -> None:
+    """415 for a body that is neither JSON nor the binary extension's octet stream."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media and media not in MEDIA_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {media!r} is not supported; send "
+                                   f"{' or '.join(MEDIA_TYPES)}")
+
+
+def split_body(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON header, binary tensor data) of a body; all JSON without the header."""
+    if header_length is None:
+        return raw, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise MalformedRequest("Inference-Header-Content-Length must be an integer") from None
+    if not 0 < n <= len(raw):
+        raise MalformedRequest(f"Inference-Header-Content-Length {n} is outside the body "
+                               f"({len(raw)} bytes)")
+    return raw[:n], raw[n:]
 
 
 def body_bytes(body: str | bytes | None, is_base64: bool, limit: int) -> bytes:
@@ -101,8 +138,9 @@ def _check_shape(value: Any, where: str) -> list[int]:
     return value
 
 
-def decode_infer_request(raw: bytes) -> InferRequest:
-    """Decode a v2 inference request body (raises 400 / 422 errors)."""
+def decode_infer_request(raw: bytes, binary: bytes = b"") -> InferRequest:
+    """Decode a v2 inference request body (raises 400 / 422 errors); ``binary`` is the
+    binary tensor data that followed the JSON header, if any."""
     doc = parse_json(raw)
     if not isinstance(doc, dict):
         raise MalformedRequest("request body must be a JSON object")
@@ -116,42 +154,79 @@ def decode_infer_request(raw: bytes) -> InferRequest:
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
     decoded = []
+    offset = 0  # into the binary data
     for i, item in enumerate(inputs):
-        where = f"inputs[{i}]"
-        if not isinstance(item, dict):
-            raise InvalidInput(f"{where} must be an object")
-        name, datatype = item.get("name"), item.get("datatype")
-        if not isinstance(name, str) or not name:
-            raise InvalidInput(f"{where}: 'name' must be a non-empty string")
-        if datatype not in DATATYPES:
-            raise InvalidInput(f"{where} ({name}): unknown datatype {datatype!r}; "
-                               f"expected one of {', '.join(DATATYPES)}")
-        if "data" not in item:
-            raise InvalidInput(f"{where} ({name}): 'data' is required")
-        in_params = item.get("parameters") or {}
-        if not isinstance(in_params, dict):
-            raise InvalidInput(f"{where} ({name}): 'parameters' must be an object")
-        decoded.append(RequestInput(name, datatype, _check_shape(item.get("shape"), where),
-                                    item["data"], in_params))
+        tensor = _decode_input(f"inputs[{i}]", item, binary, offset)
+        offset += len(tensor.binary or b"")
+        decoded.append(tensor)
+    if offset != len(binary):
+        raise InvalidInput(f"the body has {len(binary) - offset} bytes of binary data that "
+                           "no input declares (binary_data_size)")
     names = [d.name for d in decoded]
     if len(set(names)) != len(names):
         raise InvalidInput("input names must be unique")
-    return InferRequest(decoded, req_id, params, _requested_outputs(doc.get("outputs")))
+    outputs, flags = _requested_outputs(doc.get("outputs"))
+    default = params.get("binary_data_output", False)
+    if not isinstance(default, bool):
+        raise InvalidInput("'binary_data_output' must be true or false")
+    return InferRequest(decoded, req_id, params, outputs, flags, default)
 
 
-def _requested_outputs(value: Any) -> list[str] | None:
+def _decode_input(where: str, item: Any, binary: bytes, offset: int) -> RequestInput:
+    """One entry of 'inputs'; a binary one takes its bytes from ``binary[offset:]``."""
+    if not isinstance(item, dict):
+        raise InvalidInput(f"{where} must be an object")
+    name, datatype = item.get("name"), item.get("datatype")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"{where}: 'name' must be a non-empty string")
+    if datatype not in DATATYPES:
+        raise InvalidInput(f"{where} ({name}): unknown datatype {datatype!r}; "
+                           f"expected one of {', '.join(DATATYPES)}")
+    params = item.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"{where} ({name}): 'parameters' must be an object")
+    shape = _check_shape(item.get("shape"), where)
+    size = params.get("binary_data_size")
+    if size is None:
+        if "data" not in item:
+            raise InvalidInput(f"{where} ({name}): 'data' is required")
+        return RequestInput(name, datatype, shape, item["data"], params)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(f"{where} ({name}): 'binary_data_size' must be a "
+                           "non-negative integer")
+    if "data" in item:
+        raise InvalidInput(f"{where} ({name}): give 'data' or 'binary_data_size', not both")
+    if offset + size > len(binary):
+        raise InvalidInput(f"{where} ({name}): binary_data_size {size} runs past the "
+                           f"{len(binary)} bytes of binary data after the JSON")
+    return RequestInput(name, datatype, shape, None, params, binary[offset:offset + size])
+
+
+def _requested_outputs(value: Any) -> tuple[list[str] | None, dict[str, bool]]:
+    """(the names asked for or None for all, {name: binary_data flag})."""
     if value is None:
-        return None
+        return None, {}
     if not isinstance(value, list) or not all(
         isinstance(o, dict) and isinstance(o.get("name"), str) for o in value
     ):
         raise InvalidInput("'outputs' must be a list of objects with a 'name'")
-    return [o["name"] for o in value]
+    flags: dict[str, bool] = {}
+    for o in value:
+        params = o.get("parameters") or {}
+        flag = params.get("binary_data") if isinstance(params, dict) else None
+        if not isinstance(params, dict) or not isinstance(flag, bool | None):
+            raise InvalidInput(f"output {o['name']!r}: 'parameters.binary_data' must be true "
+                               "or false")
+        if flag is not None:
+            flags[o["name"]] = flag
+    return [o["name"] for o in value], flags
 
 
 def to_array(tensor: RequestInput, dtype: Any) -> np.ndarray:
     """A numeric request tensor as a numpy array of ``dtype`` and its declared shape."""
     where = f"input {tensor.name!r}"
+    if tensor.binary is not None:
+        return _binary_array(tensor, np.dtype(dtype), where)
     try:
         arr = np.asarray(tensor.data)
     except (ValueError, TypeError) as exc:
@@ -179,6 +254,35 @@ def to_array(tensor: RequestInput, dtype: Any) -> np.ndarray:
     return out
 
 
+def _binary_array(tensor: RequestInput, dtype: np.dtype, where: str) -> np.ndarray:
+    """Raw little-endian, row-major bytes (the binary data extension) as an array."""
+    assert tensor.binary is not None
+    expected = math.prod(tensor.shape) * dtype.itemsize
+    if len(tensor.binary) != expected:
+        raise InvalidInput(f"{where}: shape {tensor.shape} of {tensor.datatype} needs "
+                           f"{expected} bytes of binary data, got {len(tensor.binary)}")
+    out = np.frombuffer(tensor.binary, dtype=dtype.newbyteorder("<")).astype(dtype)
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise InvalidInput(f"{where}: values must be finite (no NaN, no Infinity)")
+    return out.reshape(tensor.shape)
+
+
+def _binary_strings(tensor: RequestInput, where: str) -> list[Any]:
+    """BYTES elements in binary: each a 4-byte little-endian length, then its bytes."""
+    assert tensor.binary is not None
+    raw, pos = tensor.binary, 0
+    items: list[str] = []
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InvalidInput(f"{where}[{len(items)}]: binary BYTES element cut short")
+        n = int.from_bytes(raw[pos:pos + 4], "little")
+        if pos + 4 + n > len(raw):
+            raise InvalidInput(f"{where}[{len(items)}]: binary BYTES element cut short")
+        items.append(raw[pos + 4:pos + 4 + n].decode("utf-8", "surrogateescape"))
+        pos += 4 + n
+    return items
+
+
 def _flatten(data: Any) -> list[Any]:
     if not isinstance(data, list):
         return [data]
@@ -202,7 +306,7 @@ def to_strings(tensor: RequestInput) -> np.ndarray:
     (a lone surrogate, e.g. from a non-UTF-8 byte, is refused with its index).
     """
     where = f"input {tensor.name!r}"
-    items = _flatten(tensor.data)
+    items = _binary_strings(tensor, where) if tensor.binary is not None else _flatten(tensor.data)
     expected = math.prod(tensor.shape)
     if len(items) != expected:
         raise InvalidInput(f"{where}: shape {tensor.shape} needs {expected} strings, "
@@ -254,14 +358,44 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def tensor_bytes(arr: np.ndarray) -> bytes:
+    """A tensor as the binary data extension sends it: little-endian, row-major;
+    BYTES elements each as a 4-byte little-endian length and their UTF-8."""
+    if arr.dtype == object:
+        parts = []
+        for item in arr.reshape(-1).tolist():
+            data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+            parts += [len(data).to_bytes(4, "little"), data]
+        return b"".join(parts)
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
+def encode_infer_response(model: str, version: str, outputs: dict[str, np.ndarray],
+                          request: InferRequest) -> tuple[bytes, int | None]:
+    """(body, JSON header length): with no binary output, the body is JSON and the
+    length None; otherwise the JSON header is followed by the binary outputs."""
+    blobs = {n: tensor_bytes(a) for n, a in outputs.items() if request.binary_output(n)}
+    header = dumps(infer_response(model, version, outputs, request.id,
+                                  binary_sizes={n: len(b) for n, b in blobs.items()}))
+    if not blobs:
+        return header, None
+    return header + b"".join(blobs.values()), len(header)
+
+
 def infer_response(model: str, version: str, outputs: dict[str, np.ndarray],
-                   request_id: str | None, parameters: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
-    resp: dict[str, Any] = {
-        "model_name": model,
-        "model_version": version,
-        "outputs": [encode_tensor(n, a) for n, a in outputs.items()],
-    }
+                   request_id: str | None, parameters: dict[str, Any] | None = None,
+                   binary_sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """The response document; outputs in ``binary_sizes`` carry their size, their
+    data follows the JSON (binary data extension)."""
+    tensors = []
+    for n, a in outputs.items():
+        tensor = encode_tensor(n, a)
+        if binary_sizes and n in binary_sizes:
+            del tensor["data"]
+            tensor["parameters"] = {"binary_data_size": binary_sizes[n]}
+        tensors.append(tensor)
+    resp: dict[str, Any] = {"model_name": model, "model_version": version,
+                            "outputs": tensors}
     if request_id is not None:
         resp["id"] = request_id
     if parameters:
