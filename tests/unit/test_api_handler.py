@@ -292,3 +292,38 @@ def test_handler_non_utf8_bytes_in_a_text_get_422(api: ModuleType) -> None:
     assert status == 422 and doc["error"] == "input 'text'[0]: text is not valid UTF-8"
     ev["body"] = base64.b64encode(b'{"inputs": \xff}').decode()  # outside a string: not JSON
     assert invoke(api, ev)[0] == 400
+
+
+def republish_with(bundle: Path, raw: bytes) -> None:
+    """Replace a bundle's model file and record its sha256, as an attacker or a broken
+    build could: the checksum passes, the content is not ONNX."""
+    from modelfn.runtime.manifest import file_entry
+
+    (bundle / "model.onnx").write_bytes(raw)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = file_entry(raw)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch checkpoint", "flipped byte"])
+def test_a_bad_model_file_is_503_for_that_model_while_others_serve(
+        store_copy: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    import pickle
+
+    bundle = store_copy / "models/digits-cnn/1"
+    if kind == "pickle":
+        republish_with(bundle, pickle.dumps({"weights": [1.0, 2.0]}))
+    elif kind == "torch checkpoint":
+        ckpt = next((store_copy / "runs/digits-cnn").glob("*/checkpoint.pt"))
+        republish_with(bundle, ckpt.read_bytes())  # a zip of pickles
+    else:
+        raw = bytearray((bundle / "model.onnx").read_bytes())
+        raw[len(raw) // 3] ^= 0x40
+        (bundle / "model.onnx").write_bytes(bytes(raw))
+    api = fresh_api(store_copy, monkeypatch)
+    status, body = invoke(api, load_event("api-infer"))
+    assert status == 503, body
+    assert ("sha256" if kind == "flipped byte" else "onnxruntime cannot load") in body["error"]
+    assert invoke(api, load_event("api-infer-minilm"))[0] == 200
+    assert invoke(api, load_event("api-infer-textcls"))[0] == 200
+    assert invoke(api, load_event("api-infer"))[0] == 503  # and stays refused

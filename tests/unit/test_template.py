@@ -74,6 +74,46 @@ def test_every_function_has_a_log_group_with_retention() -> None:
     assert all("RetentionInDays" in g["Properties"] for g in groups.values())
 
 
+def test_every_route_requires_iam_auth() -> None:
+    auth = template()["Resources"]["HttpApi"]["Properties"]["Auth"]
+    assert auth == {"EnableIamAuthorizer": True, "DefaultAuthorizer": "AWS_IAM"}
+    for fn in resources("AWS::Serverless::Function").values():
+        for event in fn["Properties"].get("Events", {}).values():
+            if event["Type"] == "HttpApi":  # no route opts out of the default authorizer
+                assert "Auth" not in event["Properties"], event
+
+
+def allow_statements(node: Any) -> list[dict[str, Any]]:
+    """Every Allow statement anywhere in the template (function policies, roles,
+    bucket and queue policies)."""
+    found = []
+    if isinstance(node, dict):
+        if node.get("Effect") == "Allow" and "Action" in node:
+            found.append(node)
+        for value in node.values():
+            found += allow_statements(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += allow_statements(value)
+    return found
+
+
+def test_no_allow_statement_has_a_wildcard_action_or_resource() -> None:
+    statements = allow_statements(template()["Resources"])
+    assert len(statements) >= 8
+    for s in statements:
+        actions = [s["Action"]] if isinstance(s["Action"], str) else s["Action"]
+        assert not any("*" in a for a in actions), s
+        res = s.get("Resource", [])
+        for r in res if isinstance(res, list) else [res]:
+            text = r.get("Fn::Sub", "") if isinstance(r, dict) else r
+            # a key prefix such as "${ModelBucket.Arn}/models/*" is scoped; "*" alone or
+            # a wildcard in a service, region, account or bucket part is not
+            assert isinstance(text, str) and r != "*", s
+            assert "*" not in text or (text.count("*") == 1 and text.endswith("/*")
+                                       and text.startswith("${")), s
+
+
 def test_api_stage_is_throttled() -> None:
     (api,) = resources("AWS::Serverless::HttpApi").values()
     settings = api["Properties"]["DefaultRouteSettings"]

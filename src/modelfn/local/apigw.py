@@ -136,7 +136,12 @@ def make_server(handler: Handler, host: str = "127.0.0.1", port: int = 8080,
             # headers and body in one write (see FACTS.md: Nagle meets delayed ACK)
             self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
 
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
+        def __getattr__(self, name: str) -> Any:
+            # every method (TRACE, PROPFIND, ...) goes to the handler, which answers
+            # 405 or 404 as the API does; http.server alone would answer 501 in HTML
+            if name.startswith("do_"):
+                return self._handle
+            raise AttributeError(name)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass  # one access line per request is written by _handle

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -169,10 +170,14 @@ class Api:
             if exc.status >= 500:
                 self.logger.warning("model unavailable", extra={"reason": exc.message})
             response = json_response(exc.status, {"error": exc.message})
-        except Exception:
-            # The exception is logged (type and stack, never the request body); the
-            # client gets a stable message and no traceback.
-            self.logger.exception("unhandled error")
+        except Exception as exc:
+            # Logged: the exception's type and where it was raised, never its message
+            # (which may quote the request's data) nor the body. The client gets a
+            # stable message and no traceback.
+            self.logger.error("unhandled error", extra={
+                "error_type": type(exc).__name__,
+                "raised_at": [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                              for f in traceback.extract_tb(exc.__traceback__)][-8:]})
             response = json_response(500, {"error": "internal error"})
         return response.to_lambda()
 
