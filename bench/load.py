@@ -81,6 +81,7 @@ def kinds() -> dict[str, dict[str, Any]]:
 
 
 def run(n: int, clients: int, seed: int = 0) -> dict[str, Any]:
+    sys.path.insert(0, str(BENCH.parent))
     from tests.conftest import start, stop  # the same server start the tests use
 
     store = bench_store()
@@ -180,7 +181,6 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
-    sys.path.insert(0, str(BENCH.parent))
     report = run(args.requests, args.clients)
     write_results("load", report, markdown, chart)
     if report["wrong"] or report["server_errors"]:

@@ -161,8 +161,7 @@ def run() -> dict[str, Any]:
         for label, spec in models.items():
             proc, port, first = start(spec)
             try:
-                warm = load(port, spec, 50, 1)  # warm-up, discarded
-                del warm
+                load(port, spec, 50, 1)  # warm-up, discarded
                 cells = {f"c{c}": load(port, spec, REQUESTS[label], c) for c in CONCURRENCY}
             finally:
                 proc.terminate()
