@@ -31,7 +31,6 @@ from common import (  # noqa: E402
     subplots,
     write_results,
 )
-from peer import free_port  # noqa: E402
 
 JSON = {"Content-Type": "application/json"}
 
@@ -82,7 +81,7 @@ def kinds() -> dict[str, dict[str, Any]]:
 
 def run(n: int, clients: int, seed: int = 0) -> dict[str, Any]:
     sys.path.insert(0, str(BENCH.parent))
-    from tests.conftest import start, stop  # the same server start the tests use
+    from tests.conftest import free_port, start, stop  # as the tests start the server
 
     store = bench_store()
     table = kinds()

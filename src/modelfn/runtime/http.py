@@ -45,7 +45,6 @@ from modelfn.runtime.protocol import (
 from modelfn.runtime.repository import Repository
 
 JSON = "application/json"
-BINARY_HEADER = "Inference-Header-Content-Length"
 DEFAULT_MAX_BODY = 1024 * 1024
 
 
@@ -78,7 +77,7 @@ class Response:
         """The HTTP API (payload 2.0) response; binary bodies go base64, as API Gateway
         requires."""
         body = self.raw if self.raw is not None else dumps(self.body)
-        if BINARY_HEADER in self.headers:
+        if HEADER_LENGTH in self.headers:
             return {"statusCode": self.status, "isBase64Encoded": True,
                     "headers": {"Content-Type": "application/octet-stream", **self.headers},
                     "body": base64.b64encode(body).decode()}
@@ -241,7 +240,7 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         raw = body_bytes(req.body, req.is_base64_encoded, settings.max_body_bytes)
         check_media_type(req.headers.get("content-type"))
         concrete = repo.resolve(name, version)
-        request = decode_infer_request(*split_body(raw, req.headers.get(HEADER_LENGTH)))
+        request = decode_infer_request(*split_body(raw, req.headers.get(HEADER_LENGTH.lower())))
         model = repo.get(name, concrete)
         arrays, batch = model.validate(request)
         outputs = model.run(arrays, request.outputs)
@@ -256,7 +255,7 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         metrics.add_metric(name="InferenceLatency", unit=MetricUnit.Milliseconds,
                            value=elapsed_ms)
         metrics.add_metric(name="BatchSize", unit=MetricUnit.Count, value=batch)
-        binary = {} if header_length is None else {BINARY_HEADER: str(header_length)}
+        binary = {} if header_length is None else {HEADER_LENGTH: str(header_length)}
         return Response(200, None, binary, raw=body)
 
     @app.route("GET", "/openapi.json")

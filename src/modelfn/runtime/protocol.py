@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +30,10 @@ DATATYPES: dict[str, Any] = {
     "BYTES": np.object_,
 }
 _NUMPY_TO_V2 = {np.dtype(v): k for k, v in DATATYPES.items() if k != "BYTES"}
-#: the binary tensor data extension: the JSON header's length, the rest of the body
-#: (and of a response) is the tensors' raw bytes, in the order the JSON lists them
-HEADER_LENGTH = "inference-header-content-length"
+#: the binary tensor data extension's header: the length of the JSON at the start of
+#: the body (of a request or a response); the tensors' raw bytes follow, in the order
+#: the JSON lists them
+HEADER_LENGTH = "Inference-Header-Content-Length"
 #: request media types: JSON, or JSON + binary tensors (no Content-Type is taken as
 #: JSON, as curl and tritonclient may send none)
 MEDIA_TYPES = ("application/json", "application/octet-stream")
@@ -267,7 +269,7 @@ def _binary_array(tensor: RequestInput, dtype: np.dtype, where: str) -> np.ndarr
     return out.reshape(tensor.shape)
 
 
-def _binary_strings(tensor: RequestInput, where: str) -> list[Any]:
+def _binary_strings(tensor: RequestInput, where: str) -> list[str]:
     """BYTES elements in binary: each a 4-byte little-endian length, then its bytes."""
     assert tensor.binary is not None
     raw, pos = tensor.binary, 0
@@ -332,24 +334,22 @@ def encode_tensor(name: str, arr: np.ndarray) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": list(arr.shape), "data": data}
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: Any, default: Callable[[Any], Any] | None = None) -> bytes:
     """Compact UTF-8 JSON; numpy arrays are written by orjson directly (float32 with
     the shortest digits that read back as the same float32). Strings that cannot be
-    UTF-8 (lone surrogates) are written escaped by the standard library instead."""
+    UTF-8 (lone surrogates) are written escaped by the standard library instead.
+    ``default`` converts what JSON has no type for (else that is a TypeError)."""
     try:
-        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(obj, default=default, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError:
-        return json.dumps(obj, separators=(",", ":"), default=_plain).encode()
+        return json.dumps(obj, separators=(",", ":"), default=default or _plain).encode()
 
 
 def log_json(record: dict[str, Any]) -> str:
     """The structured logger's serializer (Powertools' ``json_serializer``): orjson,
-    about 4x faster than the standard library on a log line, with the same fallbacks
-    (``str`` for what JSON has no type for, escapes for strings that are not UTF-8)."""
-    try:
-        return orjson.dumps(record, default=str).decode()
-    except TypeError:
-        return json.dumps(record, separators=(",", ":"), default=str)
+    about 4x faster than the standard library on a log line; ``str`` for what JSON
+    has no type for, as Powertools' own serializer does."""
+    return dumps(record, default=str).decode()
 
 
 def _plain(value: Any) -> Any:
