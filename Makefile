@@ -40,9 +40,11 @@ lint: $(VENV)/.installed
 	$(BIN)/cfn-lint template.yaml
 
 # Lambda artefacts without Docker: wheels for manylinux/python3.12 (see layers/runtime/Makefile)
+# for the architecture the stack deploys: make sam-build ARCH=arm64
+ARCH ?= x86_64
 sam-build: setup
-	$(SAM_VENV)/bin/sam build
-	$(BIN)/modelfn package-check
+	LAMBDA_ARCH=$(ARCH) $(SAM_VENV)/bin/sam build --parameter-overrides Architecture=$(ARCH)
+	$(BIN)/modelfn package-check --arch $(ARCH)
 
 # the serving benchmarks (cold start, warm latency and cost, BentoML peer, sizes): about
 # 10 minutes; results and charts in bench/results/, summary in bench/results/serving.md

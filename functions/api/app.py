@@ -10,6 +10,7 @@ import warnings
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from modelfn.runtime import snapstart
 from modelfn.runtime.http import Settings, create_app, request_id
 from modelfn.runtime.protocol import log_json
 from modelfn.runtime.repository import Repository
@@ -20,8 +21,9 @@ warnings.filterwarnings("ignore", "No application metrics to publish")
 logger = Logger(service="modelfn-api", json_serializer=log_json)
 metrics = Metrics(namespace="modelfn", service="modelfn-api")
 settings = Settings.from_env()
-repo = Repository(open_store(), settings.max_batch)
-app = create_app(repo, settings, logger, metrics)
+repo = Repository(open_store(), settings.max_batch, settings.alias)
+app = create_app(repo, settings, logger, metrics)  # MODELFN_PRELOAD models load here
+snapstart.register(repo, logger, metrics)  # no-op unless SnapStart restores this process
 
 
 @logger.inject_lambda_context

@@ -8,10 +8,12 @@ instead of running again. The work is modelfn.runtime.batch.process_object.
 
 import json
 import os
+import warnings
 from typing import Any
 from urllib.parse import unquote_plus
 
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
     EventType,
@@ -29,11 +31,15 @@ from modelfn.runtime import batch
 from modelfn.runtime.repository import Repository
 from modelfn.store import S3Store, open_store
 
+warnings.filterwarnings("ignore", "No application metrics to publish")  # s3:TestEvent
 logger = Logger(service="modelfn-batch")
+# embedded metrics, one set per invocation: files by outcome, lines, predictions, line
+# errors, seconds (the rollout alarm watches BatchFailedFiles)
+metrics = Metrics(namespace="modelfn", service="modelfn-batch")
 # all records failed: report them all (same retries) rather than raise
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 limits = batch.Limits.from_env(dict(os.environ))
-repo = Repository(open_store())
+repo = Repository(open_store(), alias=os.environ.get("MODELFN_ALIAS") or "live")
 _buckets: dict[str, S3Store] = {}
 idempotency = IdempotencyConfig(
     event_key_jmespath="[bucket, key, etag]",
@@ -66,13 +72,28 @@ def record_handler(record: SQSRecord) -> None:
         if not (key.startswith(batch.INPUT_PREFIX) and key.endswith(".jsonl")):
             logger.warning("ignoring a key outside inputs/*.jsonl", extra={"key": key})
             continue
-        summary = process(obj={"bucket": s3["s3"]["bucket"]["name"], "key": key,
-                               "etag": obj.get("eTag") or obj.get("versionId") or ""})
+        try:
+            summary = process(obj={"bucket": s3["s3"]["bucket"]["name"], "key": key,
+                                   "etag": obj.get("eTag") or obj.get("versionId") or ""})
+        except Exception:
+            metrics.add_metric(name="BatchFailedFiles", unit=MetricUnit.Count, value=1)
+            raise  # the record fails: retried, then dead-lettered
+        metrics.add_metric(name="BatchFiles", unit=MetricUnit.Count, value=1)
+        if summary["status"] != "ok":
+            metrics.add_metric(name="BatchRejectedFiles", unit=MetricUnit.Count, value=1)
+        metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=summary["lines"])
+        metrics.add_metric(name="BatchPredictions", unit=MetricUnit.Count,
+                           value=summary["predictions"])
+        metrics.add_metric(name="BatchLineErrors", unit=MetricUnit.Count,
+                           value=summary["errors"])
+        metrics.add_metric(name="BatchFileSeconds", unit=MetricUnit.Seconds,
+                           value=summary["timings"]["total_seconds"])
         logger.info("batch file done", extra={k: summary[k] for k in (
             "input", "output", "status", "lines", "predictions", "errors")})
 
 
 @logger.inject_lambda_context
+@metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     idempotency.register_lambda_context(context)
     return process_partial_response(event=event, record_handler=record_handler,

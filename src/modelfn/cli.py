@@ -160,14 +160,47 @@ def _gate(manifest: dict[str, Any]) -> str:
     return f"min cos {report['min_cosine']:.4f}"
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Point an alias at a version: a deploy-free rollout (or rollback) of a model."""
+    from modelfn import store as registry
+
+    store = open_store(args.store)
+    before, _ = registry.set_alias(store, args.name, args.alias, args.version)
+    was = f"from {before} " if before else ""
+    print(f"{args.name}: {args.alias} {was}→ {args.version} in {store.uri}. Processes that "
+          f"already resolved {args.alias} keep serving their version until they restart "
+          f"(a new deployment, or new Lambda environments)")
+    return 0
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from modelfn.packaging.bundle import describe, package
+
+    build_dir = Path(args.build_dir)
+    result = package(open_store(args.store), args.model, Path(args.out),
+                     build_dir / "RuntimeLayer", build_dir / "ApiFunction", image=args.image)
+    print(describe(result))
+    return 0
+
+
 def cmd_package_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from modelfn.packaging.limits import check_function, measure, measure_bundle
+    from modelfn.packaging.limits import (
+        check_architecture,
+        check_function,
+        measure,
+        measure_bundle,
+    )
 
     build_dir = Path(args.build_dir)
     function = measure(build_dir / args.function)
     layers = [measure(build_dir / name) for name in args.layer]
+    for name in args.layer:
+        libraries = check_architecture(build_dir / name, args.arch)
+        print(f"{name}: {libraries} native libraries, all {args.arch}")
     if args.model:
         store = open_store(args.store)
         for ref in args.model:
@@ -236,8 +269,30 @@ def parser() -> argparse.ArgumentParser:
     _store_arg(m)
     m.set_defaults(func=cmd_models)
 
+    pr = sub.add_parser("promote", help="point an alias (live, canary, ...) at a version")
+    pr.add_argument("name")
+    pr.add_argument("version")
+    pr.add_argument("--alias", default="live",
+                    help="the alias to move (default: live); the API serves the one its "
+                         "ModelAlias parameter names")
+    _store_arg(pr)
+    pr.set_defaults(func=cmd_promote)
+
+    pg = sub.add_parser("package", help="a models layer for a bundle, or a container-image "
+                                        "build context when it does not fit 250 MB")
+    pg.add_argument("model", metavar="NAME[:VERSION]", help="version or alias (default: live)")
+    pg.add_argument("--image", action="store_true",
+                    help="a container-image build context even if a layer would fit")
+    pg.add_argument("--out", default="dist", help="where to write it (default: dist/)")
+    pg.add_argument("--build-dir", default=".aws-sam/build",
+                    help="sam build's output, for the runtime layer's size")
+    _store_arg(pg)
+    pg.set_defaults(func=cmd_package)
+
     pk = sub.add_parser("package-check", help="check built artefacts against Lambda's limits")
     pk.add_argument("--build-dir", default=".aws-sam/build")
+    pk.add_argument("--arch", default="x86_64", choices=["x86_64", "arm64"],
+                    help="the Architecture the stack deploys (the layer's libraries must match)")
     pk.add_argument("--function", default="ApiFunction")
     pk.add_argument("--layer", action="append", default=["RuntimeLayer"])
     pk.add_argument("--model", action="append", metavar="NAME[:VERSION]",

@@ -18,6 +18,7 @@ code base forks on it. boto3 is imported only when an S3 store is opened.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import shutil
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,6 +80,9 @@ class Store(ABC):
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """The object's bytes in chunks, streamed: never the whole object in memory."""
 
+    def reconnect(self) -> None:  # noqa: B027 (a folder has nothing to reconnect)
+        """Drop connections opened before a SnapStart snapshot."""
+
     def local_path(self, key: str) -> Path | None:
         """The object's file, where the store is a folder on this machine (and so a
         reader may open it directly); None otherwise or if it is absent."""
@@ -111,6 +115,12 @@ class Store(ABC):
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
+
+    @abstractmethod
+    def update_json(self, key: str, change: Callable[[Any], Any]) -> Any:
+        """Replace the JSON object at ``key`` (None when absent) with ``change(old)``,
+        atomically: concurrent updates are applied one after the other, none is lost,
+        and readers see the old object or the new one. Returns the new object."""
 
     def write_json(self, key: str, obj: Any) -> None:
         self.write_bytes(key, json_bytes(obj))
@@ -174,6 +184,18 @@ class LocalStore(Store):
         finally:
             Path(tmp).unlink(missing_ok=True)
 
+    def update_json(self, key: str, change: Callable[[Any], Any]) -> Any:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # an exclusive lock on a sibling file serialises writers (processes included);
+        # the rename in write_bytes keeps readers lock-free
+        with (path.parent / f".{path.name}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = json.loads(path.read_bytes()) if path.is_file() else None
+            new = change(old)
+            self.write_bytes(key, json_bytes(new))
+        return new
+
     def children(self, prefix: str) -> list[str]:
         folder = self._path(prefix) if prefix.strip("/") else self.root
         if not folder.is_dir():
@@ -215,7 +237,11 @@ class S3Store(Store):
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._s3 = boto3.client("s3")
-        self._errors = self._s3.exceptions
+
+    def reconnect(self) -> None:
+        import boto3
+
+        self._s3 = boto3.client("s3")
 
     def _key(self, key: str) -> str:
         return "/".join(part for part in (self.prefix, key.strip("/")) if part)
@@ -239,6 +265,33 @@ class S3Store(Store):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call("put", self._s3.put_object, Key=self._key(key), Body=data)
+
+    def update_json(self, key: str, change: Callable[[Any], Any],
+                    attempts: int = 20) -> Any:
+        """Compare-and-swap with S3's conditional writes: the put carries the ETag that
+        was read (If-Match), or If-None-Match: * when there was no object; a concurrent
+        writer makes it fail with 412 (or 409), and the update starts again."""
+        from botocore.exceptions import ClientError
+
+        full = self._key(key)
+        for _ in range(attempts):
+            try:
+                resp = self._call("get", self._s3.get_object, Key=full)
+                old, condition = json.loads(resp["Body"].read()), {"IfMatch": resp["ETag"]}
+            except FileNotFoundError:
+                old, condition = None, {"IfNoneMatch": "*"}
+            new = change(old)
+            try:
+                self._s3.put_object(Bucket=self.bucket, Key=full, Body=json_bytes(new),
+                                    **condition)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
+                    continue  # someone else wrote first: read their version and retry
+                raise StoreError(f"S3 put failed on {self.uri}: {code or exc}") from exc
+            return new
+        raise StoreError(f"{key} in {self.uri} kept changing under {attempts} attempts "
+                         "to update it")
 
     def exists(self, key: str) -> bool:
         try:
@@ -368,27 +421,40 @@ def aliases(store: Store, name: str) -> dict[str, str]:
         return {}
 
 
-def set_alias(store: Store, name: str, alias: str, version: str) -> dict[str, str]:
+def set_alias(store: Store, name: str, alias: str,
+              version: str) -> tuple[str | None, dict[str, str]]:
+    """Point ``alias`` at a published ``version``, atomically (concurrent promotions of
+    other aliases are kept). Returns the version it pointed at before, and all aliases."""
     check_name("alias", alias)
+    if alias.isdigit():
+        raise ModelfnError(f"alias {alias!r} would shadow a version number: use a name")
     if version not in versions(store, name):
         raise ModelNotFound(f"model {name!r} has no version {version!r}")
-    current = aliases(store, name)
-    current[alias] = version
-    store.write_json(f"models/{name}/{ALIASES}", current)
-    return current
+    before: dict[str, str | None] = {}
+
+    def change(current: Any) -> dict[str, str]:
+        named = dict(current or {})
+        before["version"] = named.get(alias)
+        named[alias] = version
+        return named
+
+    after = store.update_json(f"models/{name}/{ALIASES}", change)
+    return before["version"], after
 
 
-def resolve_version(store: Store, name: str, ref: str | None = None) -> str:
+def resolve_version(store: Store, name: str, ref: str | None = None,
+                    default_alias: str = "live") -> str:
     """Turn a version, an alias or nothing into a concrete published version.
 
-    Nothing means the ``live`` alias when one is set, else the newest version.
+    Nothing means ``default_alias`` when the model has it, else ``live`` when it has
+    that, else the newest version.
     """
     known = versions(store, name)
     if not known:
         raise ModelNotFound(f"unknown model {name!r}")
     named = aliases(store, name)
     if ref is None:
-        ref = named.get("live", known[-1])
+        ref = named.get(default_alias) or named.get("live") or known[-1]
     if ref in named:
         ref = named[ref]
     if ref not in known:

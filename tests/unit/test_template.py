@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from modelfn.runtime.http import openapi_document
 from tests.conftest import ROOT
-from tests.template import resources, template
+from tests.template import resolved, resources, template
 
 
 def test_template_passes_cfn_lint() -> None:
@@ -21,17 +23,30 @@ def test_template_passes_cfn_lint() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_template_targets_python312_and_x86() -> None:
-    fn = template()["Globals"]["Function"]
-    assert fn["Runtime"] == "python3.12" and fn["Architectures"] == ["x86_64"]
+def test_template_targets_python312_on_the_chosen_architecture() -> None:
+    for name, fn in resources("AWS::Serverless::Function").items():
+        if fn["Properties"].get("PackageType") != "Image":
+            assert fn["Properties"]["Runtime"] == "python3.12", name
     for layer in resources("AWS::Serverless::LayerVersion").values():
         assert layer["Properties"]["CompatibleRuntimes"] == ["python3.12"]
+    assert template()["Parameters"]["Architecture"]["Default"] == "x86_64"
+    for arch in ("x86_64", "arm64"):
+        deployed = resolved(Architecture=arch)
+        functions = [r for r in deployed.values() if r["Type"] == "AWS::Lambda::Function"]
+        assert len(functions) == 2
+        assert all(f["Properties"]["Architectures"] == [arch] for f in functions)
+        (layer,) = [r for r in deployed.values() if r["Type"] == "AWS::Lambda::LayerVersion"]
+        assert layer["Properties"]["CompatibleArchitectures"] == [arch]
+
+
+def api_routes() -> dict[tuple[str, str], dict[str, Any]]:
+    body = template()["Resources"]["HttpApi"]["Properties"]["DefinitionBody"]
+    return {(method, path): op for path, item in body["paths"].items()
+            for method, op in item.items()}
 
 
 def test_template_routes_match_the_openapi_document() -> None:
-    events = resources("AWS::Serverless::Function")["ApiFunction"]["Properties"]["Events"]
-    routes = {(e["Properties"]["Method"].lower(), e["Properties"]["Path"])
-              for e in events.values() if e["Type"] == "HttpApi"}
+    routes = set(api_routes())
     documented = {(method, path) for path, item in openapi_document()["paths"].items()
                   for method in item}
     assert routes == documented
@@ -49,8 +64,9 @@ def test_model_bucket_is_encrypted_private_and_tls_only() -> None:
     assert any(s["Condition"]["Bool"]["aws:SecureTransport"] is False for s in deny)
 
 
-def test_api_function_can_only_read_models() -> None:
-    props = resources("AWS::Serverless::Function")["ApiFunction"]["Properties"]
+@pytest.mark.parametrize("function", ["ApiFunction", "ImageApiFunction"])
+def test_api_function_can_only_read_models(function: str) -> None:
+    props = resources("AWS::Serverless::Function")[function]["Properties"]
     statements = [s for p in props["Policies"] for s in p["Statement"]]
     actions = sorted(a for s in statements for a in
                      ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
@@ -74,13 +90,69 @@ def test_every_function_has_a_log_group_with_retention() -> None:
     assert all("RetentionInDays" in g["Properties"] for g in groups.values())
 
 
-def test_every_route_requires_iam_auth() -> None:
-    auth = template()["Resources"]["HttpApi"]["Properties"]["Auth"]
-    assert auth == {"EnableIamAuthorizer": True, "DefaultAuthorizer": "AWS_IAM"}
-    for fn in resources("AWS::Serverless::Function").values():
-        for event in fn["Properties"].get("Events", {}).values():
-            if event["Type"] == "HttpApi":  # no route opts out of the default authorizer
-                assert "Auth" not in event["Properties"], event
+def deployed_api(**parameters: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the API's OpenAPI body as deployed, all resources) for these parameters."""
+    deployed = resolved(**parameters)
+    (api,) = [r for r in deployed.values() if r["Type"] == "AWS::ApiGatewayV2::Api"]
+    return api["Properties"]["Body"], deployed
+
+
+def test_every_route_requires_iam_auth_by_default() -> None:
+    body, deployed = deployed_api()
+    operations = [op for item in body["paths"].values() for op in item.values()]
+    assert len(operations) == len(openapi_document()["paths"]) == 11
+    (scheme_name,) = body["components"]["securitySchemes"]
+    for op in operations:  # no route without the scheme, none opting out
+        assert op["security"] == [{scheme_name: []}]
+    scheme = body["components"]["securitySchemes"][scheme_name]
+    assert scheme["x-amazon-apigateway-authtype"] == "awsSigv4"
+    # nothing else opens a route: no other authorizer resource, no route resource
+    assert not [r for r in deployed.values() if r["Type"] in {
+        "AWS::ApiGatewayV2::Authorizer", "AWS::ApiGatewayV2::Route"}]
+
+
+def test_a_parameter_switches_every_route_to_a_jwt_authorizer() -> None:
+    body, _ = deployed_api(ApiAuth="JWT", JwtIssuer="https://issuer.example/pool",
+                           JwtAudience="client-1,client-2")
+    (scheme_name,) = body["components"]["securitySchemes"]
+    scheme = body["components"]["securitySchemes"][scheme_name]
+    authorizer = scheme["x-amazon-apigateway-authorizer"]
+    assert authorizer["type"] == "jwt"
+    assert authorizer["identitySource"] == "$request.header.Authorization"
+    assert authorizer["jwtConfiguration"] == {"issuer": "https://issuer.example/pool",
+                                              "audience": ["client-1", "client-2"]}
+    assert "x-amazon-apigateway-authtype" not in scheme
+    for item in body["paths"].values():
+        for op in item.values():
+            assert op["security"] == [{scheme_name: []}]
+    # JWT without an issuer or an audience is refused before anything is created
+    rule = template()["Rules"]["JwtNeedsIssuerAndAudience"]
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "ApiAuth"}, "JWT"]}
+    asserted = json.dumps(rule["Assertions"])
+    assert "JwtIssuer" in asserted and "JwtAudience" in asserted
+
+
+@pytest.mark.parametrize(("parameters", "function"), [
+    ({}, "ApiFunction"), ({"ApiImageUri": "1.dkr.ecr.us-east-1.amazonaws.com/m:1"},
+                          "ImageApiFunction")])
+def test_every_route_reaches_the_live_alias_of_the_serving_function(
+        parameters: dict[str, str], function: str) -> None:
+    body, deployed = deployed_api(**parameters)
+    integrations = body["components"]["x-amazon-apigateway-integrations"]
+    for item in body["paths"].values():
+        for op in item.values():
+            ref = op["x-amazon-apigateway-integration"]["$ref"]
+            assert ref.rsplit("/", 1)[-1] in integrations
+    (integration,) = integrations.values()
+    assert integration["type"] == "aws_proxy" and integration["payloadFormatVersion"] == "2.0"
+    assert f"${{{function}Aliaslive}}" in integration["uri"]["Fn::Sub"]
+    assert deployed[f"{function}Aliaslive"]["Properties"]["Name"] == "live"
+    (permission,) = [r for r in deployed.values() if r["Type"] == "AWS::Lambda::Permission"]
+    assert permission["Properties"]["FunctionName"] == {"Ref": f"{function}Aliaslive"}
+    assert permission["Properties"]["Principal"] == "apigateway.amazonaws.com"
+    assert "${HttpApi}/" in permission["Properties"]["SourceArn"]["Fn::Sub"]  # this API only
+    functions = [n for n, r in deployed.items() if r["Type"] == "AWS::Lambda::Function"]
+    assert sorted(functions) == sorted([function, "BatchFunction"])
 
 
 def allow_statements(node: Any) -> list[dict[str, Any]]:
@@ -115,15 +187,18 @@ def test_no_allow_statement_has_a_wildcard_action_or_resource() -> None:
 
 
 def test_api_stage_is_throttled() -> None:
-    (api,) = resources("AWS::Serverless::HttpApi").values()
-    settings = api["Properties"]["DefaultRouteSettings"]
-    assert {"ThrottlingRateLimit", "ThrottlingBurstLimit"} <= set(settings)
+    (stage,) = [r for r in resolved().values() if r["Type"] == "AWS::ApiGatewayV2::Stage"]
+    settings = stage["Properties"]["DefaultRouteSettings"]
+    assert settings["ThrottlingRateLimit"] == str(_param_default("ThrottlingRateLimit"))
+    assert settings["ThrottlingBurstLimit"] == str(_param_default("ThrottlingBurstLimit"))
 
 
 def test_every_makefile_build_has_its_target() -> None:
     built = {**resources("AWS::Serverless::Function"),
              **resources("AWS::Serverless::LayerVersion")}
     for name, res in built.items():
+        if res["Properties"].get("PackageType") == "Image":
+            continue  # built by docker from `modelfn package --image`
         assert res["Metadata"]["BuildMethod"] == "makefile"
         folder = res["Properties"].get("CodeUri") or res["Properties"]["ContentUri"]
         makefile = (ROOT / folder / "Makefile").read_text()
@@ -131,9 +206,7 @@ def test_every_makefile_build_has_its_target() -> None:
 
 
 def test_every_sample_event_matches_a_template_route() -> None:
-    events = resources("AWS::Serverless::Function")["ApiFunction"]["Properties"]["Events"]
-    route_keys = {f"{e['Properties']['Method']} {e['Properties']['Path']}"
-                  for e in events.values()}
+    route_keys = {f"{method.upper()} {path}" for method, path in api_routes()}
     for path in sorted((ROOT / "events").glob("api-*.json")):
         assert json.loads(path.read_text())["routeKey"] in route_keys, path.name
 
@@ -207,3 +280,159 @@ def test_idempotency_table_is_on_demand_with_ttl() -> None:
     assert table["TimeToLiveSpecification"] == {"AttributeName": "expiration", "Enabled": True}
     env = template()["Resources"]["BatchFunction"]["Properties"]["Environment"]["Variables"]
     assert env["MODELFN_IDEMPOTENCY_TABLE"] == {"Ref": "IdempotencyTable"}
+
+
+# --- operating it: rollout, cold-start controls, observability ---------------------------
+
+def alarms(deployed: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: r["Properties"] for n, r in deployed.items()
+            if r["Type"] == "AWS::CloudWatch::Alarm"}
+
+
+@pytest.mark.parametrize("parameters", [{}, {"ApiImageUri": "1.dkr.ecr.us-east-1.amazonaws"
+                                                            ".com/m:1"}])
+def test_every_function_rolls_out_through_codedeploy_with_alarms_that_roll_back(
+        parameters: dict[str, str]) -> None:
+    deployed = resolved(DeploymentType="Canary10Percent10Minutes", **parameters)
+    functions = [n for n, r in deployed.items() if r["Type"] == "AWS::Lambda::Function"]
+    assert len(functions) == 2
+    for name in functions:
+        alias = deployed[f"{name}Aliaslive"]
+        assert alias["Properties"]["FunctionVersion"]["Fn::GetAtt"][1] == "Version"
+        # CodeDeploy shifts the alias: SAM's UpdatePolicy names the deployment group
+        hook = alias["UpdatePolicy"]["CodeDeployLambdaAliasUpdate"]
+        group = deployed[hook["DeploymentGroupName"]["Ref"]]["Properties"]
+        assert group["DeploymentConfigName"]["Fn::Sub"] == [
+            "CodeDeployDefault.Lambda${ConfigName}", {"ConfigName": "Canary10Percent10Minutes"}]
+        assert group["AutoRollbackConfiguration"]["Enabled"] is True
+        assert "DEPLOYMENT_STOP_ON_ALARM" in group["AutoRollbackConfiguration"]["Events"]
+        watched = {a["Name"]["Ref"] for a in group["AlarmConfiguration"]["Alarms"]}
+        assert group["AlarmConfiguration"]["Enabled"] is True and len(watched) >= 2
+        assert watched <= set(alarms(deployed))
+    api_group = deployed[deployed[f"{functions[0]}Aliaslive"]["UpdatePolicy"][
+        "CodeDeployLambdaAliasUpdate"]["DeploymentGroupName"]["Ref"]]
+    watched = {a["Name"]["Ref"] for a in api_group["Properties"]["AlarmConfiguration"][
+        "Alarms"]}
+    found = alarms(deployed)
+    # errors of the live alias, 5xx answers, and p99 latency of the live alias
+    serving = functions[0]
+    assert {"ApiErrorsAlarm", "ApiServerErrorsAlarm", "ApiLatencyP99Alarm"} <= watched
+    latency = found["ApiLatencyP99Alarm"]
+    assert latency["ExtendedStatistic"] == "p99" and latency["MetricName"] == "Duration"
+    assert latency["Threshold"] == str(_param_default("LatencyAlarmP99Ms"))
+    for name in ("ApiErrorsAlarm", "ApiLatencyP99Alarm"):
+        dims = {d["Name"]: d["Value"] for d in found[name]["Dimensions"]}
+        assert dims == {"FunctionName": {"Ref": serving},
+                        "Resource": {"Fn::Sub": f"${{{serving}}}:live"}}
+    server = found["ApiServerErrorsAlarm"]
+    assert (server["Namespace"], server["MetricName"]) == ("modelfn", "ServerErrors")
+
+
+def test_deployment_type_is_any_codedeploy_lambda_config() -> None:
+    allowed = template()["Parameters"]["DeploymentType"]["AllowedValues"]
+    assert "AllAtOnce" in allowed and _param_default("DeploymentType").startswith("Canary")
+    assert all(re.fullmatch(r"(Canary10Percent\d+Minutes|Linear10PercentEvery\d+Minutes?"
+                            r"|AllAtOnce)", v) for v in allowed)
+
+
+def test_snapstart_is_a_parameter_and_off_by_default() -> None:
+    assert "SnapStart" not in resolved()["ApiFunction"]["Properties"]
+    on = resolved(SnapStart="true", PreloadModels="digits-cnn")
+    assert on["ApiFunction"]["Properties"]["SnapStart"] == {"ApplyOn": "PublishedVersions"}
+    assert "SnapStart" not in on["BatchFunction"]["Properties"]  # only the API's init pays
+    assertions = template()["Rules"]["SnapStartNeedsPreloadAndNoProvisionedConcurrency"]
+    text = json.dumps(assertions)
+    for needed in ("ProvisionedConcurrency", "PreloadModels", "ApiImageUri"):
+        assert needed in text
+
+
+def test_provisioned_concurrency_is_a_parameter_on_the_live_alias() -> None:
+    assert "ProvisionedConcurrencyConfig" not in resolved()["ApiFunctionAliaslive"][
+        "Properties"]
+    alias = resolved(ProvisionedConcurrency="3")["ApiFunctionAliaslive"]["Properties"]
+    assert alias["ProvisionedConcurrencyConfig"] == {"ProvisionedConcurrentExecutions": "3"}
+    image = resolved(ProvisionedConcurrency="2", ApiImageUri="1.dkr.ecr.x/m:1")
+    assert image["ImageApiFunctionAliaslive"]["Properties"][
+        "ProvisionedConcurrencyConfig"] == {"ProvisionedConcurrentExecutions": "2"}
+
+
+def test_memory_size_is_a_parameter() -> None:
+    for memory in ("512", "3008"):
+        deployed = resolved(MemorySize=memory)
+        assert deployed["ApiFunction"]["Properties"]["MemorySize"] == memory
+
+
+def test_a_models_layer_replaces_s3_on_the_cold_path() -> None:
+    default = resolved()["ApiFunction"]["Properties"]
+    assert default["Environment"]["Variables"]["MODELFN_STORE"] == {
+        "Fn::Sub": "s3://${ModelBucket}"}
+    arn = "arn:aws:lambda:us-east-1:123456789012:layer:modelfn-digits-cnn:1"
+    deployed = resolved(ModelsLayerArn=arn)
+    for fn in ("ApiFunction", "BatchFunction"):
+        props = deployed[fn]["Properties"]
+        assert arn in props["Layers"] and len(props["Layers"]) == 2
+        assert props["Environment"]["Variables"]["MODELFN_STORE"] == "/opt/modelfn-store"
+
+
+def test_the_image_function_serves_the_store_baked_into_the_image() -> None:
+    from modelfn.packaging.bundle import IMAGE_STORE
+
+    deployed = resolved(ApiImageUri="1.dkr.ecr.us-east-1.amazonaws.com/m:1",
+                        ModelAlias="canary")
+    props = deployed["ImageApiFunction"]["Properties"]
+    assert props["PackageType"] == "Image"
+    assert props["Code"] == {"ImageUri": "1.dkr.ecr.us-east-1.amazonaws.com/m:1"}
+    assert "Runtime" not in props and "Handler" not in props and "Layers" not in props
+    env = props["Environment"]["Variables"]
+    assert env["MODELFN_STORE"] == IMAGE_STORE and env["MODELFN_ALIAS"] == "canary"
+
+
+def test_functions_trace_with_xray_and_serve_the_configured_alias() -> None:
+    deployed = resolved(ModelAlias="canary")
+    for fn in ("ApiFunction", "BatchFunction"):
+        props = deployed[fn]["Properties"]
+        assert props["TracingConfig"] == {"Mode": "Active"}
+        assert props["Environment"]["Variables"]["MODELFN_ALIAS"] == "canary"
+        assert props["Environment"]["Variables"]["POWERTOOLS_METRICS_NAMESPACE"] == "modelfn"
+
+
+def dashboard(**parameters: str) -> dict[str, Any]:
+    body = resolved(**parameters)["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    text, names = body
+    for name in [*names, "AWS::Region"]:
+        text = text.replace(f"${{{name}}}", "X")
+    text = re.sub(r"\$\{(\w+)\.Arn\}", r"arn:\1", text)
+    assert "${" not in text
+    return json.loads(text)  # type: ignore[no-any-return]
+
+
+def test_dashboard_is_valid_json_and_shows_latency_errors_batches_cold_starts() -> None:
+    widgets = dashboard()["widgets"]
+    text = json.dumps(widgets)
+    for metric in ("InferenceLatency", "Inferences", "RequestErrors", "BatchSize",
+                   "ColdStart", "SnapStartRestores", "Duration", "Throttles"):
+        assert metric in text, metric
+    (alarm_widget,) = [w for w in widgets if w["type"] == "alarm"]
+    shown = {a.removeprefix("arn:") for a in alarm_widget["properties"]["alarms"]}
+    assert shown == set(alarms(resolved()))  # every alarm the stack has
+
+
+def test_samconfig_has_dev_and_prod_profiles() -> None:
+    import tomllib
+
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+    known = set(template()["Parameters"])
+
+    def overrides(env: str) -> dict[str, str]:
+        text = config[env]["deploy"]["parameters"]["parameter_overrides"]
+        pairs = dict(p.split("=", 1) for p in text.split())
+        assert set(pairs) <= known, set(pairs) - known
+        return pairs
+
+    dev, prod = overrides("dev"), overrides("prod")
+    assert dev["DeploymentType"] == "AllAtOnce"
+    assert prod["DeploymentType"].startswith(("Canary", "Linear"))
+    assert config["dev"]["global"]["parameters"]["stack_name"] != config["prod"]["global"][
+        "parameters"]["stack_name"]
+    assert config["prod"]["deploy"]["parameters"]["confirm_changeset"] is True
+    assert int(prod["LogRetentionDays"]) > int(dev["LogRetentionDays"])

@@ -73,6 +73,38 @@ def measure_bundle(store: Store, name: str, version: str | None = None) -> Artif
                     sum(len(zlib.compress(b, 6)) for b in blobs), len(blobs))
 
 
+#: ELF e_machine → Lambda architecture
+ELF_MACHINES = {0x3E: "x86_64", 0xB7: "arm64"}
+
+
+def native_architectures(path: Path) -> dict[str, int]:
+    """{architecture: count} of the native libraries (``*.so``) under ``path``."""
+    found: dict[str, int] = {}
+    for lib in path.rglob("*.so*"):
+        if not lib.is_file() or lib.is_symlink():
+            continue
+        with lib.open("rb") as fh:
+            header = fh.read(20)
+        if header[:4] != b"\x7fELF":
+            continue
+        arch = ELF_MACHINES.get(int.from_bytes(header[18:20], "little"), "other")
+        found[arch] = found.get(arch, 0) + 1
+    return found
+
+
+def check_architecture(layer: Path, expected: str) -> int:
+    """Raise unless every native library in ``layer`` is built for ``expected``."""
+    found = native_architectures(layer)
+    wrong = {a: n for a, n in found.items() if a != expected}
+    if wrong or not found:
+        raise PackagingError(
+            f"{layer} holds native libraries for {found or 'no architecture'}, and the "
+            f"functions are deployed as {expected}: build it with LAMBDA_ARCH={expected} "
+            f"(make sam-build ARCH={expected}), or deploy Architecture="
+            f"{next(iter(wrong), expected)}")
+    return found[expected]
+
+
 def check_function(function: Artifact, layers: list[Artifact]) -> int:
     """Total unzipped size of a function and its layers; raise if over Lambda's limit."""
     total = function.unzipped + sum(layer.unzipped for layer in layers)

@@ -27,7 +27,7 @@ from importlib import resources
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics
-from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
 import modelfn
 from modelfn.errors import MalformedRequest, ModelfnError
@@ -53,6 +53,8 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY
     max_batch: int = DEFAULT_MAX_BATCH
     preload: tuple[str, ...] = ()
+    #: the store alias a request without a version is served from (MODELFN_ALIAS)
+    alias: str = "live"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -61,6 +63,7 @@ class Settings:
             max_body_bytes=int(os.environ.get("MODELFN_MAX_BODY_BYTES", DEFAULT_MAX_BODY)),
             max_batch=int(os.environ.get("MODELFN_MAX_BATCH", DEFAULT_MAX_BATCH)),
             preload=tuple(p.strip() for p in preload.split(",") if p.strip()),
+            alias=os.environ.get("MODELFN_ALIAS") or "live",
         )
 
 
@@ -135,8 +138,9 @@ class Api:
     holds ``/``) to ``route(request, **segments)``, and maps every error to a JSON
     response: ModelfnError to its status, anything else to a 500 with no detail."""
 
-    def __init__(self, logger: Logger) -> None:
+    def __init__(self, logger: Logger, metrics: Metrics | None = None) -> None:
         self.logger = logger
+        self.metrics = metrics
         self.routes: list[tuple[str, re.Pattern[str], Route]] = []
 
     def route(self, method: str, *templates: str) -> Callable[[Route], Route]:
@@ -158,9 +162,26 @@ class Api:
                 continue
             return fn(request, **match.groupdict())
         if allowed:
+            self.count_error("MethodNotAllowed", 405)
             return Response(405, {"error": f"{request.method} is not allowed on "
                                            f"{request.path}"}, {"Allow": ", ".join(allowed)})
+        self.count_error("NoRoute", 404)
         return json_response(404, {"error": f"no route for {request.method} {request.path}"})
+
+    def count_error(self, kind: str, status: int) -> None:
+        """Embedded metrics: RequestErrors by kind (the error's class), and ServerErrors
+        (a 5xx, which the rollout alarm watches) in a metric set of its own: EMF gives
+        every metric of a set the same dimensions."""
+        if self.metrics is None:
+            return
+        self.metrics.clear_metrics()
+        self.metrics.add_dimension(name="kind", value=kind)
+        self.metrics.add_metric(name="RequestErrors", unit=MetricUnit.Count, value=1)
+        if status >= 500:
+            with single_metric(name="ServerErrors", unit=MetricUnit.Count, value=1,
+                               namespace=self.metrics.namespace,
+                               default_dimensions={"service": str(self.metrics.service)}):
+                pass
 
     def resolve(self, event: Any, context: Any = None) -> dict[str, Any]:
         try:
@@ -168,6 +189,7 @@ class Api:
         except ModelfnError as exc:
             if exc.status >= 500:
                 self.logger.warning("model unavailable", extra={"reason": exc.message})
+            self.count_error(type(exc).__name__, exc.status)
             response = json_response(exc.status, {"error": exc.message})
         except Exception as exc:
             # Logged: the exception's type and where it was raised, never its message
@@ -177,6 +199,7 @@ class Api:
                 "error_type": type(exc).__name__,
                 "raised_at": [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
                               for f in traceback.extract_tb(exc.__traceback__)][-8:]})
+            self.count_error("InternalError", 500)
             response = json_response(500, {"error": "internal error"})
         return response.to_lambda()
 
@@ -201,7 +224,7 @@ def preload(repo: Repository, settings: Settings, logger: Logger) -> dict[str, s
 
 def create_app(repo: Repository, settings: Settings, logger: Logger,
                metrics: Metrics) -> Api:
-    app = Api(logger)
+    app = Api(logger, metrics)
     preload_errors = preload(repo, settings, logger)  # the cold start pays, not a request
 
     @app.route("GET", "/v2")
@@ -252,6 +275,8 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         # clears it after each invocation, except when metrics are disabled locally)
         metrics.clear_metrics()
         metrics.add_dimension(name="model", value=name)
+        metrics.add_dimension(name="version", value=concrete)
+        metrics.add_metric(name="Inferences", unit=MetricUnit.Count, value=1)
         metrics.add_metric(name="InferenceLatency", unit=MetricUnit.Milliseconds,
                            value=elapsed_ms)
         metrics.add_metric(name="BatchSize", unit=MetricUnit.Count, value=batch)

@@ -18,9 +18,12 @@ from modelfn.store import Store, check_name
 
 
 class Repository:
-    def __init__(self, store: Store, max_batch: int = model_mod.DEFAULT_MAX_BATCH) -> None:
+    def __init__(self, store: Store, max_batch: int = model_mod.DEFAULT_MAX_BATCH,
+                 alias: str = "live") -> None:
         self.store = store
         self.max_batch = max_batch
+        #: what a request without a version gets (then ``live``, then the newest)
+        self.alias = alias
         self._lock = threading.Lock()
         self._resolved: dict[tuple[str, str | None], str] = {}
         self._manifests: dict[tuple[str, str], dict[str, Any]] = {}
@@ -33,7 +36,8 @@ class Repository:
             check_name("version", ref)
         key = (name, ref)
         if key not in self._resolved:
-            self._resolved[key] = registry.resolve_version(self.store, name, ref)
+            self._resolved[key] = registry.resolve_version(self.store, name, ref,
+                                                                 self.alias)
         return self._resolved[key]
 
     def manifest(self, name: str, ref: str | None = None) -> dict[str, Any]:
@@ -56,6 +60,10 @@ class Repository:
                                             self.manifest(name, version), self.max_batch)
                     self._loaded[key] = loaded
         return loaded
+
+    def loaded(self) -> list[tuple[str, str]]:
+        """(name, version) of every model loaded in this process."""
+        return sorted(self._loaded)
 
     def versions(self, name: str) -> list[str]:
         found = registry.versions(self.store, check_name("model name", name))
