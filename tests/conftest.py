@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -128,3 +129,54 @@ def s3_bucket(moto_endpoint: str, request: pytest.FixtureRequest) -> str:
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=name)
     return name
+
+
+# --- Lambda artefacts: sam build (no Docker) and running what it built ---------------------
+
+def sam_cli() -> str:
+    found = shutil.which("sam") or str(ROOT / ".venv-sam/bin/sam")
+    assert Path(found).exists(), "the SAM CLI is missing: `make setup` installs it in .venv-sam"
+    return found
+
+
+@pytest.fixture(scope="session")
+def sam_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    out = tmp_path_factory.mktemp("sam") / "build"
+    env = {**os.environ, "SAM_CLI_TELEMETRY": "0"}
+    proc = subprocess.run([sam_cli(), "build", "--build-dir", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    yield out
+
+
+INVOKE = (
+    "import json, sys\n"
+    "import app\n"
+    "from types import SimpleNamespace as NS\n"
+    "ctx = NS(function_name='f', memory_limit_in_mb=1769, aws_request_id='r',\n"
+    "         invoked_function_arn='arn:aws:lambda:us-east-1:0:function:f')\n"
+    "r = app.lambda_handler(json.load(open(sys.argv[1])), ctx)\n"
+    "print(json.dumps({'status': r['statusCode'], 'body': json.loads(r['body']),\n"
+    "  'torch': 'torch' in sys.modules, 'version': sys.version_info[:2],\n"
+    "  'modelfn': sys.modules['modelfn'].__file__}))\n")
+
+
+def invoke_as_lambda(path: list[Path], env: dict[str, str], event: str,
+                     cwd: str = "/") -> dict[str, Any]:
+    """Run ``app.lambda_handler`` on ``events/<event>.json`` in a fresh CPython 3.12 with
+    only ``path`` importable (-S: no site-packages), as Lambda runs a function; the
+    result's status must be 200 and torch must not have been imported."""
+    from modelfn.packaging.python import lambda_python
+
+    python = lambda_python()
+    if python is None:
+        pytest.skip("no local CPython 3.12 to stand in for Lambda's python3.12")
+    env = {"PYTHONPATH": ":".join(map(str, path)), "POWERTOOLS_METRICS_DISABLED": "true",
+           "POWERTOOLS_LOG_LEVEL": "WARNING", "PATH": os.environ.get("PATH", ""),
+           "PYTHONDONTWRITEBYTECODE": "1", **env}  # /opt and /var/task are read-only
+    proc = subprocess.run([python, "-S", "-c", INVOKE, str(ROOT / f"events/{event}.json")],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["version"] == [3, 12] and result["status"] == 200 and not result["torch"]
+    return result

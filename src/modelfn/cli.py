@@ -25,14 +25,42 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if getattr(args, "remote", None) == "sagemaker":
+        return cmd_train_remote(args)
     from modelfn.training import loop, recipes
 
     store = open_store(args.store)
     metrics = loop.train(recipes.get(args.name), store, device=args.device, epochs=args.epochs,
-                         seed=args.seed, progress=not args.quiet)
+                         seed=args.seed, progress=not args.quiet,
+                         run_id=getattr(args, "run_id", None))
     print(f"trained {args.name} on {metrics['device']} in {metrics['duration_seconds']:.1f}s: "
           f"holdout accuracy {metrics['holdout_accuracy']:.4f}; "
           f"run {metrics['run_id']} in {store.uri}/runs/{args.name}/")
+    return 0
+
+
+def cmd_train_remote(args: argparse.Namespace) -> int:
+    import os
+
+    from modelfn.training import remote
+
+    role = args.role or os.environ.get("MODELFN_SAGEMAKER_ROLE")
+    if not role:
+        raise ModelfnError("--remote sagemaker needs --role ARN (or $MODELFN_SAGEMAKER_ROLE): "
+                           "the IAM role the training job runs as")
+    store = open_store(args.store)
+    job = remote.submit(store, args.name, role=role, instance_type=args.instance_type,
+                        image=args.image, epochs=args.epochs, seed=args.seed)
+    print(f"submitted SageMaker training job {job.name} on {args.instance_type}: its run will "
+          f"be {store.uri}/runs/{args.name}/{job.run_id}/", flush=True)
+    if not args.wait:
+        print(job.name)
+        return 0
+    metrics = remote.wait(store, job, poll_s=args.poll_seconds)
+    print(f"trained {args.name} on {metrics['device']} ({metrics.get('device_name')}) in "
+          f"{metrics['duration_seconds']:.1f}s: holdout accuracy "
+          f"{metrics['holdout_accuracy']:.4f}; run {metrics['run_id']} in {store.uri}/runs/"
+          f"{args.name}/")
     return 0
 
 
@@ -225,6 +253,19 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--run-id", help="name the run (default: the UTC time)")
+    t.add_argument("--remote", choices=["sagemaker"],
+                   help="run the job on SageMaker (a GPU instance) instead of here; needs an "
+                        "S3 --store, where its run lands")
+    t.add_argument("--role", help="with --remote: the IAM role ARN the job runs as "
+                                  "(default: $MODELFN_SAGEMAKER_ROLE)")
+    t.add_argument("--instance-type", default="ml.g5.xlarge",
+                   help="with --remote: the instance (default: ml.g5.xlarge, one A10G GPU)")
+    t.add_argument("--image", help="with --remote: a PyTorch training image with the "
+                                   "SageMaker toolkit (default: AWS's PyTorch 2.8 GPU image)")
+    t.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="with --remote: print the job name and return at once")
+    t.add_argument("--poll-seconds", type=float, default=30.0, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("build", help="export to ONNX, run the parity gate, publish a bundle")

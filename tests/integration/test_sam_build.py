@@ -3,11 +3,9 @@ function answering an event under Python 3.12 with nothing but its layer on the 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,23 +14,7 @@ from modelfn.cli import main
 from modelfn.packaging.limits import UNZIPPED_LIMIT, check_function, measure, measure_bundle
 from modelfn.packaging.python import lambda_python
 from modelfn.store import open_store
-from tests.conftest import ROOT
-
-
-def sam_cli() -> str:
-    found = shutil.which("sam") or str(ROOT / ".venv-sam/bin/sam")
-    assert Path(found).exists(), "the SAM CLI is missing: `make setup` installs it in .venv-sam"
-    return found
-
-
-@pytest.fixture(scope="module")
-def sam_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    out = tmp_path_factory.mktemp("sam") / "build"
-    env = {**os.environ, "SAM_CLI_TELEMETRY": "0"}
-    proc = subprocess.run([sam_cli(), "build", "--build-dir", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    yield out
+from tests.conftest import ROOT, invoke_as_lambda, sam_cli
 
 
 def test_sam_build_layer_fits_lambda(sam_build: Path, capsys: pytest.CaptureFixture[str]
@@ -104,31 +86,12 @@ def test_package_check_refuses_an_oversized_layer(sam_build: Path, tmp_path: Pat
 
 
 def test_built_function_answers_under_python312(sam_build: Path, built_store: Path) -> None:
-    python = lambda_python()
-    if python is None:
-        pytest.skip("no local CPython 3.12 to stand in for Lambda's python3.12")
-    script = (
-        "import json, sys\n"
-        "import app\n"
-        "from types import SimpleNamespace as NS\n"
-        "ctx = NS(function_name='f', memory_limit_in_mb=1769, aws_request_id='r',\n"
-        "         invoked_function_arn='arn:aws:lambda:us-east-1:0:function:f')\n"
-        "r = app.lambda_handler(json.load(open(sys.argv[1])), ctx)\n"
-        "print(json.dumps({'status': r['statusCode'], 'body': json.loads(r['body']),\n"
-        "  'torch': 'torch' in sys.modules, 'version': sys.version_info[:2]}))\n")
-    # Lambda's path: the function's folder, then /opt/python (the layer); -S: no site-packages
-    env = {"PYTHONPATH": f"{sam_build / 'ApiFunction'}:{sam_build / 'RuntimeLayer/python'}",
-           "MODELFN_STORE": str(built_store), "POWERTOOLS_METRICS_DISABLED": "true",
-           "POWERTOOLS_LOG_LEVEL": "WARNING", "PATH": os.environ.get("PATH", ""),
-           "PYTHONDONTWRITEBYTECODE": "1"}  # /opt and /var/task are read-only
+    # Lambda's path: the function's folder, then /opt/python (the layer)
+    path = [sam_build / "ApiFunction", sam_build / "RuntimeLayer/python"]
     for event, check in (("api-infer", lambda out: out[1]["data"] == ["7"]),
                          ("api-infer-minilm", lambda out: out[0]["shape"] == [3, 384]),
                          ("api-infer-textcls", lambda out: out[1]["data"][0] == "billing")):
-        proc = subprocess.run([python, "-S", "-c", script, str(ROOT / f"events/{event}.json")],
-                              env=env, capture_output=True, text=True, timeout=120, cwd="/")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert result["version"] == [3, 12] and result["status"] == 200 and not result["torch"]
+        result = invoke_as_lambda(path, {"MODELFN_STORE": str(built_store)}, event)
         assert check(result["body"]["outputs"]), (event, result["body"])
 
 

@@ -122,3 +122,62 @@ def test_s3_store_missing_bucket_is_a_store_error(moto_endpoint: str) -> None:
     store = open_store("s3://no-such-bucket-here")
     with pytest.raises(StoreError, match="NoSuchBucket"):
         store.children("models")
+
+
+def test_concurrent_alias_updates_are_all_kept(any_store: registry.Store) -> None:
+    """Eight writers promote eight different aliases at once: every one survives (a
+    read-modify-write without a lock or a conditional write loses some)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for v in ("1", "2"):
+        publish(any_store, v)
+    aliases = [f"a{i}" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda a: registry.set_alias(any_store, "m", a, "2"), aliases))
+    assert registry.aliases(any_store, "m") == dict.fromkeys(aliases, "2")
+
+
+def test_update_json_retries_when_another_writer_wins(any_store: registry.Store) -> None:
+    """The change function sees the newest object: a write between its read and its
+    write makes the update run again on top of it."""
+    key = "models/m/aliases.json"
+    any_store.write_json(key, {"live": "1"})
+    calls: list[object] = []
+
+    def change(old: dict[str, str]) -> dict[str, str]:
+        calls.append(dict(old))
+        if len(calls) == 1:  # someone else writes after our read
+            other = LocalStore(any_store.root) if isinstance(any_store, LocalStore) else None
+            if other is None:
+                any_store.write_json(key, {"live": "1", "canary": "3"})
+            # a folder store holds a lock across the update: nobody can slip in
+        return {**old, "shadow": "2"}
+
+    result = any_store.update_json(key, change)
+    if isinstance(any_store, S3Store):
+        assert calls == [{"live": "1"}, {"live": "1", "canary": "3"}]
+        assert result == {"live": "1", "canary": "3", "shadow": "2"}
+    else:
+        assert calls == [{"live": "1"}] and result == {"live": "1", "shadow": "2"}
+    assert any_store.read_json(key) == result
+
+
+def test_promote_returns_the_version_it_replaced(any_store: registry.Store) -> None:
+    for v in ("1", "2"):
+        publish(any_store, v)
+    assert registry.set_alias(any_store, "m", "live", "1") == (None, {"live": "1"})
+    before, after = registry.set_alias(any_store, "m", "live", "2")
+    assert before == "1" and after == {"live": "2"}
+    with pytest.raises(ModelfnError, match="shadow a version"):
+        registry.set_alias(any_store, "m", "3", "2")
+
+
+def test_default_alias_falls_back_to_live_then_newest(any_store: registry.Store) -> None:
+    for v in ("1", "2", "3"):
+        publish(any_store, v)
+    assert registry.resolve_version(any_store, "m", default_alias="canary") == "3"
+    registry.set_alias(any_store, "m", "live", "1")
+    assert registry.resolve_version(any_store, "m", default_alias="canary") == "1"
+    registry.set_alias(any_store, "m", "canary", "2")
+    assert registry.resolve_version(any_store, "m", default_alias="canary") == "2"
+    assert registry.resolve_version(any_store, "m") == "1"

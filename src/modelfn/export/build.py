@@ -208,7 +208,7 @@ def _trained(name: str, version: str, store: Store, config: dict[str, Any],
         },
         "training": {k: metrics.get(k) for k in (
             "holdout_accuracy", "holdout_loss", "majority_baseline", "seed", "device",
-            "duration_seconds", "hyperparameters")},
+            "duration_seconds", "hyperparameters", "training_job")},
     }
 
     def gate(served: LoadedModel) -> parity.ParityReport:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import time
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from modelfn.errors import TrainingError
 from modelfn.runtime import processing
 from modelfn.runtime.manifest import sha256
-from modelfn.store import Store, json_bytes
+from modelfn.store import Store, check_name, json_bytes
 from modelfn.training.recipes import Recipe
 
 
@@ -54,7 +55,7 @@ def evaluate(model: nn.Module, x: Features, y: torch.Tensor) -> tuple[float, flo
 
 
 def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | None = None,
-          seed: int = 0, progress: bool = True) -> dict[str, Any]:
+          seed: int = 0, progress: bool = True, run_id: str | None = None) -> dict[str, Any]:
     """Train ``recipe``; write ``runs/<name>/<run_id>/`` to ``store``; return the metrics."""
     started = time.perf_counter()
     dev = pick_device(device)
@@ -105,7 +106,8 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
     torch.save({"state_dict": state, "recipe": recipe.name, "n_classes": len(split.labels),
                 "labels": split.labels}, buf)
     checkpoint = buf.getvalue()
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    run_id = check_name("run id", run_id) if run_id else datetime.now(UTC).strftime(
+        "%Y%m%dT%H%M%S%fZ")
     metrics = {
         "recipe": recipe.name,
         "run_id": run_id,
@@ -125,6 +127,8 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
         "checkpoint_sha256": sha256(checkpoint),
         "torch_version": torch.__version__,
         "duration_seconds": round(time.perf_counter() - started, 3),
+        # SageMaker sets it in a training job (modelfn train --remote sagemaker)
+        "training_job": os.environ.get("TRAINING_JOB_NAME"),
     }
     store.publish_folder(f"runs/{recipe.name}/{run_id}", {
         "checkpoint.pt": checkpoint,
