@@ -9,7 +9,7 @@ SAM_CLI_VERSION := 1.170.0
 export HF_HUB_OFFLINE := 1
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: run test setup lint sam-build package-check bench clean
+.PHONY: run test setup lint sam-build deploy package-check bench clean
 
 # the project's environment (torch==2.13.0 is pinned: the CPU wheel on local disk)
 $(VENV)/.installed: pyproject.toml
@@ -45,6 +45,20 @@ ARCH ?= x86_64
 sam-build: setup
 	LAMBDA_ARCH=$(ARCH) $(SAM_VENV)/bin/sam build --parameter-overrides Architecture=$(ARCH)
 	$(BIN)/modelfn package-check --arch $(ARCH)
+
+# deploy a samconfig profile, with overrides: make deploy ENV=prod OVERRIDES="PreloadModels=minilm"
+# The parameters are written into the functions' code too (functions/*/Makefile): a deploy
+# that changes only parameters still publishes new versions, and CodeDeploy shifts to them.
+ENV ?= dev
+OVERRIDES ?=
+deploy: setup
+	@params="$$($(BIN)/modelfn deploy-parameters --config-env $(ENV) $(OVERRIDES))" && \
+	arch="$$($(BIN)/modelfn deploy-parameters --config-env $(ENV) --architecture $(OVERRIDES))" && \
+	echo "deploying $(ENV): $$params" && \
+	MODELFN_DEPLOY_PARAMETERS="$$params" LAMBDA_ARCH=$$arch $(SAM_VENV)/bin/sam build \
+		--config-env $(ENV) --parameter-overrides $$params && \
+	$(BIN)/modelfn package-check --arch $$arch && \
+	$(SAM_VENV)/bin/sam deploy --config-env $(ENV) --parameter-overrides $$params
 
 # the serving benchmarks (cold start, warm latency and cost, BentoML peer, sizes): about
 # 10 minutes; results and charts in bench/results/, summary in bench/results/serving.md

@@ -27,8 +27,11 @@ class Loader:
 text = open(sys.argv[1]).read()
 for folder in ("functions/api", "functions/batch", "layers/runtime"):  # as sam package does
     text = text.replace(f"Uri: {folder}\\n", f"Uri: s3://artifacts/{folder}.zip\\n")
-params = json.loads(sys.argv[2])  # as CloudFormation hands them to the transform
-print(json.dumps(transform(yaml_parse(text), params, Loader())))
+doc = yaml_parse(text)
+# as CloudFormation hands them to the transform: every parameter, as a string
+params = {k: str(v["Default"]) for k, v in doc["Parameters"].items() if "Default" in v}
+params.update(json.loads(sys.argv[2]))
+print(json.dumps(transform(doc, params, Loader())))
 """
 
 

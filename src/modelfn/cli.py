@@ -213,6 +213,15 @@ def cmd_package(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_parameters(args: argparse.Namespace) -> int:
+    from modelfn.packaging import deploy
+    from modelfn.packaging.bundle import project_root
+
+    values = deploy.parameters(project_root(), args.config_env, args.overrides)
+    print(values.get("Architecture", "x86_64") if args.architecture else deploy.render(values))
+    return 0
+
+
 def cmd_package_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -226,15 +235,15 @@ def cmd_package_check(args: argparse.Namespace) -> int:
     build_dir = Path(args.build_dir)
     function = measure(build_dir / args.function)
     layers = [measure(build_dir / name) for name in args.layer]
-    for name in args.layer:
-        libraries = check_architecture(build_dir / name, args.arch)
-        print(f"{name}: {libraries} native libraries, all {args.arch}")
     if args.model:
         store = open_store(args.store)
         for ref in args.model:
             name, _, version = ref.partition(":")
             layers.append(measure_bundle(store, name, version or None))
     total = check_function(function, layers)
+    for name in args.layer:
+        libraries = check_architecture(build_dir / name, args.arch)
+        print(f"{name}: {libraries} native libraries, all {args.arch}")
     for a in [function, *layers]:
         print(f"{a.name}: {a.unzipped / 1e6:.1f} MB unzipped, {a.zipped / 1e6:.1f} MB zipped, "
               f"{a.files} files")
@@ -329,6 +338,15 @@ def parser() -> argparse.ArgumentParser:
                     help="sam build's output, for the runtime layer's size")
     _store_arg(pg)
     pg.set_defaults(func=cmd_package)
+
+    dp = sub.add_parser("deploy-parameters",
+                        help="a samconfig profile's parameters with overrides, checked "
+                             "against template.yaml (what `make deploy` deploys)")
+    dp.add_argument("--config-env", default="dev")
+    dp.add_argument("overrides", nargs="*", metavar="Name=Value")
+    dp.add_argument("--architecture", action="store_true",
+                    help="print only the Architecture they deploy")
+    dp.set_defaults(func=cmd_deploy_parameters)
 
     pk = sub.add_parser("package-check", help="check built artefacts against Lambda's limits")
     pk.add_argument("--build-dir", default=".aws-sam/build")

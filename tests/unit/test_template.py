@@ -436,3 +436,72 @@ def test_samconfig_has_dev_and_prod_profiles() -> None:
         "parameters"]["stack_name"]
     assert config["prod"]["deploy"]["parameters"]["confirm_changeset"] is True
     assert int(prod["LogRetentionDays"]) > int(dev["LogRetentionDays"])
+
+
+def version_ids(**parameters: str) -> set[str]:
+    return {name for name, res in resolved(**parameters).items()
+            if res["Type"] == "AWS::Lambda::Version"}
+
+
+def test_sam_publishes_versions_for_code_not_for_parameters() -> None:
+    """Why `make deploy` writes the parameters into the functions' code: SAM names a
+    function's Version after a hash of its code and unresolved properties, so a deploy
+    that changes only a parameter would leave the live alias on the old version."""
+    default = version_ids()
+    assert len(default) == 2
+    assert version_ids(MemorySize="512", PreloadModels="minilm") == default
+    moved = resolved()["ApiFunction"]["Properties"]["Code"]
+    assert moved == {"S3Bucket": "artifacts", "S3Key": "functions/api.zip"}
+
+
+def test_each_function_build_writes_the_deploy_parameters_into_its_code(tmp_path: Path
+                                                                        ) -> None:
+    import hashlib
+    import os
+
+    for function, target in (("api", "build-ApiFunction"), ("batch", "build-BatchFunction")):
+        digests = []
+        for params in ("MemorySize=1769", "MemorySize=512 PreloadModels=minilm", ""):
+            out = tmp_path / function / str(len(digests))
+            out.mkdir(parents=True)
+            env = {**os.environ, "MODELFN_DEPLOY_PARAMETERS": params}
+            subprocess.run(["make", "-s", target, f"ARTIFACTS_DIR={out}"], check=True,
+                           cwd=ROOT / "functions" / function, env=env, timeout=60)
+            assert (out / "deploy-parameters.txt").read_text() == params + "\n"
+            digests.append(hashlib.sha256(b"".join(
+                p.read_bytes() for p in sorted(out.iterdir()))).hexdigest())
+        assert len(set(digests)) == 3  # another artefact, so another S3 key and version
+
+
+def test_deploy_parameters_merge_the_profile_with_overrides(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from modelfn.cli import main
+
+    assert main(["deploy-parameters", "--config-env", "prod", "PreloadModels=minilm",
+                 "Architecture=arm64"]) == 0
+    values = dict(p.split("=", 1) for p in capsys.readouterr().out.split())
+    assert values["DeploymentType"] == "Canary10Percent10Minutes"  # from the profile
+    assert values["PreloadModels"] == "minilm" and values["Architecture"] == "arm64"
+    assert main(["deploy-parameters", "--config-env", "prod", "--architecture",
+                 "Architecture=arm64"]) == 0
+    assert capsys.readouterr().out.strip() == "arm64"
+    for argv, message in ((["Nope=1"], "no parameter 'Nope'"),
+                          (["Architecture=sparc"], "allowed values"),
+                          (["--config-env", "staging"], "no [staging] profile"),
+                          (["MemorySize"], "expected Name=Value")):
+        assert main(["deploy-parameters", *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_make_deploy_builds_and_deploys_the_same_parameters() -> None:
+    """What `make deploy` runs, without running it (no AWS here): one parameter string,
+    in the build's environment (into the code) and in sam deploy's overrides."""
+    out = subprocess.run(["make", "-n", "deploy", "ENV=prod", "OVERRIDES=MemorySize=512"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "deploy-parameters --config-env prod MemorySize=512" in text
+    assert 'MODELFN_DEPLOY_PARAMETERS="$params"' in text
+    assert "sam build" in text and "--parameter-overrides $params" in text
+    assert "sam deploy --config-env prod --parameter-overrides $params" in text
+    assert "package-check --arch $arch" in text

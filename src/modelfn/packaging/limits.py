@@ -93,16 +93,16 @@ def native_architectures(path: Path) -> dict[str, int]:
 
 
 def check_architecture(layer: Path, expected: str) -> int:
-    """Raise unless every native library in ``layer`` is built for ``expected``."""
+    """Raise unless every native library in ``layer`` is built for ``expected``; return
+    how many there are (a pure-Python layer has none)."""
     found = native_architectures(layer)
     wrong = {a: n for a, n in found.items() if a != expected}
-    if wrong or not found:
+    if wrong:
         raise PackagingError(
-            f"{layer} holds native libraries for {found or 'no architecture'}, and the "
-            f"functions are deployed as {expected}: build it with LAMBDA_ARCH={expected} "
-            f"(make sam-build ARCH={expected}), or deploy Architecture="
-            f"{next(iter(wrong), expected)}")
-    return found[expected]
+            f"{layer} holds native libraries for {found}, and the functions are deployed "
+            f"as {expected}: build it with LAMBDA_ARCH={expected} (make sam-build "
+            f"ARCH={expected}), or deploy Architecture={next(iter(wrong))}")
+    return found.get(expected, 0)
 
 
 def check_function(function: Artifact, layers: list[Artifact]) -> int:
