@@ -270,3 +270,52 @@ def test_serve_with_s3_runs_uploads_through_the_batch_handler(built_store: Path)
         proc.terminate()
         log = proc.communicate(timeout=30)[0]
     assert "Traceback" not in log
+
+
+def emf_records(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith('{"_aws"')]
+
+
+def test_batch_metrics_count_files_lines_and_errors(
+        models_bucket: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    for name in ("MODELFN_STORE", "MODELFN_IDEMPOTENCY_TABLE"):
+        monkeypatch.setenv(name, "")
+    deployment = Deployment(models_bucket, f"s3://{models_bucket}")
+    capsys.readouterr()
+    deployment.upload("inputs/digits-cnn/metered.jsonl", digit_lines(50, {7, 8}))
+    assert deployment.invoke(deployment.messages()) == {"batchItemFailures": []}
+    (record,) = [r for r in emf_records(capsys) if "BatchFiles" in r]
+    assert record["service"] == "modelfn-batch"
+    assert (record["BatchFiles"], record["BatchLines"], record["BatchPredictions"],
+            record["BatchLineErrors"]) == ([1.0], [50.0], [48.0], [2.0])
+    assert 0 < record["BatchFileSeconds"][0] < 60 and "BatchFailedFiles" not in record
+
+
+def test_a_failed_file_feeds_the_batch_rollout_alarm(
+        models_bucket: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.template import resolved
+
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    for name in ("MODELFN_STORE", "MODELFN_IDEMPOTENCY_TABLE"):
+        monkeypatch.setenv(name, "")
+    deployment = Deployment(models_bucket, f"s3://{models_bucket}")
+
+    def crash(self: LoadedModel, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected: the model crashed")
+
+    monkeypatch.setattr(LoadedModel, "run", crash)
+    deployment.upload("inputs/digits-cnn/fails.jsonl", digit_lines(10))
+    capsys.readouterr()
+    (message,) = deployment.messages()
+    assert deployment.invoke([message])["batchItemFailures"] == [
+        {"itemIdentifier": message["MessageId"]}]
+    (record,) = [r for r in emf_records(capsys) if "BatchFailedFiles" in r]
+    alarm = resolved()["BatchFailedFilesAlarm"]["Properties"]
+    assert record["BatchFailedFiles"] == [1.0]
+    assert record["_aws"]["CloudWatchMetrics"][0]["Namespace"] == alarm["Namespace"]
+    assert {d["Name"]: d["Value"] for d in alarm["Dimensions"]} == {
+        "service": record["service"]}
