@@ -151,29 +151,40 @@ def run(rounds: int) -> dict[str, Any]:
         table = variants(store, layer, Path(tmp))
         for label, model, version, _ in MODELS:
             env = env_for(model, version, store)
-            samples: dict[str, list[dict[str, Any]]] = {v: [] for v in table[label]}
-            for argv in table[label].values():  # warm-up, discarded
-                one(argv, env)
-            for r in range(rounds):
-                for variant, argv in table[label].items():
-                    samples[variant].append(one(argv, env))
-                print(f"\r{label}: round {r + 1}/{rounds}", end="", flush=True)
-            print()
+            samples = sample({v: (argv, env) for v, argv in table[label].items()}, rounds,
+                             label)
             report["models"][label] = summarize(samples)
     return report
 
 
+def sample(variants: dict[str, tuple[list[str], dict[str, str]]], rounds: int,
+           label: str) -> dict[str, list[dict[str, Any]]]:
+    """{variant: one result per round}: one discarded warm-up each, then ``rounds``
+    rounds, the variants interleaved within each round."""
+    samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for argv, env in variants.values():
+        one(argv, env)
+    for r in range(rounds):
+        for variant, (argv, env) in variants.items():
+            samples[variant].append(one(argv, env))
+        print(f"\r{label}: round {r + 1}/{rounds}", end="", flush=True)
+    print()
+    return samples
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians (and p90, min) of one variant's samples, in ms."""
+    totals = np.array([r["total"] for r in runs]) * 1000
+    return {"p50_ms": float(np.median(totals)), "p90_ms": float(np.percentile(totals, 90)),
+            "min_ms": float(totals.min()),
+            "phases_ms": {p: float(np.median([r["phases"][p] for r in runs]) * 1000)
+                          for p in runs[0]["phases"]},
+            "max_rss_mb": float(np.median([r["max_rss_mb"] for r in runs])),
+            "python": runs[0]["python"], "modules": runs[0].get("modules", [])}
+
+
 def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for variant, runs in samples.items():
-        totals = np.array([r["total"] for r in runs]) * 1000
-        phases = {p: float(np.median([r["phases"][p] for r in runs]) * 1000)
-                  for p in runs[0]["phases"]}
-        out[variant] = {"p50_ms": float(np.median(totals)),
-                        "p90_ms": float(np.percentile(totals, 90)),
-                        "min_ms": float(totals.min()), "phases_ms": phases,
-                        "max_rss_mb": float(np.median([r["max_rss_mb"] for r in runs])),
-                        "python": runs[0]["python"], "modules": runs[0].get("modules", [])}
+    out: dict[str, Any] = {v: summarize_runs(runs) for v, runs in samples.items()}
     mf = out["modelfn"]["p50_ms"]
     out["ratios"] = {"modelfn / floor": mf / out["floor"]["p50_ms"],
                      "torch handler / modelfn": out["torch handler"]["p50_ms"] / mf}

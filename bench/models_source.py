@@ -25,7 +25,7 @@ import boto3
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cold_start import CHILD, TASK_ROOT, _event, env_for, one  # noqa: E402
+from cold_start import CHILD, TASK_ROOT, _event, env_for, sample, summarize_runs  # noqa: E402
 from common import (  # noqa: E402
     CACHE,
     bench_layer,
@@ -99,22 +99,9 @@ def run(rounds: int) -> dict[str, Any]:
                                                     os.pathsep.join([str(layer), str(extra)]),
                                                     event, text], s3),
                 }
-                samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-                for argv, env in variants.values():
-                    one(argv, env)  # warm-up
-                for r in range(rounds):
-                    for name, (argv, env) in variants.items():
-                        samples[name].append(one(argv, env))
-                    print(f"\r{label}: round {r + 1}/{rounds}", end="", flush=True)
-                print()
                 report["models"][label] = {
-                    name: {"p50_ms": float(np.median([s["total"] for s in runs]) * 1000),
-                           "p90_ms": float(np.percentile([s["total"] for s in runs], 90) * 1000),
-                           "phases_ms": {p: float(np.median([s["phases"][p] for s in runs]) * 1000)
-                                         for p in runs[0]["phases"]},
-                           "max_rss_mb": float(np.median([s["max_rss_mb"] for s in runs])),
-                           "modules": runs[0].get("modules", [])}
-                    for name, runs in samples.items()}
+                    name: summarize_runs(runs)
+                    for name, runs in sample(variants, rounds, label).items()}
     finally:
         server.stop()
     return report

@@ -95,6 +95,9 @@ def record_handler(record: SQSRecord) -> None:
 @logger.inject_lambda_context
 @metrics.log_metrics(capture_cold_start_metric=True)
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
+    # one metric set per invocation, whatever an earlier one left (log_metrics flushes
+    # and clears after each, but not while metrics are disabled, e.g. locally)
+    metrics.clear_metrics()
     idempotency.register_lambda_context(context)
     return process_partial_response(event=event, record_handler=record_handler,
                                     processor=processor, context=context)

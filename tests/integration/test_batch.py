@@ -277,13 +277,16 @@ def emf_records(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
             if line.startswith('{"_aws"')]
 
 
-def test_batch_metrics_count_files_lines_and_errors(
-        models_bucket: str, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def metered(deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> Deployment:
+    """The deployment with metrics on: the handler's EMF records go to stdout."""
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
-    for name in ("MODELFN_STORE", "MODELFN_IDEMPOTENCY_TABLE"):
-        monkeypatch.setenv(name, "")
-    deployment = Deployment(models_bucket, f"s3://{models_bucket}")
+    return deployment
+
+
+def test_batch_metrics_count_files_lines_and_errors(
+        metered: Deployment, capsys: pytest.CaptureFixture[str]) -> None:
+    deployment = metered
     capsys.readouterr()
     deployment.upload("inputs/digits-cnn/metered.jsonl", digit_lines(50, {7, 8}))
     assert deployment.invoke(deployment.messages()) == {"batchItemFailures": []}
@@ -295,14 +298,11 @@ def test_batch_metrics_count_files_lines_and_errors(
 
 
 def test_a_failed_file_feeds_the_batch_rollout_alarm(
-        models_bucket: str, monkeypatch: pytest.MonkeyPatch,
+        metered: Deployment, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     from tests.template import resolved
 
-    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
-    for name in ("MODELFN_STORE", "MODELFN_IDEMPOTENCY_TABLE"):
-        monkeypatch.setenv(name, "")
-    deployment = Deployment(models_bucket, f"s3://{models_bucket}")
+    deployment = metered
 
     def crash(self: LoadedModel, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected: the model crashed")
