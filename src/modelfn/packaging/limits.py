@@ -113,5 +113,6 @@ def check_function(function: Artifact, layers: list[Artifact]) -> int:
         raise PackagingError(
             f"{function.name} is {total / 1e6:.1f} MB unzipped with its layers ({parts}); "
             f"Lambda allows {UNZIPPED_LIMIT / 1e6:.1f} MB. Ship the model as a container "
-            "image (PackageType: Image) instead, or use a smaller (int8) bundle.")
+            "image instead (`modelfn package NAME --image`, then the template's ApiImageUri), "
+            "or use a smaller (int8) bundle.")
     return total
