@@ -28,7 +28,7 @@ from aws_lambda_powertools.utilities.idempotency import (
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from modelfn.runtime import batch
-from modelfn.runtime.repository import Repository
+from modelfn.runtime.repository import Repository, configured_alias
 from modelfn.store import S3Store, open_store
 
 warnings.filterwarnings("ignore", "No application metrics to publish")  # s3:TestEvent
@@ -39,7 +39,7 @@ metrics = Metrics(namespace="modelfn", service="modelfn-batch")
 # all records failed: report them all (same retries) rather than raise
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 limits = batch.Limits.from_env(dict(os.environ))
-repo = Repository(open_store(), alias=os.environ.get("MODELFN_ALIAS") or "live")
+repo = Repository(open_store(), alias=configured_alias())
 _buckets: dict[str, S3Store] = {}
 idempotency = IdempotencyConfig(
     event_key_jmespath="[bucket, key, etag]",

@@ -25,14 +25,14 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if getattr(args, "remote", None) == "sagemaker":
+    if args.remote == "sagemaker":
         return cmd_train_remote(args)
     from modelfn.training import loop, recipes
 
     store = open_store(args.store)
     metrics = loop.train(recipes.get(args.name), store, device=args.device, epochs=args.epochs,
                          seed=args.seed, progress=not args.quiet,
-                         run_id=getattr(args, "run_id", None))
+                         run_id=args.run_id)
     print(f"trained {args.name} on {metrics['device']} in {metrics['duration_seconds']:.1f}s: "
           f"holdout accuracy {metrics['holdout_accuracy']:.4f}; "
           f"run {metrics['run_id']} in {store.uri}/runs/{args.name}/")
@@ -117,7 +117,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 registry.latest_run(store, recipe) is None:
             print(f"no training run of {recipe} in {store.uri}: training one", flush=True)
             cmd_train(argparse.Namespace(name=recipe, store=store.uri, device="auto",
-                                         epochs=None, seed=0, quiet=False))
+                                         epochs=None, seed=0, quiet=False, run_id=None,
+                                         remote=None))
         if not registry.versions(store, name):
             print(f"no built version of {name} in {store.uri}: building one", flush=True)
             cmd_build(argparse.Namespace(name=name, store=store.uri, version=None, run=None,
@@ -214,8 +215,8 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_parameters(args: argparse.Namespace) -> int:
+    from modelfn.local.apigw import project_root
     from modelfn.packaging import deploy
-    from modelfn.packaging.bundle import project_root
 
     values = deploy.parameters(project_root(), args.config_env, args.overrides)
     print(values.get("Architecture", "x86_64") if args.architecture else deploy.render(values))

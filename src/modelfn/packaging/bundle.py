@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelfn import store as registry
-from modelfn.errors import ModelfnError, PackagingError
+from modelfn.errors import ModelfnError
+from modelfn.local.apigw import project_root
 from modelfn.packaging.limits import UNZIPPED_LIMIT, Artifact, measure, measure_bundle
 from modelfn.runtime.manifest import load_manifest, verify_file
 from modelfn.store import Store, json_bytes
@@ -35,12 +36,6 @@ BASE_IMAGE = "public.ecr.aws/lambda/python:3.12"
 HANDLER = "app.lambda_handler"
 #: modelfn's sources the runtime needs (the runtime layer's Makefile copies the same)
 RUNTIME_SOURCES = ("__init__.py", "errors.py", "store.py", "runtime/*.py", "runtime/*.json")
-
-
-def project_root() -> Path:
-    from modelfn.local.apigw import project_root as root
-
-    return root()
 
 
 @dataclass(frozen=True)
@@ -81,7 +76,6 @@ def models_layer(store: Store, name: str, version: str, out: Path) -> Path:
 
 
 def dockerfile(name: str, version: str) -> str:
-    store = IMAGE_STORE
     return f"""\
 # modelfn API for {name} version {version}: `modelfn package {name}:{version} --image`
 # Build and push where Docker runs (README, "Container images"):
@@ -96,11 +90,11 @@ RUN pip install --no-cache-dir --only-binary=:all: -r ${{LAMBDA_TASK_ROOT}}/requ
 
 COPY modelfn/ ${{LAMBDA_TASK_ROOT}}/modelfn/
 COPY app.py ${{LAMBDA_TASK_ROOT}}/
-COPY modelfn-store/ {store}/
+COPY modelfn-store/ {IMAGE_STORE}/
 # the file system is read-only at run time: ship bytecode, or every cold start compiles
 RUN python -m compileall -q --invalidation-mode unchecked-hash ${{LAMBDA_TASK_ROOT}}
 
-ENV MODELFN_STORE={store} \\
+ENV MODELFN_STORE={IMAGE_STORE} \\
     MODELFN_PRELOAD={name}:{version} \\
     POWERTOOLS_SERVICE_NAME=modelfn-api \\
     POWERTOOLS_METRICS_NAMESPACE=modelfn
@@ -153,8 +147,6 @@ def package(store: Store, ref: str, out: Path, layer_dir: Path | None,
               "packaging a container image instead")
     context = image_context(store, name, version, out)
     size = sum(p.stat().st_size for p in context.rglob("*") if p.is_file())
-    if not context.joinpath("Dockerfile").is_file():
-        raise PackagingError(f"{context}: no Dockerfile written")
     return Packaged("image", context, name, version, bundle, size)
 
 

@@ -42,7 +42,7 @@ from modelfn.runtime.protocol import (
     encode_infer_response,
     split_body,
 )
-from modelfn.runtime.repository import Repository
+from modelfn.runtime.repository import Repository, configured_alias
 
 JSON = "application/json"
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -63,7 +63,7 @@ class Settings:
             max_body_bytes=int(os.environ.get("MODELFN_MAX_BODY_BYTES", DEFAULT_MAX_BODY)),
             max_batch=int(os.environ.get("MODELFN_MAX_BATCH", DEFAULT_MAX_BATCH)),
             preload=tuple(p.strip() for p in preload.split(",") if p.strip()),
-            alias=os.environ.get("MODELFN_ALIAS") or "live",
+            alias=configured_alias(),
         )
 
 
@@ -86,6 +86,14 @@ class Response:
                     "body": base64.b64encode(body).decode()}
         return {"statusCode": self.status, "isBase64Encoded": False,
                 "headers": {"Content-Type": JSON, **self.headers}, "body": body.decode()}
+
+
+def count_once(metrics: Metrics, name: str) -> None:
+    """One count of ``name`` in an EMF record of its own, with the service as its only
+    dimension (what an alarm can watch), whatever the invocation's metric set holds."""
+    with single_metric(name=name, unit=MetricUnit.Count, value=1, namespace=metrics.namespace,
+                       default_dimensions={"service": str(metrics.service)}):
+        pass
 
 
 def json_response(status: int, body: Any) -> Response:
@@ -178,10 +186,7 @@ class Api:
         self.metrics.add_dimension(name="kind", value=kind)
         self.metrics.add_metric(name="RequestErrors", unit=MetricUnit.Count, value=1)
         if status >= 500:
-            with single_metric(name="ServerErrors", unit=MetricUnit.Count, value=1,
-                               namespace=self.metrics.namespace,
-                               default_dimensions={"service": str(self.metrics.service)}):
-                pass
+            count_once(self.metrics, "ServerErrors")
 
     def resolve(self, event: Any, context: Any = None) -> dict[str, Any]:
         try:

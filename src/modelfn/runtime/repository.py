@@ -7,7 +7,9 @@ process serves until it is restarted (and every response names the version).
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from modelfn import store as registry
@@ -15,6 +17,13 @@ from modelfn.errors import ModelNotFound
 from modelfn.runtime import model as model_mod
 from modelfn.runtime.model import LoadedModel
 from modelfn.store import Store, check_name
+
+ALIAS_ENV = "MODELFN_ALIAS"
+
+
+def configured_alias(env: Mapping[str, str] = os.environ) -> str:
+    """The alias a request without a version is served from (``MODELFN_ALIAS``)."""
+    return env.get(ALIAS_ENV) or "live"
 
 
 class Repository:

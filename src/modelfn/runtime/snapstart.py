@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
+from modelfn.runtime.http import count_once
 from modelfn.runtime.repository import Repository
 
 Hook = Callable[[Callable[[], None]], Any]
@@ -55,10 +55,7 @@ def register(repo: Repository, logger: Logger, metrics: Metrics,
 
     def restore() -> None:
         repo.store.reconnect()
-        with single_metric(name="SnapStartRestores", unit=MetricUnit.Count, value=1,
-                           namespace=metrics.namespace,
-                           default_dimensions={"service": str(metrics.service)}):
-            pass
+        count_once(metrics, "SnapStartRestores")
         logger.info("restored from snapshot")
 
     before_snapshot(snapshot)
