@@ -63,7 +63,7 @@ deploy: setup
 # the serving benchmarks (cold start, warm latency and cost, BentoML peer, sizes): about
 # 10 minutes; results and charts in bench/results/, summary in bench/results/serving.md
 bench: $(VENV)/.installed
-	$(BIN)/python bench/serving.py
+	$(BIN)/python -m bench.serving
 
 clean:
 	rm -rf .aws-sam .pytest_cache .ruff_cache

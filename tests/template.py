@@ -13,7 +13,7 @@ import subprocess
 from functools import cache
 from typing import Any
 
-from modelfn.local.s3events import template
+from modelfn.project import template
 from tests.conftest import ROOT
 
 __all__ = ["resolved", "resources", "template", "translated"]

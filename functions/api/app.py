@@ -10,18 +10,19 @@ import warnings
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from modelfn.config import Settings
+from modelfn.runtime import metrics as emf
 from modelfn.runtime import snapstart
-from modelfn.runtime.http import Settings, create_app, request_id
+from modelfn.runtime.http import create_app, request_id
 from modelfn.runtime.protocol import log_json
 from modelfn.runtime.repository import Repository
-from modelfn.store import open_store
 
 # health and metadata routes publish no application metrics: that is expected
 warnings.filterwarnings("ignore", "No application metrics to publish")
-logger = Logger(service="modelfn-api", json_serializer=log_json)
-metrics = Metrics(namespace="modelfn", service="modelfn-api")
+logger = Logger(service=emf.API_SERVICE, json_serializer=log_json)
+metrics = Metrics(namespace=emf.NAMESPACE, service=emf.API_SERVICE)
 settings = Settings.from_env()
-repo = Repository(open_store(), settings.max_batch, settings.alias)
+repo = Repository.from_settings(settings)
 app = create_app(repo, settings, logger, metrics)  # MODELFN_PRELOAD models load here
 snapstart.register(repo, logger, metrics)  # no-op unless SnapStart restores this process
 

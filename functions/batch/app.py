@@ -1,19 +1,17 @@
 """Batch function: S3 ObjectCreated (inputs/*.jsonl) → SQS → here → outputs/ in S3.
 
 Thin: Powertools' BatchProcessor reports failed SQS records (ReportBatchItemFailures)
-so that only they are retried (and dead-lettered after maxReceiveCount); Powertools'
+so that only they are retried (and dead-lettered after maxReceiveCount); each record's
+S3 notification is read with Powertools' event classes (keys URL-decoded); Powertools'
 idempotency (DynamoDB) makes a redelivered event return the first run's summary
 instead of running again. The work is modelfn.runtime.batch.process_object.
 """
 
-import json
-import os
 import warnings
 from typing import Any
 from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger, Metrics
-from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
     EventType,
@@ -27,26 +25,27 @@ from aws_lambda_powertools.utilities.idempotency import (
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from modelfn.config import Settings
 from modelfn.runtime import batch
-from modelfn.runtime.repository import Repository, configured_alias
-from modelfn.store import S3Store, open_store
+from modelfn.runtime import metrics as emf
+from modelfn.runtime.repository import Repository
+from modelfn.store import S3Store
 
 warnings.filterwarnings("ignore", "No application metrics to publish")  # s3:TestEvent
-logger = Logger(service="modelfn-batch")
-# embedded metrics, one set per invocation: files by outcome, lines, predictions, line
-# errors, seconds (the rollout alarm watches BatchFailedFiles)
-metrics = Metrics(namespace="modelfn", service="modelfn-batch")
+logger = Logger(service=emf.BATCH_SERVICE)
+metrics = Metrics(namespace=emf.NAMESPACE, service=emf.BATCH_SERVICE)
 # all records failed: report them all (same retries) rather than raise
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-limits = batch.Limits.from_env(dict(os.environ))
-repo = Repository(open_store(), alias=configured_alias())
+settings = Settings.from_env()
+limits = settings.batch
+repo = Repository.from_settings(settings)
 _buckets: dict[str, S3Store] = {}
 idempotency = IdempotencyConfig(
     event_key_jmespath="[bucket, key, etag]",
     raise_on_no_idempotency_key=True,
-    expires_after_seconds=int(os.environ.get("MODELFN_IDEMPOTENCY_TTL_SECONDS", 7 * 86400)),
+    expires_after_seconds=settings.idempotency_ttl_seconds,
 )
-persistence = DynamoDBPersistenceLayer(table_name=os.environ["MODELFN_IDEMPOTENCY_TABLE"])
+persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
 
 
 @idempotent_function(data_keyword_argument="obj", config=idempotency,
@@ -59,35 +58,27 @@ def process(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def record_handler(record: SQSRecord) -> None:
-    body = json.loads(record.body)  # not JSON: the record fails, and is retried/dead-lettered
-    if body.get("Event") == "s3:TestEvent":  # sent once when the notification is set up
+    # not JSON: the record fails, and is retried, then dead-lettered
+    notification = record.decoded_nested_s3_event
+    if notification.get("Event") == "s3:TestEvent":  # sent once when notifications are set up
         logger.info("ignoring s3:TestEvent")
         return
-    for s3 in body["Records"]:
-        if not s3.get("eventName", "").startswith("ObjectCreated:"):
-            logger.info("ignoring S3 event", extra={"event_name": s3.get("eventName")})
+    for s3 in notification.records:
+        if not s3.event_name.startswith("ObjectCreated:"):
+            logger.info("ignoring S3 event", extra={"event_name": s3.event_name})
             continue
-        obj = s3["s3"]["object"]
-        key = unquote_plus(obj["key"])  # keys arrive URL-encoded (spaces as '+')
+        obj = s3.s3.get_object
+        key = unquote_plus(obj.key)  # keys arrive URL-encoded (spaces as '+')
         if not (key.startswith(batch.INPUT_PREFIX) and key.endswith(".jsonl")):
             logger.warning("ignoring a key outside inputs/*.jsonl", extra={"key": key})
             continue
         try:
-            summary = process(obj={"bucket": s3["s3"]["bucket"]["name"], "key": key,
-                                   "etag": obj.get("eTag") or obj.get("versionId") or ""})
+            summary = process(obj={"bucket": s3.s3.bucket.name, "key": key,
+                                   "etag": obj.etag or obj.version_id or ""})
         except Exception:
-            metrics.add_metric(name="BatchFailedFiles", unit=MetricUnit.Count, value=1)
+            emf.batch_file_failed(metrics)
             raise  # the record fails: retried, then dead-lettered
-        metrics.add_metric(name="BatchFiles", unit=MetricUnit.Count, value=1)
-        if summary["status"] != "ok":
-            metrics.add_metric(name="BatchRejectedFiles", unit=MetricUnit.Count, value=1)
-        metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=summary["lines"])
-        metrics.add_metric(name="BatchPredictions", unit=MetricUnit.Count,
-                           value=summary["predictions"])
-        metrics.add_metric(name="BatchLineErrors", unit=MetricUnit.Count,
-                           value=summary["errors"])
-        metrics.add_metric(name="BatchFileSeconds", unit=MetricUnit.Seconds,
-                           value=summary["timings"]["total_seconds"])
+        emf.batch_file(metrics, summary)
         logger.info("batch file done", extra={k: summary[k] for k in (
             "input", "output", "status", "lines", "predictions", "errors")})
 

@@ -10,13 +10,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modelfn.errors import ModelfnError
+import modelfn
+from modelfn.errors import ModelfnError, UsageError
 from modelfn.store import open_store
 
-#: what `modelfn up` (and `make run`) trains, builds and serves by default
-DEFAULT_MODELS = ("digits-cnn", "textcls", "minilm")
+if TYPE_CHECKING:
+    from modelfn.runtime.manifest import Manifest
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def cmd_train_remote(args: argparse.Namespace) -> int:
 
     role = args.role or os.environ.get("MODELFN_SAGEMAKER_ROLE")
     if not role:
-        raise ModelfnError("--remote sagemaker needs --role ARN (or $MODELFN_SAGEMAKER_ROLE): "
+        raise UsageError("--remote sagemaker needs --role ARN (or $MODELFN_SAGEMAKER_ROLE): "
                            "the IAM role the training job runs as")
     store = open_store(args.store)
     job = remote.submit(store, args.name, role=role, instance_type=args.instance_type,
@@ -64,13 +65,20 @@ def cmd_train_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(args: argparse.Namespace) -> Any:
+    """Progress lines: to stdout, or to stderr when stdout carries a JSON document."""
+    if getattr(args, "json", False):
+        return lambda line: print(line, file=sys.stderr, flush=True)
+    return lambda line: print(line, flush=True)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from modelfn.export.build import build
 
     manifest = build(args.name, open_store(args.store), version=args.version, run_id=args.run,
-                     precision=args.precision)
+                     precision=args.precision, log=_progress(args))
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(manifest.to_dict(), indent=2))
     return 0
 
 
@@ -79,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     store_uri = open_store(args.store).uri
     trigger = None
-    if getattr(args, "with_s3", False):
+    if args.with_s3:
         from modelfn.local.s3events import start_trigger
 
         trigger = start_trigger(store_uri)
@@ -105,24 +113,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """The main job on the embedded defaults: train and build what the store lacks, serve."""
-    from modelfn import store as registry
-    from modelfn.export.build import load_config
+    from modelfn import registry
+    from modelfn.export.build import build, configured_models, needs_training
+    from modelfn.training import loop, recipes
 
     store = open_store(args.store)
     args.store = store.uri
-    for name in args.model or DEFAULT_MODELS:
-        config = load_config(name)
-        recipe = config.get("recipe", name)
-        if config.get("kind", "classifier") == "classifier" and \
-                registry.latest_run(store, recipe) is None:
+    for name in args.model or configured_models():
+        recipe = needs_training(name)
+        if recipe is not None and registry.latest_run(store, recipe) is None:
             print(f"no training run of {recipe} in {store.uri}: training one", flush=True)
-            cmd_train(argparse.Namespace(name=recipe, store=store.uri, device="auto",
-                                         epochs=None, seed=0, quiet=False, run_id=None,
-                                         remote=None))
+            metrics = loop.train(recipes.get(recipe), store)
+            print(f"trained {recipe}: holdout accuracy {metrics['holdout_accuracy']:.4f}")
         if not registry.versions(store, name):
             print(f"no built version of {name} in {store.uri}: building one", flush=True)
-            cmd_build(argparse.Namespace(name=name, store=store.uri, version=None, run=None,
-                                         precision="auto", json=False))
+            build(name, store)
     for model in registry.model_names(store):
         print(f"  {model}: versions {', '.join(registry.versions(store, model))}")
     return cmd_serve(args)
@@ -134,22 +139,23 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from modelfn.config import BatchLimits
     from modelfn.runtime import batch
     from modelfn.runtime.repository import Repository
     from modelfn.store import LocalStore
 
     source = Path(args.input)
     if not source.is_file():
-        raise ModelfnError(f"{source}: no such file")
+        raise UsageError(f"{source}: no such file")
     target = Path(args.output) if args.output else source.with_name(
         f"{source.stem}.predictions.jsonl")
     if target.resolve() == source.resolve():
-        raise ModelfnError("--output must not be the input file")
+        raise UsageError("--output must not be the input file")
     reader, writer = LocalStore(source.parent), LocalStore(target.parent)
     total = sum(chunk.count(b"\n") for chunk in reader.iter_chunks(source.name))
     repo = Repository(open_store(args.store))
     summary = batch.Summary(input=str(source), output=str(target))
-    limits = batch.Limits(micro_batch=args.micro_batch)
+    limits = BatchLimits(micro_batch=args.micro_batch)
     with tqdm(total=total, unit="line", desc=f"batch {source.name}",
               disable=args.quiet) as bar, writer.open_writer(target.name) as out:
         batch.run_lines(reader.iter_lines(source.name), repo, out.write, summary=summary,
@@ -160,19 +166,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from modelfn import store as registry
+    from modelfn import registry
+    from modelfn.runtime.model import read_manifest
 
     store = open_store(args.store)
     rows = []
     for name in registry.model_names(store):
         named = registry.aliases(store, name)
         for version in registry.versions(store, name):
-            m = store.read_json(f"models/{name}/{version}/{registry.MANIFEST}")
+            m = read_manifest(store, name, version)
             tags = ",".join(a for a, v in named.items() if v == version)
-            size = sum(f["size"] for f in m["files"].values())
-            precision = "int8" if m.get("quantization", {}).get("applied") else "fp32"
-            rows.append((name, version, tags, f"{size / 1e6:.2f} MB", m["task"], precision,
-                         _gate(m), m["created"]))
+            rows.append((name, version, tags, f"{m.size / 1e6:.2f} MB", m.task, m.precision,
+                         _gate(m), m.created))
     header = ("model", "version", "aliases", "size", "task", "precision", "gate", "created")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -180,10 +185,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gate(manifest: dict[str, Any]) -> str:
+def _gate(manifest: Manifest) -> str:
     """The shipped model's gate in a few characters."""
-    quant = manifest.get("quantization") or {}
-    report = quant["gate"] if quant.get("applied") else manifest["export"]["parity"]
+    quant = manifest.quantization
+    report = quant["gate"] if quant.get("applied") else manifest.export["parity"]
     if "agreement" in report:
         return f"agreement {report['agreement']:.4f}"
     return f"min cos {report['min_cosine']:.4f}"
@@ -191,7 +196,7 @@ def _gate(manifest: dict[str, Any]) -> str:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Point an alias at a version: a deploy-free rollout (or rollback) of a model."""
-    from modelfn import store as registry
+    from modelfn import registry
 
     store = open_store(args.store)
     before, _ = registry.set_alias(store, args.name, args.alias, args.version)
@@ -206,7 +211,9 @@ def cmd_package(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from modelfn.packaging.bundle import describe, package
+    from modelfn.project import checkout
 
+    checkout("modelfn package")
     build_dir = Path(args.build_dir)
     result = package(open_store(args.store), args.model, Path(args.out),
                      build_dir / "RuntimeLayer", build_dir / "ApiFunction", image=args.image)
@@ -215,10 +222,11 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_parameters(args: argparse.Namespace) -> int:
-    from modelfn.local.apigw import project_root
     from modelfn.packaging import deploy
+    from modelfn.project import checkout
 
-    values = deploy.parameters(project_root(), args.config_env, args.overrides)
+    values = deploy.parameters(checkout("modelfn deploy-parameters"), args.config_env,
+                               args.overrides)
     print(values.get("Architecture", "x86_64") if args.architecture else deploy.render(values))
     return 0
 
@@ -254,6 +262,7 @@ def cmd_package_check(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelfn", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"modelfn {modelfn.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run the training job for a model")
@@ -284,8 +293,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--version", help="version to publish (default: next integer)")
     b.add_argument("--run", help="training run id (default: the newest)")
     b.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
-                   help="auto: int8 where build/models.toml asks for it and its gate passes, "
-                        "else fp32; fp32: never quantize; int8: int8 or fail")
+                   help="auto: int8 where the build configuration asks for it and its gate "
+                        "passes, else fp32; fp32: never quantize; int8: int8 or fail")
     b.add_argument("--json", action="store_true", help="print the manifest")
     b.set_defaults(func=cmd_build)
 
@@ -302,8 +311,8 @@ def parser() -> argparse.ArgumentParser:
                             "inputs/ to the batch handler")
         if name == "up":
             s.add_argument("--model", action="append",
-                           help=f"model to make ready (repeatable; default: "
-                                f"{', '.join(DEFAULT_MODELS)})")
+                           help="model to make ready (repeatable; default: every model the "
+                                "build configuration declares)")
         s.set_defaults(func=func)
 
     bt = sub.add_parser("batch", help="batch inference over a local JSONL file")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 
 class ModelfnError(Exception):
-    """Base class: a failure with a message fit to show to the user."""
+    """Base class: a failure with a message fit to show to the user. Never raised
+    itself: every failure has its own class below."""
 
     status: int = 500
 
@@ -48,6 +49,31 @@ class InvalidInput(ModelfnError):
     status = 422
 
 
+class LimitExceeded(ModelfnError):
+    """An input is over a configured limit (a batch file's size or lines): rejected
+    whole, never retried (HTTP 413)."""
+
+    status = 413
+
+
+class UsageError(ModelfnError):
+    """A command was asked for something it cannot do as asked: a bad argument, a
+    malformed name or run id, a file that is not there (HTTP 400 where it reaches
+    the API)."""
+
+    status = 400
+
+
+class ConfigError(ModelfnError):
+    """The configuration is wrong: the build configuration, samconfig.toml or
+    template.yaml parameters, or ``MODELFN_*`` settings."""
+
+
+class NotInCheckout(ConfigError):
+    """The command needs a modelfn checkout's own files (template.yaml, functions/,
+    layers/, samconfig.toml) and runs outside one."""
+
+
 class ModelUnavailable(ModelfnError):
     """The model exists but cannot be served (HTTP 503)."""
 
@@ -64,8 +90,19 @@ class StoreError(ModelfnError):
     status = 503
 
 
+class ExportError(ModelfnError):
+    """The model cannot be exported to a servable ONNX file (external data, an export
+    that the checker refuses, a model of an unexpected structure)."""
+
+
 class ExportParityError(ModelfnError):
     """The exported model does not reproduce the PyTorch model within tolerance."""
+
+
+class AlreadyExists(ModelfnError):
+    """A version that exists already: versions are immutable."""
+
+    status = 409
 
 
 class TrainingError(ModelfnError):
@@ -74,3 +111,7 @@ class TrainingError(ModelfnError):
 
 class PackagingError(ModelfnError):
     """A build artefact is over Lambda's limits or cannot be assembled."""
+
+
+class LocalServiceError(ModelfnError):
+    """A local stand-in (the API Gateway emulation, the embedded S3) cannot start."""

@@ -15,10 +15,10 @@ import boto3
 import numpy as np
 import pytest
 
-from modelfn import store as registry
+from modelfn import registry
+from modelfn.config import BatchLimits
 from modelfn.local.lambda_context import LocalContext
 from modelfn.local.s3events import BatchDeployment
-from modelfn.runtime import batch
 from modelfn.runtime.model import LoadedModel
 from modelfn.store import open_store
 from modelfn.training import data
@@ -206,7 +206,7 @@ def test_test_events_and_other_event_kinds_are_ignored(deployment: Deployment) -
 
 def test_a_file_over_the_line_limit_gets_an_error_summary_and_is_not_retried(
         deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(deployment.app, "limits", batch.Limits(max_lines=10))
+    monkeypatch.setattr(deployment.app, "limits", BatchLimits(max_lines=10))
     deployment.upload("inputs/digits-cnn/big.jsonl", digit_lines(11))
     assert deployment.invoke(deployment.messages()) == {"batchItemFailures": []}
     assert not deployment.exists("outputs/digits-cnn/big.jsonl")
@@ -319,3 +319,30 @@ def test_a_failed_file_feeds_the_batch_rollout_alarm(
     assert record["_aws"]["CloudWatchMetrics"][0]["Namespace"] == alarm["Namespace"]
     assert {d["Name"]: d["Value"] for d in alarm["Dimensions"]} == {
         "service": record["service"]}
+
+
+def test_the_batch_function_honours_the_deployment_batch_limit(
+        models_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MODELFN_MAX_BATCH bounds what the batch function runs at once, as it bounds what
+    the API takes: a micro-batch of 10 rows runs as 3 + 3 + 3 + 1, with the same answers."""
+    for name in ("MODELFN_STORE", "MODELFN_IDEMPOTENCY_TABLE"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("MODELFN_MAX_BATCH", "3")
+    monkeypatch.setenv("MODELFN_BATCH_MICRO_BATCH", "10")
+    deployment = Deployment(models_bucket, f"s3://{models_bucket}")
+    assert deployment.app.settings.max_batch == 3 and deployment.app.limits.micro_batch == 10
+    sizes: list[int] = []
+    real = LoadedModel.run
+
+    def counted(self: LoadedModel, arrays: dict, wanted: Any = None) -> Any:
+        sizes.append(len(next(iter(arrays.values()))))
+        return real(self, arrays, wanted)
+
+    monkeypatch.setattr(LoadedModel, "run", counted)
+    deployment.upload("inputs/digits-cnn/limit.jsonl", digit_lines(10))
+    assert deployment.invoke(deployment.messages()) == {"batchItemFailures": []}
+    out = rows(deployment.read("outputs/digits-cnn/limit.jsonl"))
+    assert sizes == [3, 3, 3, 1]
+    y = data.digits().y_holdout
+    assert [r["line"] for r in out] == list(range(1, 11))
+    assert sum(r["outputs"]["label"] == str(y[i]) for i, r in enumerate(out)) >= 9

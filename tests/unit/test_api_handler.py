@@ -297,11 +297,11 @@ def test_handler_non_utf8_bytes_in_a_text_get_422(api: ModuleType) -> None:
 def republish_with(bundle: Path, raw: bytes) -> None:
     """Replace a bundle's model file and record its sha256, as an attacker or a broken
     build could: the checksum passes, the content is not ONNX."""
-    from modelfn.runtime.manifest import file_entry
+    from modelfn.runtime.manifest import sha256
 
     (bundle / "model.onnx").write_bytes(raw)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["files"]["model.onnx"] = file_entry(raw)
+    manifest["files"]["model.onnx"] = {"sha256": sha256(raw), "size": len(raw)}
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from modelfn.cli import main
+from modelfn.config import BatchLimits
 from modelfn.runtime import batch
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
@@ -69,7 +70,7 @@ def test_one_bad_row_does_not_sink_its_micro_batch(built_store: Path) -> None:
     written: list[bytes] = []
     summary = batch.run_lines(lines, Repository(open_store(str(built_store))), written.append,
                               summary=batch.Summary("in", "out"), default_model="digits-cnn",
-                              limits=batch.Limits(micro_batch=10))
+                              limits=BatchLimits(micro_batch=10))
     rows = [json.loads(line) for chunk in written for line in chunk.splitlines()]
     assert [("error" in r) for r in rows] == [i == 5 for i in range(10)]
     assert "[0, 16]" in rows[5]["error"] and summary.predictions == 9
@@ -87,11 +88,11 @@ def test_process_object_on_a_local_store(store_copy: Path) -> None:
 
     write_lines(store_copy / "inputs/textcls/big.jsonl", [{"inputs": "x"}] * 5)
     rejected = batch.process_object(store, "inputs/textcls/big.jsonl", repo,
-                                    batch.Limits(max_lines=4))
+                                    BatchLimits(max_lines=4))
     assert rejected["status"] == "rejected" and "more than 4 lines" in rejected["error"]
     assert not (store_copy / "outputs/textcls/big.jsonl").exists()
     too_big = batch.process_object(store, "inputs/textcls/big.jsonl", repo,
-                                   batch.Limits(max_bytes=10))
+                                   BatchLimits(max_bytes=10))
     assert too_big["status"] == "rejected" and "limit is 10" in too_big["error"]
 
 

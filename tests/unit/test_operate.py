@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from modelfn import store as registry
+from modelfn import registry
 from modelfn.cli import main
 from modelfn.local.lambda_context import LocalContext
 from modelfn.runtime import snapstart
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
-from tests.conftest import load_event
+from tests.conftest import ROOT, load_event
 from tests.template import resolved
 from tests.unit.test_api_handler import fresh_api, invoke, with_body
 
@@ -193,8 +193,8 @@ def test_every_metric_on_the_dashboard_is_one_the_handlers_emit() -> None:
                  "SnapStartRestores"):
         if name in text:
             custom.add(name)
-    sources = "".join(p.read_text() for p in (
-        Path("src/modelfn/runtime/http.py"), Path("src/modelfn/runtime/snapstart.py")))
+    sources = "".join(p.read_text() for p in (  # every metric is named in metrics.py
+        ROOT / "src/modelfn/runtime/metrics.py", ROOT / "src/modelfn/runtime/snapstart.py"))
     for name in custom - {"ColdStart"}:  # ColdStart is Powertools' own
         assert f'"{name}"' in sources, name
 

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from modelfn.errors import IntegrityError, InvalidInput, ModelNotFound, ModelUnavailable
-from modelfn.runtime.manifest import file_entry
-from modelfn.runtime.model import from_files
+from modelfn.runtime.manifest import Manifest, sha256
+from modelfn.runtime.model import LoadedModel, from_files
 from modelfn.runtime.protocol import InferRequest, RequestInput
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
@@ -37,10 +37,16 @@ def session_spy(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     return created
 
 
+def infer(model: LoadedModel, req: InferRequest) -> dict[str, np.ndarray]:
+    """What the API's infer route does with a decoded request."""
+    arrays, _ = model.validate(req)
+    return model.run(arrays, req.outputs)
+
+
 def test_runtime_predicts_the_holdout_set(built_store: Path) -> None:
     split = data.digits()
     model = Repository(open_store(str(built_store))).get("digits-cnn")
-    out = model.infer(request(split.x_holdout[:64]))
+    out = infer(model, request(split.x_holdout[:64]))
     assert out["probabilities"].shape == (64, 10)
     np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
     accuracy = (out["label"].astype(int) == split.y_holdout[:64]).mean()
@@ -50,8 +56,8 @@ def test_runtime_predicts_the_holdout_set(built_store: Path) -> None:
 def test_runtime_accepts_both_declared_shapes(built_store: Path) -> None:
     model = Repository(open_store(str(built_store))).get("digits-cnn")
     x = data.digits().x_holdout[:3]
-    flat = model.infer(request(x))
-    square = model.infer(request(x.reshape(3, 8, 8)))
+    flat = infer(model, request(x))
+    square = infer(model, request(x.reshape(3, 8, 8)))
     np.testing.assert_array_equal(flat["probabilities"], square["probabilities"])
 
 
@@ -83,7 +89,7 @@ def test_runtime_missing_bundle_file_is_unavailable(store_copy: Path) -> None:
 
 def test_runtime_resolves_aliases_once(store_copy: Path) -> None:
     """What a process serves does not change when the store changes under it."""
-    from modelfn import store as registry
+    from modelfn import registry
 
     store = open_store(str(store_copy))
     repo = Repository(store)
@@ -107,21 +113,21 @@ def test_runtime_resolves_aliases_once(store_copy: Path) -> None:
 def test_runtime_rejects_invalid_inputs(built_store: Path, x: np.ndarray, message: str) -> None:
     model = Repository(open_store(str(built_store))).get("digits-cnn")
     with pytest.raises(InvalidInput, match=message):
-        model.infer(request(x))
+        infer(model, request(x))
 
 
 def test_runtime_unknown_input_and_output_names(built_store: Path) -> None:
     model = Repository(open_store(str(built_store))).get("digits-cnn")
     x = np.zeros((1, 64))
     with pytest.raises(InvalidInput, match="unknown output"):
-        model.infer(request(x, outputs=["logits"]))
-    assert list(model.infer(request(x, outputs=["label"]))) == ["label"]
+        infer(model, request(x, outputs=["logits"]))
+    assert list(infer(model, request(x, outputs=["label"]))) == ["label"]
     extra = InferRequest([RequestInput("pixels", "FP32", [1, 64], x.tolist()),
                           RequestInput("extra", "FP32", [1], [0])])
     with pytest.raises(InvalidInput, match="unknown input"):
-        model.infer(extra)
+        infer(model, extra)
     with pytest.raises(InvalidInput, match="missing input"):
-        model.infer(InferRequest([RequestInput("image", "FP32", [1, 64], x.tolist())]))
+        infer(model, InferRequest([RequestInput("image", "FP32", [1, 64], x.tolist())]))
 
 
 def test_runtime_unknown_model(built_store: Path) -> None:
@@ -171,7 +177,7 @@ def test_runtime_refuses_a_model_with_external_data(store_copy: Path, tmp_path: 
     shutil.copy(tmp_path / "w.bin", bundle / "w.bin")
     (bundle / "model.onnx").write_bytes(raw)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["files"]["model.onnx"] = file_entry(raw)
+    manifest["files"]["model.onnx"] = {"sha256": sha256(raw), "size": len(raw)}
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     # sanity: onnxruntime's defaults would load it, from the path or (cwd) from bytes
     assert ort.InferenceSession(str(bundle / "model.onnx")).get_inputs()[0].name == "pixels"
@@ -179,4 +185,4 @@ def test_runtime_refuses_a_model_with_external_data(store_copy: Path, tmp_path: 
         Repository(open_store(str(store_copy))).get("digits-cnn")
     monkeypatch.chdir(bundle)
     with pytest.raises(ModelUnavailable, match="onnxruntime cannot load"):
-        from_files(manifest, {"model.onnx": raw})
+        from_files(Manifest.parse(json.dumps(manifest).encode(), "test"), {"model.onnx": raw})

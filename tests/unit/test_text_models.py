@@ -13,13 +13,13 @@ import onnx
 import pytest
 import torch
 
-from modelfn import store as registry
+from modelfn import registry
 from modelfn.cli import main
 from modelfn.errors import ExportParityError, InvalidInput
 from modelfn.export import build as build_mod
 from modelfn.export import parity, quantize, sentence
 from modelfn.runtime import processing
-from modelfn.runtime.model import from_files
+from modelfn.runtime.model import from_files, read_manifest
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
 from modelfn.training import data, loop, pretrained, recipes
@@ -125,7 +125,7 @@ def test_minilm_serves_what_sentence_transformers_encodes(built_store: Path) -> 
     sample = [t for t, k in pairs[::11] if k != "long"] + [t for t, k in pairs if k == "long"][:2]
     out = model.run({"text": texts(*sample)})
     reference = sentence.load_minilm().encode(sample)
-    floor = 0.98 if model.manifest["quantization"]["applied"] else 0.9999
+    floor = 0.98 if model.manifest.quantization["applied"] else 0.9999
     assert out["embedding"].shape == (len(sample), 384)
     assert np.allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
     assert (out["embedding"] * reference).sum(axis=1).min() >= floor
@@ -157,8 +157,9 @@ def test_int8_gate_fails_an_unfaithful_quantization(fp32_store: Path) -> None:
     src, dst = fp32_store / "fp32.onnx", fp32_store / "per-tensor.onnx"
     src.write_bytes(files["model.onnx"])
     quantize_dynamic(src, dst, per_channel=False, weight_type=QuantType.QInt8)
-    base = parity.served_embeddings(from_files(manifest, files), EVAL.texts)
-    bad = from_files(manifest, {**files, "model.onnx": dst.read_bytes()})
+    served = read_manifest(open_store(str(fp32_store)), "minilm", "1")
+    base = parity.served_embeddings(from_files(served, files), EVAL.texts)
+    bad = from_files(served, {**files, "model.onnx": dst.read_bytes()})
     report = parity.compare_embeddings(parity.served_embeddings(bad, EVAL.texts), base,
                                        EVAL.texts, EVAL.groups, against="fp32",
                                        min_cosine=0.98, min_retrieval_agreement=0.95)
@@ -193,7 +194,7 @@ def test_int8_miss_ships_fp32_unless_int8_is_forced(tmp_path: Path) -> None:
     with pytest.raises(ExportParityError, match="int8 failed its gate"):
         build_mod.build("minilm", store, precision="int8", config_path=config, **QUIET)
     assert registry.versions(store, "minilm") == []
-    manifest = build_mod.build("minilm", store, config_path=config, **QUIET)
+    manifest = build_mod.build("minilm", store, config_path=config, **QUIET).to_dict()
     quant = manifest["quantization"]
     assert quant["applied"] is False and "min cosine" in quant["reason"]
     assert quant["gate"]["min_cosine"] < 0.99999  # the int8 result is recorded too

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelfn import store as registry
+from modelfn import registry
 from modelfn.cli import main
 from modelfn.errors import TrainingError
 from modelfn.store import open_store

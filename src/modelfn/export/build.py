@@ -13,39 +13,63 @@ when its own gate passes; otherwise fp32 ships and the manifest says why.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 import torch
 
-from modelfn import store as registry
-from modelfn.errors import ExportParityError, ModelfnError, TrainingError
+from modelfn import registry
+from modelfn.config import DEFAULT_MAX_BATCH
+from modelfn.errors import ConfigError, ExportParityError, TrainingError, UsageError
 from modelfn.export import parity, quantize, sentence
 from modelfn.export.onnx_export import EXPORTER, check_single_file, export_onnx
-from modelfn.runtime.manifest import SCHEMA_VERSION, file_entry, sha256
-from modelfn.runtime.model import DEFAULT_MAX_BATCH, LoadedModel, from_files
-from modelfn.store import Store, json_bytes
+from modelfn.export.parity import GateReport
+from modelfn.project import examples
+from modelfn.runtime.manifest import SCHEMA_VERSION, Manifest, Tensor, sha256
+from modelfn.runtime.model import LoadedModel, from_files
+from modelfn.store import Store
+from modelfn.store import keys as k
 from modelfn.training import loop, recipes
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "build" / "models.toml"
+#: the shipped examples' build configuration (a package resource)
+DEFAULT_CONFIG: Traversable = examples().joinpath("models.toml")
 PRECISIONS = ("auto", "fp32", "int8")
 Log = Callable[[str], None]
 
 
-def load_config(name: str, path: Path | None = None) -> dict[str, Any]:
+def load_config(name: str, path: Path | Traversable | None = None) -> dict[str, Any]:
     path = path or DEFAULT_CONFIG
     try:
         config = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelfnError(f"build configuration {path} not found") from None
+        raise ConfigError(f"build configuration {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"build configuration {path}: {exc}") from None
     if name not in config:
-        raise ModelfnError(f"{path} has no section [{name}]; known: {', '.join(sorted(config))}")
-    return config[name]
+        raise UsageError(f"no model {name!r} to build: {path} has "
+                         f"{', '.join(sorted(config))}")
+    return dict(config[name])
+
+
+def configured_models(path: Path | Traversable | None = None) -> list[str]:
+    """Every model the build configuration declares, in its order."""
+    return list(tomllib.loads((path or DEFAULT_CONFIG).read_text()))
+
+
+def needs_training(name: str, path: Path | Traversable | None = None) -> str | None:
+    """The recipe whose training run ``name`` is built from, or None (a pretrained
+    model)."""
+    config = load_config(name, path)
+    if config.get("kind", "classifier") != "classifier":
+        return None
+    return str(config.get("recipe", name))
 
 
 @dataclass
@@ -55,67 +79,75 @@ class Candidate:
     module: torch.nn.Module
     example: tuple[torch.Tensor, ...]
     dynamic_axes: dict[str, dict[int, str]]
-    manifest: dict[str, Any]  # everything but files, export and quantization
+    manifest: Manifest  # everything but files, export and quantization
     assets: dict[str, bytes]
-    #: fp32 gate on the served candidate: returns a report, raises ExportParityError
-    gate: Callable[[LoadedModel], Any]
+    #: fp32 gate on the served candidate: returns a report (the build decides)
+    gate: Callable[[LoadedModel], GateReport]
     #: int8 gate and calibration loss, given the fp32 served model (None: no int8)
-    int8: Callable[[LoadedModel], tuple[Callable[[LoadedModel], Any],
+    int8: Callable[[LoadedModel], tuple[Callable[[LoadedModel], GateReport],
                                         Callable[[LoadedModel], float]]] | None = None
 
 
 def build(name: str, store: Store, *, version: str | None = None, run_id: str | None = None,
-          precision: str = "auto", config_path: Path | None = None,
-          log: Log = print) -> dict[str, Any]:
+          precision: str = "auto", config_path: Path | Traversable | None = None,
+          log: Log = print) -> Manifest:
     """Build ``name`` and publish it; return the manifest.
 
     ``precision``: ``auto`` ships int8 where configured and its gate passes, else
-    fp32; ``fp32`` never quantizes; ``int8`` ships int8 or fails the build.
+    fp32; ``fp32`` never quantizes; ``int8`` ships int8 or fails the build. Every
+    mistake that can be seen before the export (an unknown model or precision, a
+    version that exists, int8 asked of a model configured without it) is refused
+    before any work is done.
     """
     if precision not in PRECISIONS:
-        raise ModelfnError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     config = load_config(name, config_path)
     version = version or registry.next_version(store, name)
-    registry.check_name("version", version)
-    if store.exists(f"models/{name}/{version}/{registry.MANIFEST}"):
-        raise ModelfnError(f"{name} version {version} already exists in {store.uri}")
+    registry.check_new_version(store, name, version)
+    configured = config.get("quantize", "none")
+    if precision == "int8" and configured != quantize.MODE:
+        raise UsageError(f"{name}: --precision int8, but its build configuration has no int8 "
+                         f"(quantize = {configured!r}); use --precision auto or fp32")
     kind = config.get("kind", "classifier")
     if kind == "classifier":
         candidate = _trained(name, version, store, config, run_id, log)
     elif kind == "sentence-embedding":
         candidate = _sentence_embedding(name, version, config, log)
     else:
-        raise ModelfnError(f"[{name}] kind {kind!r} is not one of classifier, sentence-embedding")
+        raise ConfigError(f"[{name}] kind {kind!r} is not one of classifier, "
+                          "sentence-embedding")
 
     manifest = candidate.manifest
     log(f"exporting {name} to ONNX, opset {config['opset']} ...")
     onnx_bytes = export_onnx(candidate.module, candidate.example,
-                             [g["name"] for g in manifest["graph"]["inputs"]],
-                             [g["name"] for g in manifest["graph"]["outputs"]],
+                             [t.name for t in manifest.graph_inputs],
+                             [t.name for t in manifest.graph_outputs],
                              config["opset"], candidate.dynamic_axes)
-    manifest["export"] = {"exporter": EXPORTER, "torch": torch.__version__,
-                          "onnxruntime": ort.__version__, **check_single_file(onnx_bytes)}
+    export = {"exporter": EXPORTER, "torch": torch.__version__,
+              "onnxruntime": ort.__version__, **check_single_file(onnx_bytes)}
     log("parity gate (fp32) ...")
     served = _served(manifest, onnx_bytes, candidate.assets)
     report = candidate.gate(served)
-    manifest["export"]["parity"] = report.as_dict()
+    if not report.passed:
+        raise ExportParityError("parity gate failed: " + "; ".join(report.failures)
+                                + "; nothing published")
+    export["parity"] = report.as_dict()
     log(f"parity gate passed: {report.summary}")
 
-    model_bytes, manifest["quantization"] = _precision(name, config, precision, candidate,
-                                                       served, onnx_bytes, log)
-    files = {manifest["model_file"]: model_bytes, **candidate.assets}
-    manifest["files"] = {rel: file_entry(data) for rel, data in files.items()}
-    registry.publish_version(store, name, version, {**files, "manifest.json":
-                                                    json_bytes(manifest)})
-    precision_used = "int8" if manifest["quantization"]["applied"] else "fp32"
-    log(f"published {name} version {version} ({precision_used}) to {store.uri}: "
+    model_bytes, quantization = _precision(name, config, precision, candidate, served,
+                                           onnx_bytes, log)
+    files = {manifest.model_file: model_bytes, **candidate.assets}
+    manifest = dataclasses.replace(manifest, export=export,
+                                   quantization=quantization).with_files(files)
+    registry.publish_version(store, name, version, {**files, k.MANIFEST: manifest.to_json()})
+    log(f"published {name} version {version} ({manifest.precision}) to {store.uri}: "
         f"{sum(len(d) for d in files.values()) / 1e6:.2f} MB")
     return manifest
 
 
-def _served(manifest: dict[str, Any], model: bytes, assets: dict[str, bytes]) -> LoadedModel:
-    return from_files(manifest, {manifest["model_file"]: model, **assets},
-                      max_batch=manifest["limits"]["max_batch"])
+def _served(manifest: Manifest, model: bytes, assets: dict[str, bytes]) -> LoadedModel:
+    return from_files(manifest, {manifest.model_file: model, **assets},
+                      max_batch=manifest.max_batch or DEFAULT_MAX_BATCH)
 
 
 def _precision(name: str, config: dict[str, Any], precision: str, candidate: Candidate,
@@ -125,11 +157,12 @@ def _precision(name: str, config: dict[str, Any], precision: str, candidate: Can
     configured = config.get("quantize", "none")
     if precision == "fp32" or (precision == "auto" and configured == "none"):
         why = ("fp32 asked for (--precision fp32)" if precision == "fp32"
-               else f"not configured for {name} (build/models.toml: quantize = \"none\")")
+               else f"not configured for {name} (its build configuration says "
+                    "quantize = \"none\")")
         return onnx_bytes, {"applied": False, "mode": "none", "reason": why}
-    if candidate.int8 is None or configured not in ("none", quantize.MODE):
-        raise ModelfnError(f"{name}: int8 is not available for this model "
-                           f"(quantize = {configured!r} in build/models.toml)")
+    if candidate.int8 is None or configured != quantize.MODE:
+        raise ConfigError(f"{name}: int8 is not available for this model "
+                          f"(quantize = {configured!r} in its build configuration)")
     gate, loss = candidate.int8(served)
     log(f"int8 ({quantize.MODE}) ...")
 
@@ -162,11 +195,20 @@ def _precision(name: str, config: dict[str, Any], precision: str, candidate: Can
     return onnx_bytes, record
 
 
-def _base_manifest(name: str, version: str, config: dict[str, Any]) -> dict[str, Any]:
-    return {"schema": SCHEMA_VERSION, "name": name, "version": version,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "platform": "onnxruntime_onnx", "model_file": "model.onnx",
-            "limits": {"max_batch": config.get("max_batch", DEFAULT_MAX_BATCH)}}
+def _manifest(name: str, version: str, config: dict[str, Any], contract: dict[str, Any],
+              source: dict[str, Any], training: dict[str, Any] | None = None) -> Manifest:
+    """A new bundle's manifest: the model's contract (task, tensors, processing) in the
+    manifest's own JSON form, and the build's records."""
+    return Manifest(
+        name=name, version=version, task=contract["task"],
+        inputs=[Tensor.from_dict(t) for t in contract["inputs"]],
+        outputs=[Tensor.from_dict(t) for t in contract["outputs"]],
+        graph_inputs=[Tensor.from_dict(t) for t in contract["graph"]["inputs"]],
+        graph_outputs=[Tensor.from_dict(t) for t in contract["graph"]["outputs"]],
+        preprocess=contract["preprocess"], postprocess=contract["postprocess"],
+        schema=SCHEMA_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
+        max_batch=int(config.get("max_batch", DEFAULT_MAX_BATCH)), source=source,
+        training=training or {})
 
 
 # --- classifiers trained by a recipe ----------------------------------------------------
@@ -190,26 +232,19 @@ def _trained(name: str, version: str, store: Store, config: dict[str, Any],
         f"(holdout accuracy {metrics['holdout_accuracy']:.4f})")
     assets = recipe.assets()
     example = loop.features(recipe, split.x_holdout[:config.get("export_batch", 2)], assets)
-    manifest = {
-        **_base_manifest(name, version, config),
-        "task": recipe.task,
-        "inputs": recipe.inputs,
-        "outputs": recipe.outputs,
-        "graph": recipe.graph,
-        "preprocess": recipe.preprocess,
-        "postprocess": {**recipe.postprocess, "labels": ckpt["labels"]},
-        "source": {
-            "recipe": recipe.name,
-            "run": run_id,
-            "checkpoint": f"runs/{recipe.name}/{run_id}/checkpoint.pt",
-            "checkpoint_sha256": sha256(raw_ckpt),
-            "data_source": metrics["data"]["source"],
-            "data_fingerprint": metrics["data"]["fingerprint"],
-        },
-        "training": {k: metrics.get(k) for k in (
-            "holdout_accuracy", "holdout_loss", "majority_baseline", "seed", "device",
-            "duration_seconds", "hyperparameters", "training_job")},
-    }
+    contract = {"task": recipe.task, "inputs": recipe.inputs, "outputs": recipe.outputs,
+                "graph": recipe.graph, "preprocess": recipe.preprocess,
+                "postprocess": {**recipe.postprocess, "labels": ckpt["labels"]}}
+    manifest = _manifest(name, version, config, contract, source={
+        "recipe": recipe.name,
+        "run": run_id,
+        "checkpoint": k.run_file(recipe.name, run_id, k.CHECKPOINT),
+        "checkpoint_sha256": sha256(raw_ckpt),
+        "data_source": metrics["data"]["source"],
+        "data_fingerprint": metrics["data"]["fingerprint"],
+    }, training={key: metrics.get(key) for key in (
+        "holdout_accuracy", "holdout_loss", "majority_baseline", "seed", "device",
+        "duration_seconds", "hyperparameters", "training_job")})
 
     def gate(served: LoadedModel) -> parity.ParityReport:
         return parity.check_parity(module, served, holdout_x=split.x_holdout,
@@ -231,20 +266,15 @@ def _sentence_embedding(name: str, version: str, config: dict[str, Any], log: Lo
         f"({evals.source}) ...")
     reference = model.encode(evals.texts)
     assets = {recipes.TOKENIZER: model.tokenizer_json}
-    manifest = {**_base_manifest(name, version, config),
-                **sentence.contract(model, config["max_chars"]),
-                "source": {**model.source, "eval_set": evals.source},
-                "training": {}}
+    manifest = _manifest(name, version, config, sentence.contract(model, config["max_chars"]),
+                         source={**model.source, "eval_set": evals.source})
     ids = torch.randint(1000, 2000, (config.get("export_batch", 2), 16))
 
     def gate(served: LoadedModel) -> parity.EmbeddingReport:
         got = parity.served_embeddings(served, evals.texts)
-        report = parity.compare_embeddings(
+        return parity.compare_embeddings(
             got, reference, evals.texts, evals.groups, against=model.source["reference"],
             min_cosine=config["min_cosine"], atol=config.get("atol"))
-        if not report.passed:
-            raise ExportParityError("parity gate failed: " + "; ".join(report.failures))
-        return report
 
     def int8(fp32: LoadedModel) -> tuple[Callable[[LoadedModel], Any],
                                          Callable[[LoadedModel], float]]:

@@ -12,7 +12,7 @@ from typing import Any
 import onnx
 import torch
 
-from modelfn.errors import ModelfnError
+from modelfn.errors import ExportError
 
 EXPORTER = "torch.onnx.export(dynamo=True)"
 
@@ -48,7 +48,7 @@ def export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
         data = path.read_bytes()
         extra = [p.name for p in Path(tmp).iterdir() if p.name != "model.onnx"]
     if extra:
-        raise ModelfnError(f"export wrote external data files {extra}; expected a single file")
+        raise ExportError(f"export wrote external data files {extra}; expected a single file")
     check_single_file(data)
     return data
 
@@ -59,6 +59,6 @@ def check_single_file(data: bytes) -> dict[str, Any]:
     onnx.checker.check_model(proto)
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise ModelfnError(f"ONNX tensor {tensor.name!r} references external data")
+            raise ExportError(f"ONNX tensor {tensor.name!r} references external data")
     return {"opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
             "ir_version": proto.ir_version}

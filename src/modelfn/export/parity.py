@@ -24,7 +24,6 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from modelfn.errors import ExportParityError
 from modelfn.runtime.model import LoadedModel
 
 
@@ -75,12 +74,12 @@ def _perturbed(rows: np.ndarray, spec: dict[str, Any], rng: np.random.Generator
 def check_parity(module: torch.nn.Module, served: LoadedModel, *, holdout_x: np.ndarray,
                  batch_sizes: Sequence[int], atol: float, min_agreement: float,
                  seed: int = 0) -> ParityReport:
-    """Run both classifier checks; raise :class:`ExportParityError` naming every miss."""
+    """Run both classifier checks; the report lists every miss (the build decides)."""
     module = module.eval().cpu()
     manifest = served.manifest
-    graph_inputs = [g["name"] for g in manifest["graph"]["inputs"]]
-    (output_name,) = [g["name"] for g in manifest["graph"]["outputs"]]
-    pre_spec = manifest["preprocess"]
+    graph_inputs = [t.name for t in manifest.graph_inputs]
+    (output_name,) = [t.name for t in manifest.graph_outputs]
+    pre_spec = manifest.preprocess
     pre, post = served.pre, served.post
     report = ParityReport(atol=atol, min_agreement=min_agreement, batch_sizes=list(batch_sizes))
     rng = np.random.default_rng(seed)
@@ -119,8 +118,6 @@ def check_parity(module: torch.nn.Module, served: LoadedModel, *, holdout_x: np.
         report.failures.append(f"holdout argmax agreement {report.agreement:.4f} is below "
                                f"{min_agreement} ({report.disagreements} of "
                                f"{report.holdout_size} differ)")
-    if not report.passed:
-        raise ExportParityError("parity gate failed: " + "; ".join(report.failures))
     return report
 
 
@@ -135,7 +132,7 @@ def served_embeddings(served: LoadedModel, texts: Sequence[str], output: str = "
                       seed: int = 0) -> np.ndarray:
     """Embeddings of ``texts`` (in their order) through the served path, in mixed batches."""
     order = np.random.default_rng(seed).permutation(len(texts))
-    input_name = served.manifest["inputs"][0]["name"]
+    input_name = served.manifest.inputs[0].name
     out = np.zeros((len(texts), 0), dtype=np.float32)
     start, i = 0, 0
     while start < len(order):

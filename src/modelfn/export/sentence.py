@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelfn.errors import ModelfnError
+from modelfn.errors import ExportError
 from modelfn.runtime.manifest import sha256
 from modelfn.training import data, pretrained, recipes
 
@@ -42,14 +42,14 @@ class EvalSet:
 
 
 def eval_set(file: str) -> EvalSet:
-    rows = data.read_jsonl(data.DATA_DIR / file)
+    rows = data.read_jsonl(file)
     return EvalSet([str(r["text"]) for r in rows], [int(r["group"]) for r in rows],
-                   [str(r["kind"]) for r in rows], f"data/{file}")
+                   [str(r["kind"]) for r in rows], f"modelfn/examples/data/{file}")
 
 
 def calibration_texts(file: str, count: int) -> list[str]:
     """Texts for the int8 sensitivity measure: spread over ``file``, never the eval set."""
-    rows = data.read_jsonl(data.DATA_DIR / file)
+    rows = data.read_jsonl(file)
     step = max(1, len(rows) // count)
     return [str(r["text"]) for r in rows[::step]][:count]
 
@@ -75,7 +75,7 @@ def load_minilm() -> SentenceModel:
     kinds = [type(m).__name__ for m in st]
     pooling = st[1].get_config_dict().get("pooling_mode") if len(st) > 1 else None
     if kinds != ["Transformer", "Pooling", "Normalize"] or pooling != "mean":
-        raise ModelfnError(f"{path}: expected Transformer → mean Pooling → Normalize, "
+        raise ExportError(f"{path}: expected Transformer → mean Pooling → Normalize, "
                            f"found {kinds} (pooling {pooling!r})")
     encoder = st[0].auto_model.eval()
 

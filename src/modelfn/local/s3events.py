@@ -12,47 +12,15 @@ import json
 import os
 import threading
 import uuid
-from functools import cache
 from typing import Any
 
-import yaml
-
-from modelfn.errors import ModelfnError
-from modelfn.local.apigw import load_function, project_root
+from modelfn.errors import LocalServiceError
+from modelfn.local.apigw import load_function
 from modelfn.local.lambda_context import LocalContext
+from modelfn.project import parameter_default, template
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                     "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-class _CfnLoader(yaml.SafeLoader):
-    """YAML with CloudFormation's short tags kept as {"Ref": ...} / {"Fn::X": ...}."""
-
-
-def _tag(loader: yaml.Loader, suffix: str, node: yaml.Node) -> dict[str, Any]:
-    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
-    value: Any
-    if isinstance(node, yaml.ScalarNode):
-        value = loader.construct_scalar(node)
-        if suffix == "GetAtt":
-            value = value.split(".", 1)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
-    return {name: value}
-
-
-_CfnLoader.add_multi_constructor("!", _tag)  # type: ignore[no-untyped-call]
-
-
-@cache
-def template() -> dict[str, Any]:
-    return yaml.load((project_root() / "template.yaml").read_text(), Loader=_CfnLoader)  # noqa: S506
-
-
-def parameter_default(name: str) -> Any:
-    return template()["Parameters"][name]["Default"]
 
 
 class BatchDeployment:
@@ -144,7 +112,7 @@ class LocalS3:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError:
-            raise ModelfnError("--with-s3 needs moto: pip install -e '.[dev]'") from None
+            raise LocalServiceError("--with-s3 needs moto: pip install 'modelfn[local]'") from None
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
@@ -162,7 +130,7 @@ def start_trigger(models: str, bucket: str = "modelfn-local") -> tuple[LocalS3, 
     import boto3
 
     if models.startswith("s3://"):
-        raise ModelfnError("--with-s3 serves models from a local store: the embedded S3 "
+        raise LocalServiceError("--with-s3 serves models from a local store: the embedded S3 "
                            "endpoint would shadow a real one")
     local = LocalS3()
     boto3.client("s3").create_bucket(Bucket=bucket)

@@ -20,12 +20,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelfn import store as registry
-from modelfn.errors import ModelfnError
-from modelfn.local.apigw import project_root
+from modelfn import registry
+from modelfn.errors import PackagingError
 from modelfn.packaging.limits import UNZIPPED_LIMIT, Artifact, measure, measure_bundle
-from modelfn.runtime.manifest import load_manifest, verify_file
+from modelfn.project import checkout
+from modelfn.runtime.manifest import Manifest
 from modelfn.store import Store, json_bytes
+from modelfn.store import keys as k
 
 #: where a models layer's store is on Lambda (layers unpack under /opt)
 LAYER_STORE = "/opt/modelfn-store"
@@ -35,7 +36,8 @@ IMAGE_STORE = f"{TASK_ROOT}/modelfn-store"
 BASE_IMAGE = "public.ecr.aws/lambda/python:3.12"
 HANDLER = "app.lambda_handler"
 #: modelfn's sources the runtime needs (the runtime layer's Makefile copies the same)
-RUNTIME_SOURCES = ("__init__.py", "errors.py", "store.py", "runtime/*.py", "runtime/*.json")
+RUNTIME_SOURCES = ("__init__.py", "errors.py", "config.py", "registry.py", "store/*.py",
+                   "runtime/*.py", "runtime/*.json")
 
 
 @dataclass(frozen=True)
@@ -50,17 +52,17 @@ class Packaged:
 
 def copy_bundle(store: Store, name: str, version: str, root: Path) -> None:
     """The bundle under ``root`` in the store layout, verified, with ``live`` → it."""
-    prefix = f"models/{name}/{version}"
     where = f"{name} version {version}"
-    raw = store.read_bytes(f"{prefix}/{registry.MANIFEST}")
-    manifest = load_manifest(raw, where)
-    target = root / "models" / name / version
-    for rel in manifest["files"]:
+    raw = store.read_bytes(k.manifest_key(name, version))
+    manifest = Manifest.parse(raw, where)
+    target = root.joinpath(*k.version_prefix(name, version).split("/"))
+    for rel in manifest.files:
         dest = target.joinpath(*rel.split("/"))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(verify_file(manifest, rel, store.read_bytes(f"{prefix}/{rel}"), where))
-    (target / registry.MANIFEST).write_bytes(raw)
-    (root / "models" / name / registry.ALIASES).write_bytes(json_bytes({"live": version}))
+        dest.write_bytes(manifest.verify_bytes(
+            rel, store.read_bytes(k.bundle_file(name, version, rel)), where))
+    (target / k.MANIFEST).write_bytes(raw)
+    root.joinpath(*k.aliases_key(name).split("/")).write_bytes(json_bytes({"live": version}))
 
 
 def models_layer(store: Store, name: str, version: str, out: Path) -> Path:
@@ -105,7 +107,7 @@ CMD ["{HANDLER}"]
 
 def image_context(store: Store, name: str, version: str, out: Path) -> Path:
     """A ``docker build`` context for the API function with the bundle inside."""
-    root = project_root()
+    root = checkout("modelfn package --image")
     context = out / f"{name}-{version}-image"
     shutil.rmtree(context, ignore_errors=True)
     (context / "modelfn").mkdir(parents=True)
@@ -135,7 +137,7 @@ def package(store: Store, ref: str, out: Path, layer_dir: Path | None,
         parts = [bundle]
         for what, folder in (("runtime layer", layer_dir), ("function", function_dir)):
             if folder is None or not folder.is_dir():
-                raise ModelfnError(f"no built {what} at {folder}: run `make sam-build` first "
+                raise PackagingError(f"no built {what} at {folder}: run `make sam-build` first "
                                    "(or pass --image for a container image)")
             parts.append(measure(folder, zipped=False))
         total = sum(p.unzipped for p in parts)

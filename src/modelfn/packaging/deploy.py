@@ -15,7 +15,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from modelfn.errors import ModelfnError
+from modelfn.errors import ConfigError, UsageError
+from modelfn.project import template
 
 
 def parse(text: str) -> dict[str, str]:
@@ -23,17 +24,17 @@ def parse(text: str) -> dict[str, str]:
     for item in text.split():
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ModelfnError(f"parameter {item!r}: expected Name=Value")
+            raise UsageError(f"parameter {item!r}: expected Name=Value")
         pairs[key] = value
     return pairs
 
 
 def parameters(root: Path, config_env: str, overrides: list[str]) -> dict[str, str]:
-    from modelfn.local.s3events import template
-
+    """The checkout ``root``'s ``config_env`` profile with ``overrides`` on top, checked
+    against its template's parameters."""
     config = tomllib.loads((root / "samconfig.toml").read_text())
     if config_env not in config:
-        raise ModelfnError(f"samconfig.toml has no [{config_env}] profile; it has "
+        raise ConfigError(f"samconfig.toml has no [{config_env}] profile; it has "
                            f"{', '.join(k for k in config if k != 'version')}")
     deploy: dict[str, Any] = config[config_env].get("deploy", {}).get("parameters", {})
     merged = parse(deploy.get("parameter_overrides", ""))
@@ -41,10 +42,10 @@ def parameters(root: Path, config_env: str, overrides: list[str]) -> dict[str, s
     declared = template()["Parameters"]
     for key, value in merged.items():
         if key not in declared:
-            raise ModelfnError(f"template.yaml has no parameter {key!r}")
+            raise ConfigError(f"template.yaml has no parameter {key!r}")
         allowed = declared[key].get("AllowedValues")
         if allowed is not None and value not in map(str, allowed):
-            raise ModelfnError(f"{key}={value}: allowed values are "
+            raise ConfigError(f"{key}={value}: allowed values are "
                                f"{', '.join(map(str, allowed))}")
     return dict(sorted(merged.items()))
 

@@ -7,7 +7,6 @@ layers together.
 from __future__ import annotations
 
 import io
-import json
 import os
 import zipfile
 import zlib
@@ -62,13 +61,15 @@ def measure(path: Path, name: str | None = None, zipped: bool = True) -> Artifac
 def measure_bundle(store: Store, name: str, version: str | None = None) -> Artifact:
     """A published bundle as it would ship beside the function (e.g. in a models layer):
     every file its manifest lists, plus the manifest itself."""
-    from modelfn import store as registry
+    from modelfn import registry
+    from modelfn.runtime.manifest import Manifest
+    from modelfn.store import keys as k
 
     version = registry.resolve_version(store, name, version)
-    prefix = f"models/{name}/{version}"
-    manifest_raw = store.read_bytes(f"{prefix}/{registry.MANIFEST}")
-    blobs = [manifest_raw, *(store.read_bytes(f"{prefix}/{rel}")
-                             for rel in json.loads(manifest_raw)["files"])]
+    manifest_raw = store.read_bytes(k.manifest_key(name, version))
+    manifest = Manifest.parse(manifest_raw, f"{name} version {version}")
+    blobs = [manifest_raw, *(store.read_bytes(k.bundle_file(name, version, rel))
+                             for rel in manifest.files)]
     return Artifact(f"{name}/{version}", sum(map(len, blobs)),
                     sum(len(zlib.compress(b, 6)) for b in blobs), len(blobs))
 

@@ -27,53 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from modelfn.errors import InvalidInput, ModelfnError, StoreError
+from modelfn.config import BatchLimits
+from modelfn.errors import InvalidInput, LimitExceeded, ModelfnError, StoreError
 from modelfn.runtime.model import LoadedModel
 from modelfn.runtime.protocol import InferRequest, RequestInput, dumps, parse_json
 from modelfn.runtime.repository import Repository
 from modelfn.store import Store
+from modelfn.store.keys import INPUT_PREFIX, model_from_key, output_key, summary_key
 
-INPUT_PREFIX = "inputs/"
-OUTPUT_PREFIX = "outputs/"
+__all__ = ["INPUT_PREFIX", "BatchLimits", "Summary", "process_object", "run_lines"]
+
 MAX_LINE_BYTES = 1 << 20
-
-
-class LimitExceeded(ModelfnError):
-    """The file is over a configured limit: rejected whole, never retried."""
-
-    status = 413
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int = 512 << 20
-    max_lines: int = 1_000_000
-    micro_batch: int = 32
-
-    @classmethod
-    def from_env(cls, env: dict[str, str]) -> Limits:
-        return cls(int(env.get("MODELFN_BATCH_MAX_BYTES", cls.max_bytes)),
-                   int(env.get("MODELFN_BATCH_MAX_LINES", cls.max_lines)),
-                   int(env.get("MODELFN_BATCH_MICRO_BATCH", cls.micro_batch)))
-
-
-def output_key(input_key: str) -> str:
-    """``inputs/a/b.jsonl`` → ``outputs/a/b.jsonl``: never under the trigger prefix."""
-    if not input_key.startswith(INPUT_PREFIX):
-        raise InvalidInput(f"batch inputs live under {INPUT_PREFIX!r}, not {input_key!r}")
-    return OUTPUT_PREFIX + input_key[len(INPUT_PREFIX):]
-
-
-def summary_key(input_key: str) -> str:
-    out = output_key(input_key)
-    return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
-
-
-def model_from_key(key: str) -> str | None:
-    """``inputs/<model>/...`` names the file's model; ``inputs/x.jsonl`` names none."""
-    rest = key[len(INPUT_PREFIX):] if key.startswith(INPUT_PREFIX) else ""
-    folder, sep, _ = rest.partition("/")
-    return folder if sep and folder else None
 
 
 @dataclass
@@ -116,7 +80,8 @@ class BatchRun:
     """Turns lines into output lines, in order, running micro-batches per model."""
 
     def __init__(self, repo: Repository, write: Callable[[bytes], Any], *,
-                 default_model: str | None, limits: Limits, summary: Summary) -> None:
+                 default_model: str | None, limits: BatchLimits,
+                 summary: Summary) -> None:
         self.repo, self.write, self.default_model = repo, write, default_model
         self.limits, self.summary = limits, summary
         self._rows: list[_Row] = []
@@ -193,6 +158,10 @@ class BatchRun:
     def _run(self, rows: list[_Row]) -> None:
         model = rows[0].model
         assert model is not None
+        if len(rows) > model.max_batch:  # never more rows at once than the API would take
+            for start in range(0, len(rows), model.max_batch):
+                self._run(rows[start:start + model.max_batch])
+            return
         names = list(rows[0].arrays or {})
         try:
             outputs = model.run({n: np.concatenate([r.arrays[n] for r in rows])  # type: ignore[index]
@@ -214,61 +183,62 @@ class BatchRun:
 def _canonical(model: LoadedModel, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rows in the input's declared shape (e.g. [1, 64] for an [8, 8] row), so that rows
     given in different accepted forms can share a micro-batch."""
-    for spec in model.manifest["inputs"]:
-        rest = spec["shape"][1:]
+    for spec in model.manifest.inputs:
+        rest = spec.shape[1:]
         if -1 not in rest:
             try:
-                arrays[spec["name"]] = arrays[spec["name"]].reshape(1, *rest)
+                arrays[spec.name] = arrays[spec.name].reshape(1, *rest)
             except ValueError:
-                raise InvalidInput(f"input {spec['name']!r}: cannot be laid out as "
-                                   f"{spec['shape']}") from None
+                raise InvalidInput(f"input {spec.name!r}: cannot be laid out as "
+                                   f"{spec.shape}") from None
     return arrays
 
 
 def _request(model: LoadedModel, inputs: Any) -> InferRequest:
     """One line's ``inputs`` as a one-row v2 request for ``model``."""
-    specs = model.manifest["inputs"]
+    specs = model.manifest.inputs
     if not isinstance(inputs, dict):
         if len(specs) != 1:
-            raise InvalidInput(f"this model takes {[s['name'] for s in specs]}: give "
+            raise InvalidInput(f"this model takes {model.manifest.input_names()}: give "
                                "'inputs' as an object")
-        inputs = {specs[0]["name"]: inputs}
+        inputs = {specs[0].name: inputs}
     tensors = []
     for spec in specs:
-        if spec["name"] not in inputs:
-            raise InvalidInput(f"missing input {spec['name']!r}")
-        value = inputs[spec["name"]]
-        if spec["datatype"] == "BYTES":
+        if spec.name not in inputs:
+            raise InvalidInput(f"missing input {spec.name!r}")
+        value = inputs[spec.name]
+        if spec.datatype == "BYTES":
             if not isinstance(value, str):
-                raise InvalidInput(f"input {spec['name']!r} must be a string")
-            tensors.append(RequestInput(spec["name"], "BYTES", [1], [value]))
+                raise InvalidInput(f"input {spec.name!r} must be a string")
+            tensors.append(RequestInput(spec.name, "BYTES", [1], [value]))
             continue
         try:
             shape = [1, *np.shape(value)]
         except ValueError:  # ragged nesting
-            raise InvalidInput(f"input {spec['name']!r}: not a rectangular array") from None
-        tensors.append(RequestInput(spec["name"], spec["datatype"], shape, value))
+            raise InvalidInput(f"input {spec.name!r}: not a rectangular array") from None
+        tensors.append(RequestInput(spec.name, spec.datatype, shape, value))
     return InferRequest(tensors)
 
 
 def run_lines(lines: Iterable[bytes], repo: Repository, write: Callable[[bytes], Any], *,
               summary: Summary, default_model: str | None = None,
-              limits: Limits | None = None,
+              limits: BatchLimits | None = None,
               progress: Callable[[int], Any] | None = None) -> Summary:
     """Run every line; write output lines through ``write``; return the summary."""
     started = time.perf_counter()
-    BatchRun(repo, write, default_model=default_model, limits=limits or Limits(),
+    BatchRun(repo, write, default_model=default_model, limits=limits or BatchLimits(),
              summary=summary).feed(lines, progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def process_object(store: Store, key: str, repo: Repository, limits: Limits | None = None,
+def process_object(store: Store, key: str, repo: Repository,
+                   limits: BatchLimits | None = None,
                    progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """Run ``inputs/...jsonl`` in ``store``; write ``outputs/...jsonl`` (whole or not at
     all) and then its summary. A file over the limits gets a summary saying so and no
     output, and returns normally: retrying cannot help it."""
-    limits = limits or Limits()
+    limits = limits or BatchLimits()
     summary = Summary(input=key, output=output_key(key))
     started = time.perf_counter()
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import time
 import traceback
@@ -27,11 +26,11 @@ from importlib import resources
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics
-from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
 import modelfn
+from modelfn.config import Settings
 from modelfn.errors import MalformedRequest, ModelfnError
-from modelfn.runtime.model import DEFAULT_MAX_BATCH
+from modelfn.runtime import metrics as emf
 from modelfn.runtime.model import model_metadata as describe
 from modelfn.runtime.protocol import (
     HEADER_LENGTH,
@@ -42,29 +41,9 @@ from modelfn.runtime.protocol import (
     encode_infer_response,
     split_body,
 )
-from modelfn.runtime.repository import Repository, configured_alias
+from modelfn.runtime.repository import Repository
 
 JSON = "application/json"
-DEFAULT_MAX_BODY = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Settings:
-    max_body_bytes: int = DEFAULT_MAX_BODY
-    max_batch: int = DEFAULT_MAX_BATCH
-    preload: tuple[str, ...] = ()
-    #: the store alias a request without a version is served from (MODELFN_ALIAS)
-    alias: str = "live"
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        preload = os.environ.get("MODELFN_PRELOAD", "")
-        return cls(
-            max_body_bytes=int(os.environ.get("MODELFN_MAX_BODY_BYTES", DEFAULT_MAX_BODY)),
-            max_batch=int(os.environ.get("MODELFN_MAX_BATCH", DEFAULT_MAX_BATCH)),
-            preload=tuple(p.strip() for p in preload.split(",") if p.strip()),
-            alias=configured_alias(),
-        )
 
 
 @dataclass(frozen=True)
@@ -86,14 +65,6 @@ class Response:
                     "body": base64.b64encode(body).decode()}
         return {"statusCode": self.status, "isBase64Encoded": False,
                 "headers": {"Content-Type": JSON, **self.headers}, "body": body.decode()}
-
-
-def count_once(metrics: Metrics, name: str) -> None:
-    """One count of ``name`` in an EMF record of its own, with the service as its only
-    dimension (what an alarm can watch), whatever the invocation's metric set holds."""
-    with single_metric(name=name, unit=MetricUnit.Count, value=1, namespace=metrics.namespace,
-                       default_dimensions={"service": str(metrics.service)}):
-        pass
 
 
 def json_response(status: int, body: Any) -> Response:
@@ -177,16 +148,8 @@ class Api:
         return json_response(404, {"error": f"no route for {request.method} {request.path}"})
 
     def count_error(self, kind: str, status: int) -> None:
-        """Embedded metrics: RequestErrors by kind (the error's class), and ServerErrors
-        (a 5xx, which the rollout alarm watches) in a metric set of its own: EMF gives
-        every metric of a set the same dimensions."""
-        if self.metrics is None:
-            return
-        self.metrics.clear_metrics()
-        self.metrics.add_dimension(name="kind", value=kind)
-        self.metrics.add_metric(name="RequestErrors", unit=MetricUnit.Count, value=1)
-        if status >= 500:
-            count_once(self.metrics, "ServerErrors")
+        if self.metrics is not None:
+            emf.request_error(self.metrics, kind, status)
 
     def resolve(self, event: Any, context: Any = None) -> dict[str, Any]:
         try:
@@ -276,15 +239,7 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         elapsed_ms = (time.perf_counter() - started) * 1000
         logger.info("inference", extra={"model": name, "version": concrete, "batch": batch,
                                         "latency_ms": round(elapsed_ms, 3)})
-        # one request per invocation: start from a clean set (log_metrics flushes and
-        # clears it after each invocation, except when metrics are disabled locally)
-        metrics.clear_metrics()
-        metrics.add_dimension(name="model", value=name)
-        metrics.add_dimension(name="version", value=concrete)
-        metrics.add_metric(name="Inferences", unit=MetricUnit.Count, value=1)
-        metrics.add_metric(name="InferenceLatency", unit=MetricUnit.Milliseconds,
-                           value=elapsed_ms)
-        metrics.add_metric(name="BatchSize", unit=MetricUnit.Count, value=batch)
+        emf.inference(metrics, name, concrete, elapsed_ms, batch)
         binary = {} if header_length is None else {HEADER_LENGTH: str(header_length)}
         return Response(200, None, binary, raw=body)
 

@@ -1,16 +1,33 @@
-"""The bundle contract: what manifest.json holds and how the runtime checks it.
+"""The bundle contract: ``manifest.json`` as a typed object, with one parser.
 
-The build step writes manifests with :func:`file_entry`; the runtime reads them
-with :func:`load_manifest` and checks every file with :func:`verify_file` before
-an onnxruntime session is ever created.
+The build step creates a :class:`Manifest` and writes it with :meth:`Manifest.to_json`;
+everything that reads one (the runtime, packaging, the command line) goes through
+:meth:`Manifest.parse`, which refuses a malformed manifest (the model is then
+unavailable: 503), and checks every file with :meth:`Manifest.verify_bytes` or
+:meth:`Manifest.verify_path` before an onnxruntime session is ever created.
+
+The JSON layout::
+
+    {"schema": 1, "name", "version", "created", "task", "platform", "model_file",
+     "inputs": [tensor], "outputs": [tensor],                the API's tensors
+     "graph": {"inputs": [tensor], "outputs": [tensor]},     the ONNX graph's own
+     "preprocess": {"kind", ...}, "postprocess": {"kind", ...},
+     "limits": {"max_batch"}, "files": {rel: {"sha256", "size"}},
+     "source": {...}, "training": {...}, "export": {...}, "quantization": {...}}
+
+with a tensor ``{"name", "datatype", "shape"[, "shapes"][, "description"]}`` (-1: any
+size; ``shapes``: other accepted layouts). The last four sections are the build's
+records (provenance, parity figures, the int8 decision): kept as they were written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,49 +42,202 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_entry(data: bytes) -> dict[str, Any]:
-    return {"sha256": sha256(data), "size": len(data)}
+class _Invalid(ValueError):
+    """A manifest field of the wrong form (turned into ModelUnavailable by parse)."""
 
 
-def load_manifest(raw: bytes, where: str) -> dict[str, Any]:
-    """Parse and sanity-check a manifest; a bad one makes the model unavailable (503)."""
-    try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise ModelUnavailable(f"{where}: manifest.json is not valid JSON") from exc
-    if not isinstance(manifest, dict):
-        raise ModelUnavailable(f"{where}: manifest.json is not an object")
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise ModelUnavailable(f"{where}: manifest.json lacks {', '.join(missing)}")
-    if manifest.get("schema", SCHEMA_VERSION) > SCHEMA_VERSION:
-        raise ModelUnavailable(f"{where}: manifest schema {manifest['schema']} is newer "
-                               f"than this runtime understands ({SCHEMA_VERSION})")
-    if manifest["model_file"] not in manifest["files"]:
-        raise ModelUnavailable(f"{where}: manifest does not list its model file")
-    return manifest
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of the API or of the graph."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    #: every layout the API accepts for it (default: ``shape`` alone)
+    shapes: list[list[int]] = field(default_factory=list)
+    description: str = ""
+
+    @property
+    def accepted_shapes(self) -> list[list[int]]:
+        return self.shapes or [self.shape]
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Tensor:
+        if not isinstance(raw, dict):
+            raise _Invalid("a tensor is not an object")
+        try:
+            name, datatype, shape = raw["name"], raw["datatype"], raw["shape"]
+        except KeyError as exc:
+            raise _Invalid(f"a tensor lacks {exc.args[0]!r}") from None
+        shapes = raw.get("shapes") or []
+        if not (isinstance(name, str) and isinstance(datatype, str)
+                and all(_is_shape(s) for s in [shape, *shapes])):
+            raise _Invalid(f"tensor {name!r}: name, datatype or shape of the wrong type")
+        return cls(name, datatype, list(shape), [list(s) for s in shapes],
+                   str(raw.get("description", "")))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "datatype": self.datatype,
+                               "shape": self.shape}
+        if self.shapes:
+            out["shapes"] = self.shapes
+        if self.description:
+            out["description"] = self.description
+        return out
 
 
-def _verify(manifest: dict[str, Any], rel: str, where: str, size: int,
-            digest: Callable[[], str]) -> None:
-    entry = manifest["files"].get(rel)
-    if entry is None:
-        raise IntegrityError(f"{where}: {rel} is not listed in the manifest")
-    if size != entry.get("size") or digest() != entry.get("sha256"):
-        raise IntegrityError(f"{where}: {rel} does not match the sha256 recorded in its "
-                             "manifest; refusing to load it")
+def _is_shape(shape: Any) -> bool:
+    return isinstance(shape, list) and all(isinstance(d, int) and d >= -1 for d in shape)
 
 
-def verify_file(manifest: dict[str, Any], rel: str, data: bytes, where: str) -> bytes:
-    """Return ``data`` if its size and sha256 match the manifest, else raise IntegrityError."""
-    _verify(manifest, rel, where, len(data), lambda: sha256(data))
-    return data
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
 
 
-def verify_path(manifest: dict[str, Any], rel: str, path: Path, where: str) -> Path:
-    """As :func:`verify_file` for a file on disk, hashed as it streams (the file is
-    never held in memory whole); returns ``path``."""
-    with path.open("rb") as fh:
-        _verify(manifest, rel, where, os.fstat(fh.fileno()).st_size,
-                lambda: hashlib.file_digest(fh, "sha256").hexdigest())
-    return path
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    task: str
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    graph_inputs: list[Tensor]
+    graph_outputs: list[Tensor]
+    preprocess: dict[str, Any]
+    postprocess: dict[str, Any]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    model_file: str = "model.onnx"
+    schema: int = SCHEMA_VERSION
+    created: str = ""
+    platform: str = "onnxruntime_onnx"
+    #: the largest batch this model takes (the deployment's MODELFN_MAX_BATCH may
+    #: lower it); None: the deployment's limit alone
+    max_batch: int | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+    # --- reading ----------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, raw: bytes, where: str) -> Manifest:
+        """The one parser: a manifest that is not what this runtime reads makes the
+        model unavailable (503), naming what is wrong."""
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise ModelUnavailable(f"{where}: manifest.json is not valid JSON") from exc
+        if not isinstance(doc, dict):
+            raise ModelUnavailable(f"{where}: manifest.json is not an object")
+        missing = [k for k in REQUIRED if k not in doc]
+        if missing:
+            raise ModelUnavailable(f"{where}: manifest.json lacks {', '.join(missing)}")
+        schema = doc.get("schema", SCHEMA_VERSION)
+        if not isinstance(schema, int) or schema > SCHEMA_VERSION:
+            raise ModelUnavailable(f"{where}: manifest schema {schema} is newer than this "
+                                   f"runtime understands ({SCHEMA_VERSION})")
+        try:
+            manifest = cls.from_dict(doc)
+        except (_Invalid, TypeError, ValueError, AttributeError) as exc:
+            raise ModelUnavailable(f"{where}: manifest.json is malformed: {exc}") from None
+        if manifest.model_file not in manifest.files:
+            raise ModelUnavailable(f"{where}: manifest does not list its model file")
+        return manifest
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Manifest:
+        graph = doc["graph"]
+        if not isinstance(graph, dict):
+            raise _Invalid("'graph' is not an object")
+        for section in ("preprocess", "postprocess", "files"):
+            if not isinstance(doc[section], dict):
+                raise _Invalid(f"{section!r} is not an object")
+        files = {}
+        for rel, entry in doc["files"].items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                    and isinstance(entry.get("size"), int)):
+                raise _Invalid(f"file {rel!r} has no sha256 and size")
+            files[rel] = FileEntry(entry["sha256"], entry["size"])
+        limit = (doc.get("limits") or {}).get("max_batch")
+        return cls(
+            name=str(doc["name"]), version=str(doc["version"]), task=str(doc["task"]),
+            inputs=[Tensor.from_dict(t) for t in doc["inputs"]],
+            outputs=[Tensor.from_dict(t) for t in doc["outputs"]],
+            graph_inputs=[Tensor.from_dict(t) for t in graph.get("inputs", [])],
+            graph_outputs=[Tensor.from_dict(t) for t in graph.get("outputs", [])],
+            preprocess=dict(doc["preprocess"]), postprocess=dict(doc["postprocess"]),
+            files=files, model_file=str(doc["model_file"]),
+            schema=int(doc.get("schema", SCHEMA_VERSION)), created=str(doc.get("created", "")),
+            platform=str(doc.get("platform", "onnxruntime_onnx")),
+            max_batch=None if limit is None else int(limit),
+            source=dict(doc.get("source") or {}), training=dict(doc.get("training") or {}),
+            export=dict(doc.get("export") or {}),
+            quantization=dict(doc.get("quantization") or {}))
+
+    # --- writing ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema, "name": self.name, "version": self.version,
+            "created": self.created, "task": self.task, "platform": self.platform,
+            "model_file": self.model_file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "graph": {"inputs": [t.to_dict() for t in self.graph_inputs],
+                      "outputs": [t.to_dict() for t in self.graph_outputs]},
+            "preprocess": self.preprocess, "postprocess": self.postprocess,
+            "limits": {} if self.max_batch is None else {"max_batch": self.max_batch},
+            "files": {rel: {"sha256": e.sha256, "size": e.size}
+                      for rel, e in self.files.items()},
+            "source": self.source, "training": self.training, "export": self.export,
+            "quantization": self.quantization,
+        }
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+    def with_files(self, files: dict[str, bytes]) -> Manifest:
+        """This manifest listing exactly ``files`` (with their sha256 and size)."""
+        return dataclasses.replace(self, files={rel: FileEntry(sha256(data), len(data))
+                                                for rel, data in files.items()})
+
+    # --- what the runtime and the command line ask of it --------------------------------
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.quantization.get("applied") else "fp32"
+
+    @property
+    def size(self) -> int:
+        """Bytes of every file the bundle lists (the manifest itself aside)."""
+        return sum(e.size for e in self.files.values())
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def _verify(self, rel: str, where: str, size: int, digest: Callable[[], str]) -> None:
+        entry = self.files.get(rel)
+        if entry is None:
+            raise IntegrityError(f"{where}: {rel} is not listed in the manifest")
+        if size != entry.size or digest() != entry.sha256:
+            raise IntegrityError(f"{where}: {rel} does not match the sha256 recorded in its "
+                                 "manifest; refusing to load it")
+
+    def verify_bytes(self, rel: str, data: bytes, where: str) -> bytes:
+        """``data`` if its size and sha256 match the manifest, else IntegrityError."""
+        self._verify(rel, where, len(data), lambda: sha256(data))
+        return data
+
+    def verify_path(self, rel: str, path: Path, where: str) -> Path:
+        """As :meth:`verify_bytes` for a file on disk, hashed as it streams (the file is
+        never held in memory whole); returns ``path``."""
+        with path.open("rb") as fh:
+            self._verify(rel, where, os.fstat(fh.fileno()).st_size,
+                         lambda: hashlib.file_digest(fh, "sha256").hexdigest())
+        return path

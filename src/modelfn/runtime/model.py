@@ -1,7 +1,8 @@
-"""A served model: its manifest, its onnxruntime session, and ``infer``.
+"""A served model: its manifest, its onnxruntime session, validation and ``run``.
 
 Following cog's split: :func:`load` is the setup (verify, create the session,
-once per process); :meth:`LoadedModel.infer` only computes.
+once per process); :meth:`LoadedModel.validate` and :meth:`LoadedModel.run` only
+check and compute.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from modelfn.config import DEFAULT_MAX_BATCH
 from modelfn.errors import InvalidInput, ModelUnavailable
 from modelfn.runtime import processing
-from modelfn.runtime.manifest import load_manifest, verify_file, verify_path
+from modelfn.runtime.manifest import Manifest, Tensor
 from modelfn.runtime.protocol import DATATYPES, InferRequest, RequestInput, to_array, to_strings
-from modelfn.store import MANIFEST, Store
+from modelfn.store import Store
+from modelfn.store import keys as k
 
-DEFAULT_MAX_BATCH = 64
 #: where onnxruntime would look for a model's external data: a folder that cannot
 #: exist (/dev/null is a file), so a model that references any is refused. Bundles
 #: are single files; without this, onnxruntime reads external data relative to the
@@ -39,10 +41,11 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options() -> ort.SessionOptions:
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """Sessions as served: ``threads`` intra-op threads (0: one per vCPU), sequential,
+    every graph optimization, and no external data."""
     opts = ort.SessionOptions()
-    threads = int(os.environ.get("MODELFN_THREADS", "0")) or cpu_count()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or cpu_count()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -60,7 +63,7 @@ def _shape_matches(shape: list[int], pattern: list[int]) -> bool:
 class LoadedModel:
     name: str
     version: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     session: ort.InferenceSession
     max_batch: int
     #: the bundle's verified files, for the pipeline to take what it needs (e.g. a
@@ -72,11 +75,11 @@ class LoadedModel:
 
     def __post_init__(self, files: dict[str, bytes] | None) -> None:
         self.pre, self.post = processing.pipeline(self.manifest, files)
-        self._graph_inputs = [i["name"] for i in self.manifest["graph"]["inputs"]]
-        self._graph_outputs = [o["name"] for o in self.manifest["graph"]["outputs"]]
-        self._outputs = [o["name"] for o in self.manifest["outputs"]]
+        self._graph_inputs = [t.name for t in self.manifest.graph_inputs]
+        self._graph_outputs = [t.name for t in self.manifest.graph_outputs]
+        self._outputs = self.manifest.output_names()
         # text models: token feeds with a dynamic sequence axis, run length-bucketed
-        token_feeds = self.manifest["preprocess"].get("feeds", {})
+        token_feeds = self.manifest.preprocess.get("feeds", {})
         self._mask_feed = token_feeds.get("attention_mask")
         self._seq_arrays = set(token_feeds.values())
 
@@ -85,37 +88,33 @@ class LoadedModel:
         given = {t.name: t for t in request.inputs}
         arrays: dict[str, np.ndarray] = {}
         batch = None
-        for spec in self.manifest["inputs"]:
-            tensor = given.pop(spec["name"], None)
+        for spec in self.manifest.inputs:
+            tensor = given.pop(spec.name, None)
             if tensor is None:
-                raise InvalidInput(f"missing input {spec['name']!r}")
-            arrays[spec["name"]] = self._input_array(spec, tensor)
+                raise InvalidInput(f"missing input {spec.name!r}")
+            arrays[spec.name] = self._input_array(spec, tensor)
             batch = tensor.shape[0]
         if given:
             raise InvalidInput(f"unknown input(s) {sorted(given)}; this model takes "
-                               f"{[s['name'] for s in self.manifest['inputs']]}")
+                               f"{self.manifest.input_names()}")
         assert batch is not None
         return arrays, batch
 
-    def _input_array(self, spec: dict[str, Any], tensor: RequestInput) -> np.ndarray:
-        where = f"input {spec['name']!r}"
-        if tensor.datatype != spec["datatype"]:
-            raise InvalidInput(f"{where}: datatype must be {spec['datatype']}, "
+    def _input_array(self, spec: Tensor, tensor: RequestInput) -> np.ndarray:
+        where = f"input {spec.name!r}"
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(f"{where}: datatype must be {spec.datatype}, "
                                f"got {tensor.datatype}")
-        shapes = spec.get("shapes") or [spec["shape"]]
+        shapes = spec.accepted_shapes
         if not any(_shape_matches(tensor.shape, p) for p in shapes):
             raise InvalidInput(f"{where}: shape {tensor.shape} does not match "
                                f"{' or '.join(map(str, shapes))} (-1: any size)")
         batch = tensor.shape[0]
         if not 1 <= batch <= self.max_batch:
             raise InvalidInput(f"{where}: batch size {batch} is outside 1..{self.max_batch}")
-        if spec["datatype"] == "BYTES":
+        if spec.datatype == "BYTES":
             return to_strings(tensor)
-        return to_array(tensor, DATATYPES[spec["datatype"]])
-
-    def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
-        arrays, _ = self.validate(request)
-        return self.run(arrays, request.outputs)
+        return to_array(tensor, DATATYPES[spec.datatype])
 
     def run(self, arrays: dict[str, np.ndarray],
             wanted: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -163,36 +162,35 @@ class LoadedModel:
         return assembled
 
 
-def model_metadata(manifest: dict[str, Any], versions: list[str]) -> dict[str, Any]:
-    def tensors(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"name": s["name"], "datatype": s["datatype"], "shape": s["shape"]}
-                for s in specs]
+def model_metadata(manifest: Manifest, versions: list[str]) -> dict[str, Any]:
+    def tensors(specs: list[Tensor]) -> list[dict[str, Any]]:
+        return [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in specs]
 
     return {
-        "name": manifest["name"],
+        "name": manifest.name,
         "versions": versions,
-        "platform": manifest.get("platform", "onnxruntime_onnx"),
-        "inputs": tensors(manifest["inputs"]),
-        "outputs": tensors(manifest["outputs"]),
-        "parameters": {"version": manifest["version"], "task": manifest["task"]},
+        "platform": manifest.platform,
+        "inputs": tensors(manifest.inputs),
+        "outputs": tensors(manifest.outputs),
+        "parameters": {"version": manifest.version, "task": manifest.task},
     }
 
 
-def read_manifest(store: Store, name: str, version: str) -> dict[str, Any]:
+def read_manifest(store: Store, name: str, version: str) -> Manifest:
     where = f"{name} version {version}"
     try:
-        raw = store.read_bytes(f"models/{name}/{version}/{MANIFEST}")
+        raw = store.read_bytes(k.manifest_key(name, version))
     except FileNotFoundError as exc:
         raise ModelUnavailable(f"{where}: manifest.json is missing") from exc
-    manifest = load_manifest(raw, where)
-    if (manifest["name"], str(manifest["version"])) != (name, version):
-        raise ModelUnavailable(f"{where}: its manifest describes {manifest['name']} version "
-                               f"{manifest['version']}; refusing a bundle in the wrong place")
+    manifest = Manifest.parse(raw, where)
+    if (manifest.name, manifest.version) != (name, version):
+        raise ModelUnavailable(f"{where}: its manifest describes {manifest.name} version "
+                               f"{manifest.version}; refusing a bundle in the wrong place")
     return manifest
 
 
-def load(store: Store, name: str, version: str, manifest: dict[str, Any] | None = None,
-         max_batch: int = DEFAULT_MAX_BATCH) -> LoadedModel:
+def load(store: Store, name: str, version: str, manifest: Manifest | None = None,
+         max_batch: int = DEFAULT_MAX_BATCH, threads: int = 0) -> LoadedModel:
     """Verify every bundle file against the manifest, then create the session.
 
     A mismatch raises :class:`~modelfn.errors.IntegrityError` before onnxruntime
@@ -207,33 +205,32 @@ def load(store: Store, name: str, version: str, manifest: dict[str, Any] | None 
     manifest = manifest or read_manifest(store, name, version)
     blobs: dict[str, bytes] = {}
     model_path: Path | None = None
-    for rel in manifest["files"]:
-        key = f"models/{name}/{version}/{rel}"
-        if rel == manifest["model_file"] and (local := store.local_path(key)) is not None:
-            model_path = verify_path(manifest, rel, local, where)
+    for rel in manifest.files:
+        key = k.bundle_file(name, version, rel)
+        if rel == manifest.model_file and (local := store.local_path(key)) is not None:
+            model_path = manifest.verify_path(rel, local, where)
             continue
         try:
             data = store.read_bytes(key)
         except FileNotFoundError as exc:
             raise ModelUnavailable(f"{where}: {rel} is listed in the manifest but "
                                    "missing from the bundle") from exc
-        blobs[rel] = verify_file(manifest, rel, data, where)
-    return from_files(manifest, blobs, max_batch, model_path)
+        blobs[rel] = manifest.verify_bytes(rel, data, where)
+    return from_files(manifest, blobs, max_batch, model_path, threads)
 
 
-def from_files(manifest: dict[str, Any], files: dict[str, bytes],
-               max_batch: int = DEFAULT_MAX_BATCH, model_path: Path | None = None
-               ) -> LoadedModel:
+def from_files(manifest: Manifest, files: dict[str, bytes],
+               max_batch: int = DEFAULT_MAX_BATCH, model_path: Path | None = None,
+               threads: int = 0) -> LoadedModel:
     """A served model from a manifest and its (already verified) files, the model
     file either among them or at ``model_path``; the build step's gates use this
     too, so they test exactly what will be served."""
-    name, version = manifest["name"], str(manifest["version"])
-    source = str(model_path) if model_path is not None else files[manifest["model_file"]]
+    source = str(model_path) if model_path is not None else files[manifest.model_file]
     try:
-        session = ort.InferenceSession(source, session_options(),
+        session = ort.InferenceSession(source, session_options(threads),
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise ModelUnavailable(f"{name} version {version}: onnxruntime cannot load the "
-                               f"model: {type(exc).__name__}") from exc
-    limit = min(max_batch, manifest.get("limits", {}).get("max_batch", max_batch))
-    return LoadedModel(name, version, manifest, session, limit, files=files)
+        raise ModelUnavailable(f"{manifest.name} version {manifest.version}: onnxruntime "
+                               f"cannot load the model: {type(exc).__name__}") from exc
+    limit = min(max_batch, manifest.max_batch or max_batch)
+    return LoadedModel(manifest.name, manifest.version, manifest, session, limit, files=files)

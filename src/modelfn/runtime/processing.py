@@ -16,11 +16,14 @@ The manifest's ``outputs`` pick what a response carries from all of these.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from modelfn.errors import InvalidInput, ModelUnavailable
+
+if TYPE_CHECKING:
+    from modelfn.runtime.manifest import Manifest
 
 Arrays = dict[str, np.ndarray]
 Step = Callable[[Arrays], Arrays]
@@ -134,14 +137,14 @@ POSTPROCESS: dict[str, Callable[[dict[str, Any], Files], Step]] = {
 }
 
 
-def pipeline(manifest: dict[str, Any], files: Files | None = None) -> tuple[Step, Step]:
+def pipeline(manifest: Manifest, files: Files | None = None) -> tuple[Step, Step]:
     """The (pre, post) callables a manifest declares; unknown kinds make it unservable."""
     files = files or {}
-    pre_spec, post_spec = manifest["preprocess"], manifest["postprocess"]
+    pre_spec, post_spec = manifest.preprocess, manifest.postprocess
     try:
         make_pre = PREPROCESS[pre_spec["kind"]]
         make_post = POSTPROCESS[post_spec["kind"]]
     except KeyError as exc:
-        raise ModelUnavailable(f"{manifest['name']}: this runtime has no processing "
+        raise ModelUnavailable(f"{manifest.name}: this runtime has no processing "
                                f"kind {exc.args[0]!r}") from exc
     return make_pre(pre_spec, files), make_post(post_spec, files)

@@ -7,35 +7,30 @@ process serves until it is restarted (and every response names the version).
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Mapping
 from typing import Any
 
-from modelfn import store as registry
+from modelfn import registry
+from modelfn.config import DEFAULT_ALIAS, DEFAULT_MAX_BATCH, Settings
 from modelfn.errors import ModelNotFound
+from modelfn.registry import check_name
 from modelfn.runtime import model as model_mod
+from modelfn.runtime.manifest import Manifest
 from modelfn.runtime.model import LoadedModel
-from modelfn.store import Store, check_name
-
-ALIAS_ENV = "MODELFN_ALIAS"
-
-
-def configured_alias(env: Mapping[str, str] = os.environ) -> str:
-    """The alias a request without a version is served from (``MODELFN_ALIAS``)."""
-    return env.get(ALIAS_ENV) or "live"
+from modelfn.store import Store, open_store
 
 
 class Repository:
-    def __init__(self, store: Store, max_batch: int = model_mod.DEFAULT_MAX_BATCH,
-                 alias: str = "live") -> None:
+    def __init__(self, store: Store, max_batch: int = DEFAULT_MAX_BATCH,
+                 alias: str = DEFAULT_ALIAS, threads: int = 0) -> None:
         self.store = store
         self.max_batch = max_batch
         #: what a request without a version gets (then ``live``, then the newest)
         self.alias = alias
+        self.threads = threads
         self._lock = threading.Lock()
         self._resolved: dict[tuple[str, str | None], str] = {}
-        self._manifests: dict[tuple[str, str], dict[str, Any]] = {}
+        self._manifests: dict[tuple[str, str], Manifest] = {}
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
 
     def resolve(self, name: str, ref: str | None = None) -> str:
@@ -45,11 +40,16 @@ class Repository:
             check_name("version", ref)
         key = (name, ref)
         if key not in self._resolved:
-            self._resolved[key] = registry.resolve_version(self.store, name, ref,
-                                                                 self.alias)
+            self._resolved[key] = registry.resolve_version(self.store, name, ref, self.alias)
         return self._resolved[key]
 
-    def manifest(self, name: str, ref: str | None = None) -> dict[str, Any]:
+    @classmethod
+    def from_settings(cls, settings: Settings, store: Store | None = None) -> Repository:
+        """The repository a function serves: its store, batch limit, alias and threads."""
+        return cls(store or open_store(settings.store), settings.max_batch, settings.alias,
+                   settings.threads)
+
+    def manifest(self, name: str, ref: str | None = None) -> Manifest:
         version = self.resolve(name, ref)
         key = (name, version)
         if key not in self._manifests:
@@ -66,7 +66,8 @@ class Repository:
                 loaded = self._loaded.get(key)
                 if loaded is None:
                     loaded = model_mod.load(self.store, name, version,
-                                            self.manifest(name, version), self.max_batch)
+                                            self.manifest(name, version), self.max_batch,
+                                            self.threads)
                     self._loaded[key] = loaded
         return loaded
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics
 
-from modelfn.runtime.http import count_once
+from modelfn.runtime.metrics import count_once
 from modelfn.runtime.repository import Repository
 
 Hook = Callable[[Callable[[], None]], Any]

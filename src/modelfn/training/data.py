@@ -5,15 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modelfn.errors import TrainingError
-
-#: data sets written for the project and shipped in the repository (see data/README.md)
-DATA_DIR = Path(__file__).resolve().parents[3] / "data"
+from modelfn.project import data_file
 
 
 @dataclass(frozen=True)
@@ -62,20 +59,23 @@ def digits() -> Split:
     return _stratified(x, y, [str(c) for c in ds.target_names], "sklearn.datasets.load_digits")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(name: str) -> list[dict[str, Any]]:
+    """A data set shipped with modelfn (``modelfn/examples/data/<name>``), one object a
+    line (see that folder's README)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = data_file(name).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise TrainingError(f"data file {path} is missing") from None
+        raise TrainingError(f"data set {name} is missing from this installation of "
+                            "modelfn") from None
     return [json.loads(line) for line in lines if line.strip()]
 
 
 def support_tickets() -> Split:
     """346 short support messages in five classes, written for the project (CC0),
     stratified 80/20 with the same fixed seed. Labels are sorted by name."""
-    rows = read_jsonl(DATA_DIR / "support-tickets.jsonl")
+    rows = read_jsonl("support-tickets.jsonl")
     labels = sorted({str(r["label"]) for r in rows})
     x = np.empty(len(rows), dtype=object)
     x[:] = [str(r["text"]) for r in rows]
     y = np.array([labels.index(str(r["label"])) for r in rows], dtype=np.int64)
-    return _stratified(x, y, labels, "data/support-tickets.jsonl")
+    return _stratified(x, y, labels, "modelfn/examples/data/support-tickets.jsonl")

@@ -4,7 +4,6 @@ checkpoint, metrics and a training curve to the store."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import platform
 import time
@@ -16,10 +15,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from modelfn.errors import TrainingError
+from modelfn import registry
+from modelfn.errors import TrainingError, UsageError
 from modelfn.runtime import processing
 from modelfn.runtime.manifest import sha256
-from modelfn.store import Store, check_name, json_bytes
+from modelfn.store import Store, json_bytes
+from modelfn.store import keys as k
 from modelfn.training.recipes import Recipe
 
 
@@ -58,6 +59,8 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
           seed: int = 0, progress: bool = True, run_id: str | None = None) -> dict[str, Any]:
     """Train ``recipe``; write ``runs/<name>/<run_id>/`` to ``store``; return the metrics."""
     started = time.perf_counter()
+    if run_id is not None:  # a bad name fails now, not after the training
+        registry.check_name("run id", run_id, UsageError)
     dev = pick_device(device)
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -106,8 +109,7 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
     torch.save({"state_dict": state, "recipe": recipe.name, "n_classes": len(split.labels),
                 "labels": split.labels}, buf)
     checkpoint = buf.getvalue()
-    run_id = check_name("run id", run_id) if run_id else datetime.now(UTC).strftime(
-        "%Y%m%dT%H%M%S%fZ")
+    run_id = run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     metrics = {
         "recipe": recipe.name,
         "run_id": run_id,
@@ -130,11 +132,9 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
         # SageMaker sets it in a training job (modelfn train --remote sagemaker)
         "training_job": os.environ.get("TRAINING_JOB_NAME"),
     }
-    store.publish_folder(f"runs/{recipe.name}/{run_id}", {
-        "checkpoint.pt": checkpoint,
-        "training_curve.png": training_curve(recipe.name, history, metrics["majority_baseline"]),
-        "metrics.json": json_bytes(metrics),
-    }, last="metrics.json")
+    registry.publish_run(store, recipe.name, run_id, checkpoint,
+                         training_curve(recipe.name, history, metrics["majority_baseline"]),
+                         json_bytes(metrics))
     return metrics
 
 
@@ -176,10 +176,9 @@ def training_curve(name: str, history: list[dict[str, float]],
 def load_checkpoint(store: Store, name: str, run_id: str) -> tuple[dict[str, Any], dict[str, Any],
                                                                    bytes]:
     """(checkpoint, metrics, raw checkpoint bytes) of a run; weights only, never pickled code."""
-    raw = store.read_bytes(f"runs/{name}/{run_id}/checkpoint.pt")
-    metrics = json.loads(store.read_bytes(f"runs/{name}/{run_id}/metrics.json"))
+    raw, metrics = registry.read_run(store, name, run_id)
     if sha256(raw) != metrics.get("checkpoint_sha256"):
-        raise TrainingError(f"runs/{name}/{run_id}/checkpoint.pt does not match the sha256 "
-                            "in its metrics.json")
+        raise TrainingError(f"{k.run_file(name, run_id, k.CHECKPOINT)} does not match the "
+                            "sha256 in its metrics.json")
     ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     return ckpt, metrics, raw

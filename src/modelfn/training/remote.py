@@ -1,7 +1,8 @@
 """``modelfn train NAME --remote sagemaker``: the same training job on a SageMaker GPU
 instance, writing its run into the same store (an S3 store) in the same layout.
 
-What is submitted: the repository's ``src/modelfn`` and ``data/`` as a source tarball
+What is submitted: this installation's ``modelfn`` package (its code and the data sets
+it ships) as a source tarball
 (``jobs/<job>/source.tar.gz`` in the store), run by the SageMaker training toolkit of a
 PyTorch training image (its "script mode": ``sagemaker_program`` and
 ``sagemaker_submit_directory``; the toolkit installs ``requirements.txt`` first).
@@ -28,8 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from modelfn.errors import ModelfnError, TrainingError
+import modelfn
+from modelfn.errors import TrainingError, UsageError
 from modelfn.store import S3Store, Store
+from modelfn.store import keys as k
 
 #: a PyTorch training image with the SageMaker training toolkit (override: --image)
 DEFAULT_IMAGE = ("763104351884.dkr.ecr.{region}.amazonaws.com/"
@@ -71,14 +74,16 @@ class Job:
     store: str
 
 
-def source_tarball(root: Path) -> bytes:
-    """``src/modelfn`` (no bytecode), ``data/``, the entry point and requirements."""
+def source_tarball(package: Path | None = None) -> bytes:
+    """The ``modelfn`` package (no bytecode) as ``src/modelfn``, the entry point and
+    requirements. ``package``: the folder of the package to ship (default: this one,
+    installed or in a checkout)."""
+    package = package or Path(modelfn.__file__).resolve().parent
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for folder in ("src/modelfn", "data"):
-            for path in sorted((root / folder).rglob("*")):
-                if path.is_file() and "__pycache__" not in path.parts:
-                    tar.add(path, arcname=str(path.relative_to(root)))
+        for path in sorted(package.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                tar.add(path, arcname=f"src/modelfn/{path.relative_to(package).as_posix()}")
         for name, text in ((ENTRY, ENTRY_SOURCE),
                            ("requirements.txt", "\n".join(JOB_REQUIREMENTS) + "\n")):
             data = text.encode()
@@ -96,25 +101,24 @@ def job_name(model: str, run_id: str) -> str:
 
 def submit(store: Store, model: str, *, role: str, instance_type: str = DEFAULT_INSTANCE,
            image: str | None = None, epochs: int | None = None, seed: int = 0,
-           max_runtime_s: int = 3 * 3600, root: Path | None = None) -> Job:
+           max_runtime_s: int = 3 * 3600, package: Path | None = None) -> Job:
     """Create the training job; return at once."""
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from modelfn.local.apigw import project_root
     from modelfn.training import recipes
 
     if not isinstance(store, S3Store):
-        raise ModelfnError(f"--remote sagemaker needs an S3 store (--store s3://bucket/prefix): "
-                           f"the job writes its run there, and {store.uri} is a local folder")
+        raise UsageError(f"--remote sagemaker needs an S3 store (--store s3://bucket/prefix): "
+                         f"the job writes its run there, and {store.uri} is a local folder")
     if not role.startswith("arn:"):
-        raise ModelfnError(f"--role must be an IAM role ARN that SageMaker can assume, "
-                           f"not {role!r}")
+        raise UsageError(f"--role must be an IAM role ARN that SageMaker can assume, "
+                         f"not {role!r}")
     recipes.get(model)  # an unknown model fails here, not an hour later on a GPU
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     job = Job(job_name(model, run_id), run_id, model, store.uri)
-    source_key = f"jobs/{job.name}/source.tar.gz"
-    store.write_bytes(source_key, source_tarball(root or project_root()))
+    source_key = k.job_source_key(job.name)
+    store.write_bytes(source_key, source_tarball(package))
     client = boto3.client("sagemaker")
     region = client.meta.region_name
     hyperparameters = {  # the toolkit passes these to the entry point as --name value
@@ -136,7 +140,7 @@ def submit(store: Store, model: str, *, role: str, instance_type: str = DEFAULT_
             RoleArn=role,
             HyperParameters={k: json.dumps(v) if k.startswith("sagemaker_") else v
                              for k, v in hyperparameters.items()},
-            OutputDataConfig={"S3OutputPath": f"{store.uri}/jobs/"},
+            OutputDataConfig={"S3OutputPath": f"{store.uri}/{k.jobs_prefix()}"},
             ResourceConfig={"InstanceType": instance_type, "InstanceCount": 1,
                             "VolumeSizeInGB": 30},
             StoppingCondition={"MaxRuntimeInSeconds": max_runtime_s},
@@ -174,7 +178,7 @@ def wait(store: Store, job: Job, *, poll_s: float = 30.0, timeout_s: float = 6 *
     if status != "Completed":
         raise TrainingError(f"{job.name} {status.lower()}: "
                             f"{desc.get('FailureReason', 'no reason given')}")
-    key = f"runs/{job.model}/{job.run_id}/metrics.json"
+    key = k.run_file(job.model, job.run_id, k.METRICS)
     try:
         return store.read_json(key)  # type: ignore[no-any-return]
     except FileNotFoundError:

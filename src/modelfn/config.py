@@ -1,0 +1,88 @@
+"""The runtime's configuration, read from the environment (``MODELFN_*``) once per
+process into one object that both Lambda functions (and ``modelfn serve``) use.
+
+| variable | default | meaning |
+|---|---|---|
+| ``MODELFN_STORE`` | ``./.modelfn`` | folder or ``s3://bucket/prefix`` |
+| ``MODELFN_MAX_BODY_BYTES`` | 1048576 | request bodies over it get 413 |
+| ``MODELFN_MAX_BATCH`` | 64 | batches over it get 422 (a manifest may lower it) |
+| ``MODELFN_PRELOAD`` | empty | ``name[:version],...`` loaded at init |
+| ``MODELFN_ALIAS`` | ``live`` | the alias a request without a version is served from |
+| ``MODELFN_THREADS`` | vCPUs | onnxruntime intra-op threads |
+| ``MODELFN_BATCH_MAX_BYTES`` | 512 MiB | batch files over it are rejected |
+| ``MODELFN_BATCH_MAX_LINES`` | 1,000,000 | batch files over it are rejected |
+| ``MODELFN_BATCH_MICRO_BATCH`` | 32 | rows per onnxruntime call in a batch file |
+| ``MODELFN_IDEMPOTENCY_TABLE`` | empty | the batch function's DynamoDB table |
+| ``MODELFN_IDEMPOTENCY_TTL_SECONDS`` | 7 days | how long a batch file's run is remembered |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from modelfn.errors import ConfigError
+
+DEFAULT_STORE = ".modelfn"
+DEFAULT_MAX_BODY = 1024 * 1024
+DEFAULT_MAX_BATCH = 64
+DEFAULT_ALIAS = "live"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value}: must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What one batch file may hold, and how it is run."""
+
+    max_bytes: int = 512 << 20
+    max_lines: int = 1_000_000
+    micro_batch: int = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: str = DEFAULT_STORE
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    max_batch: int = DEFAULT_MAX_BATCH
+    preload: tuple[str, ...] = ()
+    #: the store alias a request without a version is served from (then ``live``,
+    #: then the newest version)
+    alias: str = DEFAULT_ALIAS
+    #: onnxruntime intra-op threads; 0: one per vCPU this process may use
+    threads: int = 0
+    batch: BatchLimits = BatchLimits()
+    idempotency_table: str = ""
+    idempotency_ttl_seconds: int = 7 * 86400
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        preload = env.get("MODELFN_PRELOAD", "")
+        return cls(
+            store=env.get("MODELFN_STORE") or DEFAULT_STORE,
+            max_body_bytes=_int(env, "MODELFN_MAX_BODY_BYTES", DEFAULT_MAX_BODY, 1),
+            max_batch=_int(env, "MODELFN_MAX_BATCH", DEFAULT_MAX_BATCH, 1),
+            preload=tuple(p.strip() for p in preload.split(",") if p.strip()),
+            alias=env.get("MODELFN_ALIAS") or DEFAULT_ALIAS,
+            threads=_int(env, "MODELFN_THREADS", 0),
+            batch=BatchLimits(
+                max_bytes=_int(env, "MODELFN_BATCH_MAX_BYTES", BatchLimits.max_bytes, 1),
+                max_lines=_int(env, "MODELFN_BATCH_MAX_LINES", BatchLimits.max_lines, 1),
+                micro_batch=_int(env, "MODELFN_BATCH_MICRO_BATCH", BatchLimits.micro_batch,
+                                 1)),
+            idempotency_table=env.get("MODELFN_IDEMPOTENCY_TABLE", ""),
+            idempotency_ttl_seconds=_int(env, "MODELFN_IDEMPOTENCY_TTL_SECONDS", 7 * 86400, 1),
+        )

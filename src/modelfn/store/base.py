@@ -1,0 +1,101 @@
+"""The byte-level interface both backends implement: whole-object reads and writes,
+streamed reads, streaming writes that appear whole or not at all, listings, and an
+atomic JSON update. The layout on top of it is :mod:`modelfn.store.keys`."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+CHUNK = 1 << 20  # streamed reads
+
+
+class Store(ABC):
+    """Byte-level access to a store; :mod:`modelfn.registry` builds on it."""
+
+    uri: str
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """Return the object's bytes; raise FileNotFoundError if it is absent."""
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write the object whole (readers never see a partial object)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def children(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-folders under ``prefix`` (sorted)."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes; FileNotFoundError if it is absent."""
+
+    @abstractmethod
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """The object's bytes in chunks, streamed: never the whole object in memory."""
+
+    def reconnect(self) -> None:  # noqa: B027 (a folder has nothing to reconnect)
+        """Drop connections opened before a SnapStart snapshot."""
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's file, where the store is a folder on this machine (and so a
+        reader may open it directly); None otherwise or if it is absent."""
+        return None
+
+    @abstractmethod
+    def open_writer(self, key: str) -> AbstractContextManager[Writer]:
+        """A streaming writer for ``key``. The object appears whole when the block ends
+        without an exception, and not at all (nothing at ``key``) when it raises."""
+
+    def iter_lines(self, key: str) -> Iterator[bytes]:
+        """The object's lines (split on ``\n`` only, without it), streamed."""
+        pending = b""
+        for chunk in self.iter_chunks(key):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            yield from lines
+        if pending:
+            yield pending
+
+    def publish_folder(self, prefix: str, files: dict[str, bytes], last: str) -> None:
+        """Write ``files`` under ``prefix`` with ``last`` written after all others.
+
+        A reader that waits for ``last`` never sees a half-written folder.
+        """
+        for rel, data in files.items():
+            if rel != last:
+                self.write_bytes(f"{prefix}/{rel}", data)
+        self.write_bytes(f"{prefix}/{last}", files[last])
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    @abstractmethod
+    def update_json(self, key: str, change: Callable[[Any], Any]) -> Any:
+        """Replace the JSON object at ``key`` (None when absent) with ``change(old)``,
+        atomically: concurrent updates are applied one after the other, none is lost,
+        and readers see the old object or the new one. Returns the new object."""
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_bytes(key, json_bytes(obj))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+class Writer(Protocol):
+    def write(self, data: bytes, /) -> Any: ...
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+

@@ -1,0 +1,109 @@
+"""Every key of the store's layout, formatted here and nowhere else.
+
+Keys are ``/``-separated and relative to the store's root, the same for a folder
+and for ``s3://bucket/prefix``::
+
+    models/<name>/<version>/manifest.json   written last: its presence publishes a version
+    models/<name>/<version>/model.onnx
+    models/<name>/<version>/assets/...
+    models/<name>/aliases.json              {"live": "3", "canary": "4"}
+    runs/<name>/<run_id>/checkpoint.pt      training output (never loaded by the runtime)
+    runs/<name>/<run_id>/metrics.json       written last: its presence completes a run
+    runs/<name>/<run_id>/training_curve.png
+    jobs/<job>/source.tar.gz                what a SageMaker training job ran
+    inputs/...jsonl → outputs/...jsonl      batch inference, with outputs/....summary.json
+"""
+
+from __future__ import annotations
+
+import re
+
+from modelfn.errors import InvalidInput, ModelfnError, ModelNotFound
+
+MODELS = "models"
+RUNS = "runs"
+JOBS = "jobs"
+MANIFEST = "manifest.json"
+ALIASES = "aliases.json"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+CURVE = "training_curve.png"
+INPUT_PREFIX = "inputs/"
+OUTPUT_PREFIX = "outputs/"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(kind: str, value: str, error: type[ModelfnError] = ModelNotFound) -> str:
+    """``value`` if it is a safe single path segment, else ``error`` (ModelNotFound by
+    default: a name in a request's path that cannot exist)."""
+    if not isinstance(value, str) or not _NAME.match(value) or value in {".", ".."}:
+        raise error(f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-' "
+                    "(at most 64, starting with a letter or digit)")
+    return value
+
+
+# --- models -----------------------------------------------------------------------------
+
+def model_prefix(name: str) -> str:
+    return f"{MODELS}/{name}"
+
+
+def version_prefix(name: str, version: str) -> str:
+    return f"{MODELS}/{name}/{version}"
+
+
+def bundle_file(name: str, version: str, rel: str) -> str:
+    """A file of a published bundle (``rel`` as the manifest lists it)."""
+    return f"{MODELS}/{name}/{version}/{rel}"
+
+
+def manifest_key(name: str, version: str) -> str:
+    return bundle_file(name, version, MANIFEST)
+
+
+def aliases_key(name: str) -> str:
+    return f"{MODELS}/{name}/{ALIASES}"
+
+
+# --- training runs and jobs ---------------------------------------------------------------
+
+def runs_prefix(name: str) -> str:
+    return f"{RUNS}/{name}"
+
+
+def run_prefix(name: str, run_id: str) -> str:
+    return f"{RUNS}/{name}/{run_id}"
+
+
+def run_file(name: str, run_id: str, file: str) -> str:
+    return f"{RUNS}/{name}/{run_id}/{file}"
+
+
+def jobs_prefix() -> str:
+    return f"{JOBS}/"
+
+
+def job_source_key(job: str) -> str:
+    return f"{JOBS}/{job}/source.tar.gz"
+
+
+# --- batch inference ------------------------------------------------------------------------
+
+def output_key(input_key: str) -> str:
+    """``inputs/a/b.jsonl`` → ``outputs/a/b.jsonl``: never under the trigger prefix."""
+    if not input_key.startswith(INPUT_PREFIX):
+        raise InvalidInput(f"batch inputs live under {INPUT_PREFIX!r}, not {input_key!r}")
+    return OUTPUT_PREFIX + input_key[len(INPUT_PREFIX):]
+
+
+def summary_key(input_key: str) -> str:
+    out = output_key(input_key)
+    return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".summary.json"
+
+
+def model_from_key(key: str) -> str | None:
+    """``inputs/<model>/...`` names the file's model; ``inputs/x.jsonl`` names none."""
+    rest = key[len(INPUT_PREFIX):] if key.startswith(INPUT_PREFIX) else ""
+    folder, sep, _ = rest.partition("/")
+    return folder if sep and folder else None

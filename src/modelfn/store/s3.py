@@ -1,0 +1,174 @@
+"""A store in ``s3://bucket/prefix``. boto3 is imported only when one is opened: it is
+a large share of a cold start."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from modelfn.errors import StoreError
+from modelfn.store.base import CHUNK, Store, Writer, json_bytes
+
+PART_SIZE = 8 << 20  # multipart parts (S3 needs >= 5 MiB for all but the last)
+
+
+class S3Store(Store):
+    """``s3://bucket/prefix``. The endpoint follows boto3's own settings
+    (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``), which is how tests reach moto."""
+
+    def __init__(self, uri: str) -> None:
+        import boto3  # only here: boto3 is a large share of a cold start
+
+        rest = uri[len("s3://") :]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise StoreError(f"invalid S3 store URI {uri!r}: expected s3://bucket[/prefix]")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._s3 = boto3.client("s3")
+
+    def reconnect(self) -> None:
+        import boto3
+
+        self._s3 = boto3.client("s3")
+
+    def _key(self, key: str) -> str:
+        return "/".join(part for part in (self.prefix, key.strip("/")) if part)
+
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in {"NoSuchKey", "404", "NotFound"}:
+                raise FileNotFoundError(kwargs.get("Key", what)) from exc
+            raise StoreError(f"S3 {what} failed on {self.uri}: {code or exc}") from exc
+        except BotoCoreError as exc:
+            raise StoreError(f"S3 {what} failed on {self.uri}: {exc}") from exc
+
+    def read_bytes(self, key: str) -> bytes:
+        resp = self._call("get", self._s3.get_object, Key=self._key(key))
+        return resp["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._call("put", self._s3.put_object, Key=self._key(key), Body=data)
+
+    def update_json(self, key: str, change: Callable[[Any], Any],
+                    attempts: int = 20) -> Any:
+        """Compare-and-swap with S3's conditional writes: the put carries the ETag that
+        was read (If-Match), or If-None-Match: * when there was no object; a concurrent
+        writer makes it fail with 412 (or 409), and the update starts again."""
+        from botocore.exceptions import ClientError
+
+        full = self._key(key)
+        for _ in range(attempts):
+            try:
+                resp = self._call("get", self._s3.get_object, Key=full)
+                old, condition = json.loads(resp["Body"].read()), {"IfMatch": resp["ETag"]}
+            except FileNotFoundError:
+                old, condition = None, {"IfNoneMatch": "*"}
+            new = change(old)
+            try:
+                self._s3.put_object(Bucket=self.bucket, Key=full, Body=json_bytes(new),
+                                    **condition)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
+                    continue  # someone else wrote first: read their version and retry
+                raise StoreError(f"S3 put failed on {self.uri}: {code or exc}") from exc
+            return new
+        raise StoreError(f"{key} in {self.uri} kept changing under {attempts} attempts "
+                         "to update it")
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("head", self._s3.head_object, Key=self._key(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        return int(self._call("head", self._s3.head_object, Key=self._key(key))["ContentLength"])
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        body = self._call("get", self._s3.get_object, Key=self._key(key))["Body"]
+        try:
+            yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
+    @contextlib.contextmanager
+    def open_writer(self, key: str) -> Iterator[Writer]:
+        """A multipart upload, completed only when the block ends cleanly; aborted
+        (no object, no parts left behind) when it raises."""
+        full = self._key(key)
+        upload = self._call("multipart start", self._s3.create_multipart_upload, Key=full)
+        writer = _PartWriter(self, full, upload["UploadId"])
+        try:
+            yield writer
+            writer.flush(final=True)
+            self._call("multipart complete", self._s3.complete_multipart_upload, Key=full,
+                       UploadId=writer.upload_id, MultipartUpload={"Parts": writer.parts})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._s3.abort_multipart_upload(Bucket=self.bucket, Key=full,
+                                                UploadId=writer.upload_id)
+            raise
+
+    def _list(self, prefix: str, delimiter: str | None) -> list[dict[str, Any]]:
+        pages = []
+        base = self._key(prefix)
+        kwargs: dict[str, Any] = {"Prefix": f"{base}/" if base else ""}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        token = None
+        while True:
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._call("list", self._s3.list_objects_v2, **kwargs)
+            pages.append(resp)
+            token = resp.get("NextContinuationToken")
+            if not token:
+                return pages
+
+    def children(self, prefix: str) -> list[str]:
+        names = set()
+        for page in self._list(prefix, "/"):
+            for cp in page.get("CommonPrefixes", []):
+                names.add(cp["Prefix"].rstrip("/").rsplit("/", 1)[-1])
+        return sorted(n for n in names if not n.startswith("."))
+
+
+
+class _PartWriter:
+    """Buffers writes into parts of PART_SIZE bytes (S3's minimum is 5 MiB but for the
+    last part): memory stays at one part whatever the object's size."""
+
+    def __init__(self, store: S3Store, key: str, upload_id: str) -> None:
+        self.store, self.key, self.upload_id = store, key, upload_id
+        self.parts: list[dict[str, Any]] = []
+        self._buffer = bytearray()
+
+    def write(self, data: bytes, /) -> int:
+        self._buffer += data
+        if len(self._buffer) >= PART_SIZE:
+            self.flush()
+        return len(data)
+
+    def flush(self, final: bool = False) -> None:
+        empty_object = final and not self.parts  # completing needs at least one part
+        if not self._buffer and not empty_object:
+            return
+        number = len(self.parts) + 1
+        resp = self.store._call("multipart upload", self.store._s3.upload_part, Key=self.key,
+                                UploadId=self.upload_id, PartNumber=number,
+                                Body=bytes(self._buffer))
+        self.parts.append({"ETag": resp["ETag"], "PartNumber": number})
+        self._buffer.clear()
+
+
