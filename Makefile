@@ -13,6 +13,7 @@ export SAM_CLI_TELEMETRY := 0
 
 # the project's environment (torch==2.13.0 is pinned: the CPU wheel on local disk)
 $(VENV)/.installed: pyproject.toml
+	@echo "make: installing modelfn and its dev extras into $(VENV) (torch 2.13.0 CPU, onnx, moto, ...): about a minute the first time"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
@@ -20,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 # the SAM CLI pins older boto3/click/pydantic: it lives in its own environment
 $(SAM_VENV)/.installed:
+	@echo "make: installing the SAM CLI $(SAM_CLI_VERSION) into $(SAM_VENV) (kept apart: it pins older boto3/click/pydantic)"
 	$(PYTHON) -m venv $(SAM_VENV)
 	$(SAM_VENV)/bin/pip install --quiet --disable-pip-version-check 'aws-sam-cli==$(SAM_CLI_VERSION)'
 	touch $@

@@ -1,6 +1,6 @@
 """Batch path throughput against raw onnxruntime, and its peak memory at 10x the rows.
 
-    .venv/bin/python bench/batch_throughput.py [--store S]   # default: a temp store, built here
+    .venv/bin/python -m bench.batch_throughput [--store S]   # default: a temp store, built here
 
 1. Rows per second: the batch path (``modelfn.runtime.batch.run_lines``: parse each JSON
    line, validate it, micro-batch, run, write JSON lines) against raw onnxruntime
@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, now, save_figure, subplots, write_results  # noqa: E402
+from bench.common import machine, now, save_figure, subplots, write_results
 
 MICRO = 32
 
@@ -54,8 +53,9 @@ def digit_lines(n: int) -> list[bytes]:
 
 
 def text_lines(n: int) -> list[bytes]:
-    rows = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" /
-                                          "support-tickets.jsonl").read_text().splitlines()]
+    from modelfn.training import data
+
+    rows = data.read_jsonl("support-tickets.jsonl")
     return [json.dumps({"id": i, "inputs": rows[i % len(rows)]["text"]}).encode()
             for i in range(n)]
 

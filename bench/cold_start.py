@@ -22,7 +22,7 @@ is pinned to one CPU (Lambda's 1,769 MB is one vCPU). Samples are
 interleaved across variants; one discarded warm-up each, so the page cache is warm
 (a real cold start may also read the layer from a cold disk).
 
-    .venv/bin/python bench/cold_start.py [--rounds 15]
+    .venv/bin/python -m bench.cold_start [--rounds 15]
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import sysconfig
 import tempfile
 import time
@@ -40,14 +39,15 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from bench.common import (
     BENCH,
     MODELS,
     ROOT,
     VENV_PYTHON,
     bench_layer,
     bench_store,
+    headroom,
+    label_bars,
     machine,
     now,
     python312,
@@ -200,7 +200,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"CPython {report['python312']} with the built runtime layer, `-S` · torch handler: "
         f"Python {m['python']} venv, torch {m['torch']} · onnxruntime {m['onnxruntime']} · "
         f"{report['rounds']} fresh processes per row, interleaved, medians "
-        "(page cache warm). Reproduce: `.venv/bin/python bench/cold_start.py`.",
+        "(page cache warm). Reproduce: `.venv/bin/python -m bench.cold_start`.",
         "",
         "| model | variant | p50 ms | p90 ms | breakdown (median ms) | peak RSS MB |",
         "|---|---|---|---|---|---|",
@@ -228,32 +228,71 @@ SHORT = {"modelfn": "modelfn", "floor": "floor", "torch handler": "torch",
          "modelfn\npy3.11"}
 
 
+#: the phases every panel shares, in the order a cold start goes through them, each
+#: with one colour; the children name some of them per model (minilm's imports add
+#: tokenizers or sentence-transformers), :func:`phase_of` maps those names onto these
+PHASES = {
+    "interpreter start": "#8c8c8c",
+    "import numpy, onnxruntime (+ tokenizers for minilm)": "#1f77b4",
+    "import Powertools, modelfn.runtime": "#2ca02c",
+    "handler module init (model load)": "#d62728",
+    "floor: session (+ tokenizer)": "#9467bd",
+    "torch: import torch (+ sentence-transformers for minilm)": "#ff7f0e",
+    "torch: load weights / model": "#bcbd22",
+    "first answer (invocation, or the floor's first run)": "#17becf",
+}
+#: colours for a phase none of the above covers (a new child)
+SPARE = ("#8c564b", "#e377c2", "#393b79", "#637939", "#7b4173")
+
+
+def phase_of(name: str) -> str:
+    """The shared phase a child's phase name belongs to."""
+    if name.startswith("import numpy, onnxruntime"):
+        return "import numpy, onnxruntime (+ tokenizers for minilm)"
+    if name.startswith("import torch"):
+        return "torch: import torch (+ sentence-transformers for minilm)"
+    if name in ("load weights", "load model"):
+        return "torch: load weights / model"
+    if name in ("first invocation", "first run"):
+        return "first answer (invocation, or the floor's first run)"
+    if name.startswith("session"):
+        return "floor: session (+ tokenizer)"
+    return name
+
+
 def chart(report: dict[str, Any], path: Path) -> None:
+    from matplotlib.patches import Patch
+
     models = report["models"]
-    fig, axes = subplots(1, len(models), figsize=(5.2 * len(models), 4.8))
-    handles: dict[str, Any] = {}
+    colours = dict(PHASES)
+    for res in models.values():
+        for v, r in res.items():
+            for p in r.get("phases_ms", {}) if v != "ratios" else ():
+                if phase_of(p) not in colours:
+                    colours[phase_of(p)] = SPARE[(len(colours) - len(PHASES)) % len(SPARE)]
+    seen: set[str] = set()
+    fig, axes = subplots(1, len(models), figsize=(5.2 * len(models), 5.0))
     for ax, (label, res) in zip(np.atleast_1d(axes), models.items(), strict=True):
         names = [v for v in res if v != "ratios"]
-        bottoms = np.zeros(len(names))
-        phase_names: list[str] = []
-        for v in names:
-            phase_names += [p for p in res[v]["phases_ms"] if p not in phase_names]
-        for i, p in enumerate(phase_names):
-            vals = np.array([res[v]["phases_ms"].get(p, 0.0) for v in names])
-            handles[p] = ax.bar(range(len(names)), vals, bottom=bottoms, color=f"C{i}")
-            bottoms += vals
-        ax.set_xticks(range(len(names)), [SHORT.get(n, n) for n in names], fontsize=8)
-        top = max(res[v]["p50_ms"] for v in names)
-        ax.set_ylim(0, top * 1.12)
-        ax.set_ylabel("ms to first answer")
-        ax.set_title(label, pad=4)
         for i, v in enumerate(names):
-            ax.text(i, res[v]["p50_ms"] + top * 0.015, f"{res[v]['p50_ms']:.0f}", ha="center",
-                    fontsize=8)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=5, fontsize=7,
-               frameon=False)
+            bottom = 0.0
+            for p, ms in res[v]["phases_ms"].items():  # each bar in its own order
+                phase = phase_of(p)
+                seen.add(phase)
+                ax.bar(i, ms, bottom=bottom, color=colours[phase], width=0.7)
+                bottom += ms
+        totals = [res[v]["p50_ms"] for v in names]
+        tops = ax.bar(range(len(names)), [0] * len(names), bottom=totals, width=0.7)
+        label_bars(ax, tops, [f"{t:.0f}" for t in totals])
+        ax.set_xticks(range(len(names)), [SHORT.get(n, n) for n in names], fontsize=8)
+        headroom(ax, max(totals), 1.1)
+        ax.set_ylabel("ms to first answer (label: median total)")
+        ax.set_title(label, pad=4)
+    order = [p for p in colours if p in seen]
+    fig.legend([Patch(color=colours[p]) for p in order], order, loc="lower center", ncol=4,
+               fontsize=8, frameon=False)
     save_figure(fig, path, "Cold start: spawn to first answer, by phase (medians, 1 CPU)",
-                rect=(0, 0.08, 1, 1))
+                rect=(0, 0.1, 1, 1))
 
 
 def main() -> None:

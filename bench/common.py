@@ -1,16 +1,21 @@
-"""What every benchmark here shares: the machine it ran on, where results go, and the
+"""What every benchmark here shares: the machine it ran on, where results go, the
 artefacts they measure (a store with the bundles, the Lambda layer), built once into
-``bench/.cache/`` and reused by later runs."""
+``bench/.cache/`` and reused by later runs, a free loopback port, a ``modelfn serve``
+subprocess, and the one HTTP load client (keep-alive clients on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +80,29 @@ def subplots(*args: Any, **kwargs: Any) -> Any:
     return plt.subplots(*args, **kwargs)
 
 
+def num(v: float) -> str:
+    """A value for a chart label: three significant figures, never in e-notation."""
+    a = abs(v)
+    return f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}" if a >= 0.1 \
+        else f"{v:.3f}"
+
+
+def label_bars(ax: Any, bars: Any, labels: Sequence[str], fontsize: float = 8,
+               **kwargs: Any) -> None:
+    """Write ``labels`` just above each bar of ``bars`` (what ``ax.bar`` returned);
+    leave room for them with :func:`headroom`."""
+    ax.bar_label(bars, labels=list(labels), padding=2, fontsize=fontsize, **kwargs)
+
+
+def headroom(ax: Any, top: float, factor: float = 1.15) -> None:
+    """Make the y axis reach ``factor`` times ``top`` (the tallest bar or whisker), so
+    nothing is cut off and the values above the bars fit."""
+    if ax.get_yscale() == "log":
+        ax.set_ylim(top=top * factor)
+    else:
+        ax.set_ylim(0, top * factor)
+
+
 def save_figure(fig: Any, path: Path, title: str | None = None,
                 rect: tuple[float, float, float, float] | None = None) -> None:
     import matplotlib.pyplot as plt
@@ -91,7 +119,8 @@ def bench_store(path: Path = CACHE / "store") -> Path:
     (fp32): trained and built once, then reused."""
     from modelfn.errors import ModelfnError
     from modelfn.export.build import build
-    from modelfn.store import open_store, resolve_version
+    from modelfn.registry import resolve_version
+    from modelfn.store import open_store
     from modelfn.training import loop, recipes
 
     store = open_store(str(path))
@@ -140,3 +169,120 @@ def bench_layer(path: Path = CACHE / "layer") -> Path:
                     "build-RuntimeLayer", f"ARTIFACTS_DIR={path}", f"PYTHON={VENV_PYTHON}"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return path / "python"
+
+
+#: every server a benchmark starts listens here, and only here
+HOST = "127.0.0.1"
+JSON = {"Content-Type": "application/json"}
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def start_modelfn(args: list[str], port: int, wait_s: float = 180) -> subprocess.Popen[str]:
+    """``python -m modelfn.cli ARGS --port PORT`` (e.g. ``serve --store S --quiet``),
+    returned once ``/v2/health/ready`` answers; its output is kept for
+    :func:`stop_modelfn`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "modelfn.cli", *args, "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise SystemExit(f"modelfn {' '.join(args[:1])} exited ({proc.returncode}):\n{out}")
+        conn = http.client.HTTPConnection(HOST, port, timeout=1)
+        try:
+            resp, _ = exchange(conn, Request("/v2/health/ready", method="GET", headers={}))
+            if resp.status < 400:
+                return proc
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"modelfn {' '.join(args[:1])} did not become ready within {wait_s:.0f} s")
+
+
+def stop_modelfn(proc: subprocess.Popen[str]) -> str:
+    """Terminate a server from :func:`start_modelfn`; returns what it printed."""
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request as the load client sends it."""
+
+    path: str
+    body: bytes | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: dict(JSON))
+    method: str = "POST"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's outcome: the caller's tag for it, the status, the seconds from
+    sending to the last byte of the body, and the caller's check of the answer."""
+
+    tag: Any
+    status: int
+    seconds: float
+    ok: bool
+
+
+#: ``check(tag, status, body) -> ok``
+Check = Callable[[Any, int, bytes], bool]
+
+
+def status_200(_tag: Any, status: int, _body: bytes) -> bool:
+    return status == 200
+
+
+def exchange(conn: http.client.HTTPConnection,
+             req: Request) -> tuple[http.client.HTTPResponse, bytes]:
+    """Send ``req`` on ``conn`` and read the whole answer."""
+    conn.request(req.method, req.path, req.body, req.headers)
+    resp = conn.getresponse()
+    return resp, resp.read()
+
+
+def http_load(port: int, shares: Sequence[Sequence[tuple[Any, Request]]],
+              check: Check = status_200, timeout: float = 30) -> tuple[list[Answer], float]:
+    """The HTTP load client: one thread per share, each with its own keep-alive
+    connection to 127.0.0.1:``port``, sending its ``(tag, request)`` pairs one after
+    the other and timing each (request sent to body read); ``check`` judges each
+    answer after its time is taken. A server's ``Connection: close`` opens a new
+    connection for the next request. Returns every answer (each thread's in order)
+    and the wall-clock seconds from the first thread's start to the last one's end."""
+    answers: list[Answer] = []
+    lock = threading.Lock()
+
+    def client(share: Sequence[tuple[Any, Request]]) -> None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+        mine = []
+        for tag, req in share:
+            t0 = time.perf_counter()
+            resp, body = exchange(conn, req)
+            took = time.perf_counter() - t0
+            mine.append(Answer(tag, resp.status, took, check(tag, resp.status, body)))
+            if resp.getheader("Connection", "").lower() == "close":
+                conn.close()
+                conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+        conn.close()
+        with lock:
+            answers.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers, time.perf_counter() - t0

@@ -2,37 +2,35 @@
 requests to `modelfn serve` on loopback, valid and invalid mixed; every valid one
 must be answered correctly, every invalid one with its 4xx, none with a 5xx.
 
-    .venv/bin/python bench/load.py [--requests 4000] [--clients 8]
+    .venv/bin/python -m bench.load [--requests 4000] [--clients 8]
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import random
-import sys
-import threading
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    BENCH,
+from bench.common import (
+    JSON,
+    Request,
     bench_store,
+    free_port,
+    http_load,
     machine,
     now,
     percentiles,
     save_figure,
+    start_modelfn,
+    stop_modelfn,
     subplots,
     write_results,
 )
-
-JSON = {"Content-Type": "application/json"}
 
 
 def kinds() -> dict[str, dict[str, Any]]:
@@ -80,51 +78,29 @@ def kinds() -> dict[str, dict[str, Any]]:
 
 
 def run(n: int, clients: int, seed: int = 0) -> dict[str, Any]:
-    sys.path.insert(0, str(BENCH.parent))
-    from tests.conftest import free_port, start, stop  # as the tests start the server
-
     store = bench_store()
     table = kinds()
     names = list(table)
     rng = random.Random(seed)
     plan = rng.choices(names, weights=[table[k]["weight"] for k in names], k=n)
+    requests = {k: Request(spec["path"], spec["body"], spec["headers"])
+                for k, spec in table.items()}
+
+    def check(kind: str, status: int, raw: bytes) -> bool:
+        spec = table[kind]
+        ok = status == spec["status"]
+        if ok and status == 200:
+            ok = spec["check"](json.loads(raw))
+        return ok
+
     port = free_port()
-    proc = start(["serve", "--store", str(store), "--quiet"], port)
-    results: list[tuple[str, int, float, bool]] = []
-    lock = threading.Lock()
-
-    def client(share: list[str]) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        mine = []
-        for kind in share:
-            spec = table[kind]
-            t0 = time.perf_counter()
-            conn.request("POST", spec["path"], spec["body"], spec["headers"])
-            resp = conn.getresponse()
-            raw = resp.read()
-            took = time.perf_counter() - t0
-            ok = resp.status == spec["status"]
-            if ok and resp.status == 200:
-                ok = spec["check"](json.loads(raw))
-            if resp.getheader("Connection", "").lower() == "close":
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            mine.append((kind, resp.status, took, ok))
-        conn.close()
-        with lock:
-            results.extend(mine)
-
-    shares = [plan[i::clients] for i in range(clients)]
-    threads = [threading.Thread(target=client, args=(s,)) for s in shares]
+    proc = start_modelfn(["serve", "--store", str(store), "--quiet"], port)
+    shares = [[(kind, requests[kind]) for kind in plan[i::clients]] for i in range(clients)]
     try:
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        answers, wall = http_load(port, shares, check, timeout=60)
     finally:
-        stop(proc)
+        stop_modelfn(proc)
+    results = [(a.tag, a.status, a.seconds, a.ok) for a in answers]
     by_kind: dict[str, list[tuple[int, float, bool]]] = defaultdict(list)
     for kind, status, took, ok in results:
         by_kind[kind].append((status, took, ok))
@@ -146,7 +122,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['when']} · {m['cpu']}, {m['cores']} cores shared by server and clients · "
         f"`modelfn serve` (one Lambda environment: one request at a time) · {r['clients']} "
-        "keep-alive clients. Reproduce: `.venv/bin/python bench/load.py`.",
+        "keep-alive clients. Reproduce: `.venv/bin/python -m bench.load`.",
         "",
         f"**{r['requests']} requests in {r['seconds']:.1f} s ({r['rps']:.0f}/s): "
         f"{r['wrong']} answered wrongly, {r['server_errors']} 5xx.** Latency over all: p50 "

@@ -8,7 +8,7 @@ one warm-up each). For the S3 rows boto3 is added to the path, as Lambda's runti
 provides it, and S3 is moto's server on loopback: no network, no TLS, no IAM, so the
 S3 rows are a lower bound of what a real bucket costs.
 
-    .venv/bin/python bench/models_source.py [--rounds 15]
+    .venv/bin/python -m bench.models_source [--rounds 15]
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from typing import Any
 import boto3
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cold_start import CHILD, TASK_ROOT, _event, env_for, sample, summarize_runs  # noqa: E402
-from common import (  # noqa: E402
+from bench.cold_start import CHILD, TASK_ROOT, _event, env_for, sample, summarize_runs
+from bench.common import (
     CACHE,
     bench_layer,
     bench_store,
@@ -115,7 +114,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['when']} · {m['cpu']}, every process pinned to 1 CPU · CPython 3.12 with the "
         f"built runtime layer, `-S` · {report['rounds']} fresh processes per row, interleaved, "
         "medians. S3 is moto on loopback (no network, no TLS): a lower bound. Reproduce: "
-        "`.venv/bin/python bench/models_source.py`.",
+        "`.venv/bin/python -m bench.models_source`.",
         "",
         "| model | models from | p50 ms | p90 ms | module init (model load) ms | breakdown (ms) "
         "| boto3 loaded | peak RSS MB |",

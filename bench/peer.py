@@ -6,7 +6,7 @@ bundle with the same pre/post-processing (bench/peer/bentoml_service.py), agains
 For each server and model: start-to-first-answer (spawn → first 200), then HTTP
 p50/p99 and throughput at batch 1 under 1 and 4 concurrent keep-alive clients.
 
-    .venv/bin/python bench/peer.py
+    .venv/bin/python -m bench.peer
 """
 
 from __future__ import annotations
@@ -15,24 +15,29 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from bench.common import (
     BENCH,
     CACHE,
+    HOST,
     VENV_PYTHON,
+    Request,
     bench_store,
+    exchange,
+    free_port,
+    headroom,
+    http_load,
+    label_bars,
     machine,
     now,
+    num,
     percentiles,
     save_figure,
     subplots,
@@ -59,12 +64,6 @@ def peer_python() -> Path:
                         *PEER_PACKAGES], check=True, stderr=subprocess.DEVNULL)
         (PEER_VENV / ".installed").touch()
     return py
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def servers(store: Path) -> dict[str, dict[str, Any]]:
@@ -94,25 +93,19 @@ def servers(store: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def post(conn: http.client.HTTPConnection, path: str, payload: bytes) -> tuple[int, bytes]:
-    conn.request("POST", path, payload, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    return resp.status, resp.read()
-
-
 def start(spec: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, float]:
     port = free_port()
     argv = [a.replace("{port}", str(port)) for a in spec["argv"]]
-    payload = json.dumps(spec["body"]).encode()
+    req = Request(spec["path"], json.dumps(spec["body"]).encode())
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=spec["env"], cwd=spec["cwd"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     while time.perf_counter() - t0 < 120:
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            status, _ = post(conn, spec["path"], payload)
+            conn = http.client.HTTPConnection(HOST, port, timeout=30)
+            resp, _ = exchange(conn, req)
             conn.close()
-            if status == 200:
+            if resp.status == 200:
                 return proc, port, time.perf_counter() - t0
         except OSError:
             pass
@@ -122,33 +115,13 @@ def start(spec: dict[str, Any]) -> tuple[subprocess.Popen[bytes], int, float]:
 
 
 def load(port: int, spec: dict[str, Any], n: int, clients: int) -> dict[str, Any]:
-    payload = json.dumps(spec["body"]).encode()
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    per_client = n // clients
-
-    def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        mine = []
-        for _ in range(per_client):
-            t0 = time.perf_counter()
-            status, _ = post(conn, spec["path"], payload)
-            mine.append(time.perf_counter() - t0)
-            if status != 200:
-                errors[0] += 1
-        conn.close()
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return {**percentiles(latencies), "rps": len(latencies) / wall, "errors": errors[0]}
+    """``clients`` keep-alive clients, ``n // clients`` requests each; errors: answers
+    other than 200."""
+    req = Request(spec["path"], json.dumps(spec["body"]).encode())
+    shares = [[(None, req)] * (n // clients) for _ in range(clients)]
+    answers, wall = http_load(port, shares, timeout=30)
+    return {**percentiles([a.seconds for a in answers]), "rps": len(answers) / wall,
+            "errors": sum(not a.ok for a in answers)}
 
 
 def run() -> dict[str, Any]:
@@ -180,7 +153,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['when']} · {m['cpu']}, {m['cores']} cores shared by server and client · "
         f"Python {m['python']} · onnxruntime {m['onnxruntime']} · same client (keep-alive "
         "connections, one per concurrent client), batch 1, same ONNX bundle and "
-        "processing. Reproduce: `.venv/bin/python bench/peer.py`.",
+        "processing. Reproduce: `.venv/bin/python -m bench.peer`.",
         "",
         "| server | model | start → first answer s | c1 p50 / p99 ms | c1 req/s | "
         "c4 p50 / p99 ms | c4 req/s | errors |",
@@ -222,20 +195,31 @@ def chart(report: dict[str, Any], path: Path) -> None:
     res = report["results"]
     servers_ = list(res)
     models = list(next(iter(res.values())))
-    fig, axes = subplots(1, 3, figsize=(14, 4))
+    panels = (("start → first answer (s)", lambda r: r["start_to_first_answer_s"]),
+              ("p50 ms, 1 client", lambda r: r["c1"]["p50"]),
+              ("requests/s, 4 clients", lambda r: r["c4"]["rps"]))
+    fig, axes = subplots(1, len(panels), figsize=(14, 4.4))
     x = np.arange(len(models))
-    for i, server in enumerate(servers_):
-        off = (i - 0.5) * 0.38
-        axes[0].bar(x + off, [res[server][m]["start_to_first_answer_s"] for m in models], 0.38,
-                    label=server)
-        axes[1].bar(x + off, [res[server][m]["c1"]["p50"] for m in models], 0.38, label=server)
-        axes[2].bar(x + off, [res[server][m]["c4"]["rps"] for m in models], 0.38, label=server)
-    for ax, title in zip(axes, ("start → first answer (s)", "p50 ms, 1 client",
-                                "requests/s, 4 clients"), strict=True):
+    width = 0.8 / len(servers_)
+    handles = []
+    for ax, (title, value) in zip(axes, panels, strict=True):
+        top = 0.0
+        for i, server in enumerate(servers_):
+            vals = [value(res[server][m]) for m in models]
+            bars = ax.bar(x + (i - (len(servers_) - 1) / 2) * width, vals, width,
+                          color=f"C{i}", label=server)
+            label_bars(ax, bars, [num(v) for v in vals])
+            top = max(top, *vals)
+            if ax is axes[0]:
+                handles.append(bars)
+        headroom(ax, top, 1.12)
         ax.set_xticks(x, models)
         ax.set_title(title)
-        ax.legend(fontsize=8)
-    save_figure(fig, path, "modelfn serve vs BentoML, same ONNX bundle, same client, batch 1")
+    # one legend for the three panels, under them: never over a bar
+    fig.legend(handles, servers_, loc="lower center", ncol=len(servers_), fontsize=9,
+               frameon=False)
+    save_figure(fig, path, "modelfn serve vs BentoML, same ONNX bundle, same client, batch 1",
+                rect=(0, 0.06, 1, 1))
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ have to ship: torch and everything it requires, plus sentence-transformers and i
 closure and the safetensors weights for minilm, as installed in this project's
 environment; torch's zipped size is its CPU wheel's).
 
-    .venv/bin/python bench/sizes.py
+    .venv/bin/python -m bench.sizes
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from bench.common import (
     MODELS,
     bench_layer,
     bench_store,
+    headroom,
+    label_bars,
     machine,
     now,
     save_figure,
@@ -97,7 +97,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['when']} · layer built for python3.12 x86_64 (layers/runtime/Makefile, with "
         "its bytecode) · Lambda: 250 MiB (262.1 MB) unzipped for a function and all its "
         "layers, 50 MiB zipped for a direct upload, 10 GiB for a container image. "
-        "Reproduce: `.venv/bin/python bench/sizes.py`.",
+        "Reproduce: `.venv/bin/python -m bench.sizes`.",
         "",
         "| artefact | unzipped MB | zipped MB | files |",
         "|---|---|---|---|",
@@ -144,16 +144,27 @@ def chart(report: dict[str, Any], path: Path) -> None:
     names += ["torch\ndigits-cnn", "sentence-transformers\nminilm"]
     layers += [te["digits-cnn"]["unzipped"] / mb, te["minilm"]["unzipped"] / mb]
     bundles += [0, 0]
-    fig, ax = subplots(figsize=(9, 4.5))
+    fig, ax = subplots(figsize=(9, 4.8))
     x = np.arange(len(names))
     ax.bar(x, layers, label="runtime (layer / libraries)")
-    ax.bar(x, bundles, bottom=layers, label="model bundle")
-    ax.axhline(report["limits_mb"]["unzipped_mb"], color="red", linestyle="--",
-               label="Lambda: 250 MiB unzipped")
+    totals = [a + b for a, b in zip(layers, bundles, strict=True)]
+    top = ax.bar(x, bundles, bottom=layers, label="model bundle")
+    # torch: the total above the bar; modelfn: layer + bundle = total inside the layer's
+    # part (above its short bar the label would sit on the limit line)
+    label_bars(ax, top, ["" if b else f"{t:.0f} MB"
+                         for t, b in zip(totals, bundles, strict=True)])
+    for xi, a, b, t in zip(x, layers, bundles, totals, strict=True):
+        if b:
+            ax.text(xi, a / 2, f"{a:.0f} + {b:.1f}\n= {t:.0f} MB", ha="center",
+                    va="center", fontsize=8, color="white")
+    limit = report["limits_mb"]["unzipped_mb"]
+    ax.axhline(limit, color="red", linestyle="--",
+               label=f"Lambda: 250 MiB ({limit:.0f} MB) unzipped")
+    headroom(ax, max(totals), 1.15)
     ax.set_xticks(x, names, fontsize=8)
     ax.set_ylabel("MB unzipped")
-    ax.legend(fontsize=8)
-    ax.set_title("What a function ships: modelfn vs torch-based")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("What a function ships: modelfn vs torch-based (modelfn: layer + bundle)")
     save_figure(fig, path)
 
 

@@ -2,8 +2,8 @@
 int8 and the fp32 minilm bundles, against sentence-transformers (torch) on the same
 texts, in one process, interleaved, at batch 1 and batch 32.
 
-    .venv/bin/python bench/text_latency.py            # builds both bundles in a temp store
-    .venv/bin/python bench/text_latency.py --store S --int8 1 --fp32 2
+    .venv/bin/python -m bench.text_latency            # builds both bundles in a temp store
+    .venv/bin/python -m bench.text_latency --store S --int8 1 --fp32 2
 
 Writes bench/results/text-latency.{md,json,png}. A benchmark, not a test.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,13 +19,22 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import (
+    headroom,
+    machine,
+    now,
+    num,
+    percentiles,
+    save_figure,
+    subplots,
+    write_results,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# torch's OpenMP threads otherwise spin on both cores after each sentence-transformers
-# call and slow down whatever runs next in this interleaved benchmark (measured: modelfn
-# int8 at batch 1 from 2.3 ms to 6.6 ms); set before torch is imported
+# torch's OpenMP threads otherwise spin on every core after each sentence-transformers
+# call and slow down whatever runs next in this interleaved benchmark (modelfn int8 at
+# batch 1 came out about 3x slower); set before torch is imported (in main)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, now, percentiles, save_figure, subplots, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -141,18 +149,30 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tick(name: str) -> str:
+    """Two or three short lines per x label, so neighbours never overlap."""
+    if name.startswith("sentence-transformers"):
+        chunk = "batch_size=8" if "batch_size=8" in name else "batch_size=32"
+        return f"sentence-\ntransformers\n{chunk}"
+    return name.replace(" ", "\n", 1)
+
+
 def chart(report: dict[str, Any], path: Path) -> None:
-    fig, axes = subplots(1, len(report["results"]), figsize=(12, 4.5), dpi=100)
-    for ax, (size, cells) in zip(axes, report["results"].items(), strict=True):
+    fig, axes = subplots(1, len(report["results"]), figsize=(12, 4.8), dpi=100)
+    for ax, (size, cells) in zip(np.atleast_1d(axes), report["results"].items(), strict=True):
         names = list(cells)
-        ax.bar([n.replace(" batch_size", "\nbatch_size") for n in names],
-               [cells[n]["p50"] for n in names], color=["C0", "C1", "C3", "C4"])
-        ax.errorbar([n.replace(" batch_size", "\nbatch_size") for n in names],
-                    [cells[n]["p50"] for n in names],
-                    yerr=[[0] * len(names), [cells[n]["p90"] - cells[n]["p50"]
-                                            for n in names]], fmt="none", ecolor="k")
-        ax.set(title=f"batch {size}", ylabel="ms (p50, bar to p90)")
-        ax.tick_params(axis="x", labelsize=8)
+        x = np.arange(len(names))
+        p50 = [cells[n]["p50"] for n in names]
+        p90 = [cells[n]["p90"] for n in names]
+        ax.bar(x, p50, 0.7, color=["C0", "C1", "C3", "C4"][:len(names)])
+        ax.errorbar(x, p50, yerr=[[0] * len(names), [b - a for a, b in zip(p50, p90,
+                                                                           strict=True)]],
+                    fmt="none", ecolor="k", capsize=3)
+        for xi, a, b in zip(x, p50, p90, strict=True):
+            ax.text(xi, b, f"p50 {num(a)}\np90 {num(b)}", ha="center", va="bottom", fontsize=8)
+        headroom(ax, max(p90), 1.22)
+        ax.set_xticks(x, [_tick(n) for n in names], fontsize=8)
+        ax.set(title=f"batch {size}", ylabel="ms (bar: p50, whisker to p90)")
     save_figure(fig, path, f"minilm embeddings on {report['machine']['cpu']}")
 
 
