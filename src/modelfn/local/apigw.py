@@ -88,6 +88,61 @@ def http_event(method: str, target: str, headers: dict[str, str], body: bytes,
     return event
 
 
+class BodyRefused(Exception):
+    """A request body the gateway answers itself, before the function runs."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+OVER_QUOTA = "request body over API Gateway's 10 MB limit"
+
+
+def read_body(rfile: Any, headers: Any) -> bytes:
+    """The request body, from Content-Length or chunked transfer encoding, within API
+    Gateway's quota (413 past it, 400 when malformed)."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return _read_chunked(rfile)
+    try:
+        length = int(headers.get("content-length") or 0)
+    except ValueError:
+        raise BodyRefused(400, "Content-Length is not a number") from None
+    if length > APIGW_MAX_BODY:
+        raise BodyRefused(413, OVER_QUOTA)
+    return bytes(rfile.read(length)) if length > 0 else b""
+
+
+def _read_chunked(rfile: Any) -> bytes:
+    """Chunks up to the terminating one. Past the quota the rest is read and dropped
+    (up to 4x the quota) so that the client, which sends its whole body before it
+    reads an answer, gets the 413 rather than a reset connection."""
+    body, dropped = bytearray(), 0
+    while True:
+        line = rfile.readline(1024)
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise BodyRefused(400, "malformed chunked request body") from None
+        if size < 0:
+            raise BodyRefused(400, "malformed chunked request body")
+        if size == 0:
+            while rfile.readline(8192).strip():  # trailers, up to the blank line
+                pass
+            if dropped:
+                raise BodyRefused(413, OVER_QUOTA)
+            return bytes(body)
+        if dropped or len(body) + size > APIGW_MAX_BODY:
+            dropped += size
+            if len(body) + dropped > 4 * APIGW_MAX_BODY:
+                raise BodyRefused(413, OVER_QUOTA)
+            while size:
+                size -= len(rfile.read(min(size, 1 << 20))) or size
+        else:
+            body += rfile.read(size)
+        rfile.readline(8)  # the CRLF after each chunk
+
+
 def make_server(handler: Handler, host: str = "127.0.0.1", port: int = 8080,
                 quiet: bool = False) -> ThreadingHTTPServer:
     """An HTTP server that sends every request through ``handler`` as API Gateway would."""
@@ -100,15 +155,15 @@ def make_server(handler: Handler, host: str = "127.0.0.1", port: int = 8080,
 
         def _handle(self) -> None:
             started = time.perf_counter()
-            length = int(self.headers.get("content-length") or 0)
-            if length > APIGW_MAX_BODY:
-                self._send(413, {"content-type": "application/json"},
-                           json.dumps({"error": "request body over API Gateway's 10 MB limit"})
-                           .encode(), close=True)
+            try:
+                body = read_body(self.rfile, self.headers)
+            except BodyRefused as exc:
+                self._send(exc.status, {"content-type": "application/json"},
+                           json.dumps({"error": exc.message}).encode(), close=True)
                 return
-            body = self.rfile.read(length) if length else b""
-            event = http_event(self.command, self.path, dict(self.headers.items()), body,
-                               self.client_address[0])
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() != "transfer-encoding"}
+            event = http_event(self.command, self.path, headers, body, self.client_address[0])
             with lock:
                 result = handler(event, LocalContext(function_name="modelfn-api"))
             status, headers, payload = _response(result)

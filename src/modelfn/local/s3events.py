@@ -9,7 +9,9 @@ Used by ``modelfn serve --with-s3`` and by the tests. Needs the dev extras (moto
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import threading
 import uuid
 from typing import Any
@@ -108,12 +110,21 @@ def sqs_record(message_id: str, body: str) -> dict[str, Any]:
 class LocalS3:
     """moto's server on loopback, reached by every boto3 client of this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0, verbose: bool = False) -> None:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError:
             raise LocalServiceError("--with-s3 needs moto: pip install 'modelfn[local]'") from None
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        # werkzeug (moto's server) logs every request to stderr unless told otherwise
+        logging.getLogger("werkzeug").setLevel(logging.INFO if verbose else logging.ERROR)
+        if port:  # moto binds in its own thread, where a busy port would hang start()
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError as exc:
+                    raise LocalServiceError(f"cannot start the embedded S3 on 127.0.0.1:"
+                                            f"{port}: {exc.strerror or exc}") from exc
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
@@ -123,8 +134,8 @@ class LocalS3:
         self.server.stop()
 
 
-def start_trigger(models: str, bucket: str = "modelfn-local") -> tuple[LocalS3, BatchDeployment,
-                                                                        threading.Event]:
+def start_trigger(models: str, bucket: str = "modelfn-local", port: int = 0,
+                  verbose: bool = False) -> tuple[LocalS3, BatchDeployment, threading.Event]:
     """Start S3+SQS+DynamoDB on loopback, create ``bucket`` and the batch resources, and
     deliver notifications to the batch handler from a background thread."""
     import boto3
@@ -132,7 +143,7 @@ def start_trigger(models: str, bucket: str = "modelfn-local") -> tuple[LocalS3, 
     if models.startswith("s3://"):
         raise LocalServiceError("--with-s3 serves models from a local store: the embedded S3 "
                            "endpoint would shadow a real one")
-    local = LocalS3()
+    local = LocalS3(port, verbose)
     boto3.client("s3").create_bucket(Bucket=bucket)
     deployment = BatchDeployment(bucket, models)
     stop = threading.Event()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from modelfn import registry
 from modelfn.errors import PackagingError
-from modelfn.packaging.limits import UNZIPPED_LIMIT, Artifact, measure, measure_bundle
+from modelfn.packaging.limits import UNZIPPED_LIMIT, Artifact, measure, measure_bundle, mib
 from modelfn.project import checkout
 from modelfn.runtime.manifest import Manifest
 from modelfn.store import Store, json_bytes
@@ -47,7 +47,7 @@ class Packaged:
     name: str
     version: str
     bundle: Artifact
-    total_unzipped: int  # what counts against the 250 MB (layer); the image's payload
+    total_unzipped: int  # what counts against the 250 MiB (layer); the image's payload
 
 
 def copy_bundle(store: Store, name: str, version: str, root: Path) -> None:
@@ -127,7 +127,7 @@ def image_context(store: Store, name: str, version: str, out: Path) -> Path:
 
 def package(store: Store, ref: str, out: Path, layer_dir: Path | None,
             function_dir: Path | None, image: bool = False) -> Packaged:
-    """A models layer when runtime layer + function + bundle fit 250 MB unzipped (and
+    """A models layer when runtime layer + function + bundle fit 250 MiB unzipped (and
     ``image`` is not asked for), else an image context."""
     name, _, wanted = ref.partition(":")
     version = registry.resolve_version(store, name, wanted or None)
@@ -144,8 +144,8 @@ def package(store: Store, ref: str, out: Path, layer_dir: Path | None,
         if total <= UNZIPPED_LIMIT:
             return Packaged("layer", models_layer(store, name, version, out), name, version,
                             bundle, total)
-        print(f"{name}:{version} with the runtime is {total / 1e6:.1f} MB unzipped, over "
-              f"Lambda's {UNZIPPED_LIMIT / 1e6:.1f} MB for a function and its layers: "
+        print(f"{name}:{version} with the runtime is {mib(total)} unzipped, over "
+              f"Lambda's {mib(UNZIPPED_LIMIT)} for a function and its layers: "
               "packaging a container image instead")
     context = image_context(store, name, version, out)
     size = sum(p.stat().st_size for p in context.rglob("*") if p.is_file())
@@ -154,17 +154,17 @@ def package(store: Store, ref: str, out: Path, layer_dir: Path | None,
 
 def describe(result: Packaged) -> str:
     if result.kind == "layer":
-        return (f"models layer {result.path} ({result.bundle.unzipped / 1e6:.1f} MB bundle; "
-                f"{result.total_unzipped / 1e6:.1f} of {UNZIPPED_LIMIT / 1e6:.1f} MB with the "
-                f"runtime). Publish it and deploy with it:\n"
+        return (f"models layer {result.path} ({mib(result.bundle.unzipped)} bundle; "
+                f"{mib(result.total_unzipped)} of {mib(UNZIPPED_LIMIT)} with the runtime). "
+                f"Publish it and deploy with it (make deploy writes the parameters into the "
+                f"code, so the functions publish a new version):\n"
                 f"  aws lambda publish-layer-version --layer-name modelfn-{result.name} "
                 f"--zip-file fileb://{result.path}\n"
-                f"  sam deploy --parameter-overrides ModelsLayerArn=<LayerVersionArn> "
-                f"PreloadModels={result.name}:{result.version}")
-    return (f"image build context {result.path} ({result.total_unzipped / 1e6:.1f} MB before "
+                f"  make deploy ENV=prod OVERRIDES=\"ModelsLayerArn=<LayerVersionArn> "
+                f"PreloadModels={result.name}:{result.version}\"")
+    return (f"image build context {result.path} ({mib(result.total_unzipped)} before "
             f"pip install). Where Docker runs:\n"
             f"  docker build --platform linux/amd64 -t modelfn-{result.name}:{result.version} "
             f"{result.path}\n"
             f"  docker tag / docker push to your ECR repository, then\n"
-            f"  sam deploy --parameter-overrides ApiImageUri=<ECR image URI>")
-
+            f"  make deploy ENV=prod OVERRIDES=\"ApiImageUri=<ECR image URI>\"")

@@ -11,7 +11,9 @@ caller, on the old configuration.
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,12 @@ def parse(text: str) -> dict[str, str]:
 
 def parameters(root: Path, config_env: str, overrides: list[str]) -> dict[str, str]:
     """The checkout ``root``'s ``config_env`` profile with ``overrides`` on top, checked
-    against its template's parameters."""
+    against its template as CloudFormation would check them before creating anything:
+    names, types, ranges, allowed values and patterns, and the template's Rules."""
     config = tomllib.loads((root / "samconfig.toml").read_text())
     if config_env not in config:
         raise ConfigError(f"samconfig.toml has no [{config_env}] profile; it has "
-                           f"{', '.join(k for k in config if k != 'version')}")
+                          f"{', '.join(k for k in config if k != 'version')}")
     deploy: dict[str, Any] = config[config_env].get("deploy", {}).get("parameters", {})
     merged = parse(deploy.get("parameter_overrides", ""))
     merged.update(parse(" ".join(overrides)))
@@ -43,11 +46,73 @@ def parameters(root: Path, config_env: str, overrides: list[str]) -> dict[str, s
     for key, value in merged.items():
         if key not in declared:
             raise ConfigError(f"template.yaml has no parameter {key!r}")
-        allowed = declared[key].get("AllowedValues")
-        if allowed is not None and value not in map(str, allowed):
-            raise ConfigError(f"{key}={value}: allowed values are "
-                               f"{', '.join(map(str, allowed))}")
+        check_value(key, value, declared[key])
+    values = {k: str(spec.get("Default", "")) for k, spec in declared.items()} | merged
+    check_rules(template().get("Rules", {}), values, declared)
     return dict(sorted(merged.items()))
+
+
+def check_value(key: str, value: str, spec: dict[str, Any]) -> None:
+    """One parameter against its declaration (Type, Min/MaxValue, AllowedValues,
+    AllowedPattern, Min/MaxLength)."""
+    allowed = spec.get("AllowedValues")
+    if allowed is not None and value not in map(str, allowed):
+        raise ConfigError(f"{key}={value}: allowed values are {', '.join(map(str, allowed))}")
+    if spec.get("Type") == "Number":
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: must be a number") from None
+        low, high = spec.get("MinValue"), spec.get("MaxValue")
+        if (low is not None and number < float(low)) or (high is not None
+                                                           and number > float(high)):
+            raise ConfigError(f"{key}={value}: must lie in {low if low is not None else '-∞'}"
+                              f"..{high if high is not None else '∞'}")
+    pattern = spec.get("AllowedPattern")
+    if pattern is not None and value and not re.fullmatch(pattern, value):
+        raise ConfigError(f"{key}={value!r}: must match {pattern} "
+                          f"({spec.get('ConstraintDescription', 'the template says so')})")
+
+
+def _evaluate(node: Any, ref: Callable[[str], Any]) -> Any:
+    """A rule's intrinsic functions, over the parameters' values (``ref``)."""
+    if not isinstance(node, dict):
+        return node
+    ((fn, arg),) = node.items()
+    if fn == "Ref":
+        return ref(arg)
+    args = [_evaluate(a, ref) for a in (arg if isinstance(arg, list) else [arg])]
+    functions: dict[str, Callable[[list[Any]], Any]] = {
+        "Fn::Equals": lambda a: str(a[0]).strip() == str(a[1]).strip(),
+        "Fn::Not": lambda a: not a[0],
+        "Fn::And": all,
+        "Fn::Or": any,
+        "Fn::Join": lambda a: str(a[0]).join(map(str, a[1])),
+        "Fn::Contains": lambda a: a[1] in a[0],
+    }
+    if fn not in functions:
+        raise ConfigError(f"template.yaml: the rule function {fn} is not understood here")
+    return functions[fn](args)
+
+
+def check_rules(rules: dict[str, Any], values: dict[str, str],
+                declared: dict[str, Any]) -> None:
+    """Each Rule whose RuleCondition holds must have every Assertion hold; the first
+    one that does not is reported with its AssertDescription."""
+
+    def ref(name: str) -> Any:
+        if declared.get(name, {}).get("Type") == "CommaDelimitedList":
+            return [v for v in values.get(name, "").split(",") if v]
+        return values.get(name, "")
+
+    for name, rule in rules.items():
+        if "RuleCondition" in rule and not _evaluate(rule["RuleCondition"], ref):
+            continue
+        for assertion in rule.get("Assertions", []):
+            if not _evaluate(assertion["Assert"], ref):
+                described = " ".join(str(assertion.get("AssertDescription", name)).split())
+                raise ConfigError(f"these parameters break the template's rule {name}: "
+                                  f"{described}")
 
 
 def render(values: dict[str, str]) -> str:

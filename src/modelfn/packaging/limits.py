@@ -1,7 +1,7 @@
 """Lambda's deployment size limits, checked by code after ``sam build``.
 
-Lambda allows 250 MB (262,144,000 bytes) unzipped for a function and all its
-layers together.
+Lambda allows 250 MiB (262,144,000 bytes) unzipped for a function and all its
+layers together. Sizes are written in MiB (2**20 bytes), as Lambda's quotas are.
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from modelfn.errors import PackagingError
 if TYPE_CHECKING:
     from modelfn.store import Store
 
-UNZIPPED_LIMIT = 262_144_000  # bytes: function + all layers, unzipped
+UNZIPPED_LIMIT = 262_144_000  # bytes (250 MiB): function + all layers, unzipped
+MIB = 1 << 20
+
+
+def mib(size: int) -> str:
+    return f"{size / MIB:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,14 @@ def zipped_size(path: Path) -> int:
     return buf.tell()
 
 
-def measure(path: Path, name: str | None = None, zipped: bool = True) -> Artifact:
+def measure(path: Path, name: str | None = None, zipped: bool = True,
+            required: bool = False) -> Artifact:
+    """The size of a built artefact. ``required``: a folder that is not there, or holds
+    no file, is an error (a check of nothing must not pass)."""
+    if required and not (path.is_dir() and any(p.is_file() for p in path.rglob("*"))):
+        raise PackagingError(f"nothing built at {path}: expected sam build's output for "
+                             f"{path.name} (run `make sam-build`, or name the folder with "
+                             "--build-dir)")
     size, files = tree_size(path)
     return Artifact(name or path.name, size, zipped_size(path) if zipped else 0, files)
 
@@ -110,10 +122,10 @@ def check_function(function: Artifact, layers: list[Artifact]) -> int:
     """Total unzipped size of a function and its layers; raise if over Lambda's limit."""
     total = function.unzipped + sum(layer.unzipped for layer in layers)
     if total > UNZIPPED_LIMIT:
-        parts = ", ".join(f"{a.name} {a.unzipped / 1e6:.1f} MB" for a in [function, *layers])
+        parts = ", ".join(f"{a.name} {mib(a.unzipped)}" for a in [function, *layers])
         raise PackagingError(
-            f"{function.name} is {total / 1e6:.1f} MB unzipped with its layers ({parts}); "
-            f"Lambda allows {UNZIPPED_LIMIT / 1e6:.1f} MB. Ship the model as a container "
+            f"{function.name} is {mib(total)} unzipped with its layers ({parts}); "
+            f"Lambda allows {mib(UNZIPPED_LIMIT)}. Ship the model as a container "
             "image instead (`modelfn package NAME --image`, then the template's ApiImageUri), "
             "or use a smaller (int8) bundle.")
     return total

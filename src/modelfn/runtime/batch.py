@@ -38,6 +38,8 @@ from modelfn.store.keys import INPUT_PREFIX, model_from_key, output_key, summary
 __all__ = ["INPUT_PREFIX", "BatchLimits", "Summary", "process_object", "run_lines"]
 
 MAX_LINE_BYTES = 1 << 20
+#: what a line without a model is told (an S3 input file's model is its folder)
+NO_MODEL_HINT = "name one in the line ('model') or put the file under inputs/<model>/"
 
 
 @dataclass
@@ -53,9 +55,19 @@ class Summary:
     seconds: float = 0.0
     inference_seconds: float = 0.0
 
+    @property
+    def outcome(self) -> str:
+        """``ok`` (every line predicted), ``partial`` (some lines are error rows),
+        ``failed`` (every line is), or ``rejected`` (over a limit: no output)."""
+        if self.status != "ok":
+            return self.status
+        if self.errors:
+            return "partial" if self.predictions else "failed"
+        return "ok"
+
     def as_dict(self) -> dict[str, Any]:
         rows_per_s = self.predictions / self.seconds if self.seconds else 0.0
-        return {"input": self.input, "output": self.output, "status": self.status,
+        return {"input": self.input, "output": self.output, "status": self.outcome,
                 "error": self.error, "lines": self.lines, "predictions": self.predictions,
                 "errors": self.errors, "models": self.models,
                 "timings": {"total_seconds": round(self.seconds, 4),
@@ -81,9 +93,10 @@ class BatchRun:
 
     def __init__(self, repo: Repository, write: Callable[[bytes], Any], *,
                  default_model: str | None, limits: BatchLimits,
-                 summary: Summary) -> None:
+                 summary: Summary, no_model_hint: str = NO_MODEL_HINT) -> None:
         self.repo, self.write, self.default_model = repo, write, default_model
         self.limits, self.summary = limits, summary
+        self.no_model_hint = no_model_hint
         self._rows: list[_Row] = []
         self._waiting = 0
         self._current: LoadedModel | None = None
@@ -122,8 +135,7 @@ class BatchRun:
                 raise InvalidInput("'id' must be a string or an integer")
             name = doc.get("model") or self.default_model
             if not isinstance(name, str):
-                raise InvalidInput("no model: name one in the line ('model') or put the file "
-                                   "under inputs/<model>/")
+                raise InvalidInput(f"no model: {self.no_model_hint}")
             version = doc.get("version")
             if version is not None and not isinstance(version, str | int):
                 raise InvalidInput("'version' must be a string")
@@ -223,11 +235,12 @@ def _request(model: LoadedModel, inputs: Any) -> InferRequest:
 def run_lines(lines: Iterable[bytes], repo: Repository, write: Callable[[bytes], Any], *,
               summary: Summary, default_model: str | None = None,
               limits: BatchLimits | None = None,
-              progress: Callable[[int], Any] | None = None) -> Summary:
+              progress: Callable[[int], Any] | None = None,
+              no_model_hint: str = NO_MODEL_HINT) -> Summary:
     """Run every line; write output lines through ``write``; return the summary."""
     started = time.perf_counter()
     BatchRun(repo, write, default_model=default_model, limits=limits or BatchLimits(),
-             summary=summary).feed(lines, progress)
+             summary=summary, no_model_hint=no_model_hint).feed(lines, progress)
     summary.seconds = time.perf_counter() - started
     return summary
 

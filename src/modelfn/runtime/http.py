@@ -28,6 +28,7 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics
 
 import modelfn
+from modelfn import registry
 from modelfn.config import Settings
 from modelfn.errors import MalformedRequest, ModelfnError
 from modelfn.runtime import metrics as emf
@@ -132,8 +133,10 @@ class Api:
 
     def _dispatch(self, request: Request) -> Response:
         allowed = []
+        # /v2/ is /v2 (the protocol's own OpenAPI document writes server metadata so)
+        path = request.path.rstrip("/") if len(request.path) > 1 else request.path
         for method, pattern, fn in self.routes:
-            match = pattern.fullmatch(request.path)
+            match = pattern.fullmatch(path)
             if match is None:
                 continue
             if method != request.method:
@@ -209,7 +212,9 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         if preload_errors:
             return json_response(503, {"ready": False, "error": "preloaded model(s) failed: "
                                        + ", ".join(sorted(preload_errors))})
-        repo.store.children("models")  # the store answers, or StoreError → 503
+        if not registry.model_names(repo.store):  # the store answers, or StoreError → 503
+            return json_response(503, {"ready": False, "error": "no model is published in "
+                                       "the store this server reads"})
         return json_response(200, {"ready": True})
 
     @app.route("GET", "/v2/models")

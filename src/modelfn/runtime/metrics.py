@@ -57,7 +57,7 @@ def inference(metrics: Metrics, model: str, version: str, latency_ms: float,
 def batch_file(metrics: Metrics, summary: dict[str, Any]) -> None:
     """A batch file that ran (or was rejected): its counts, from its summary."""
     metrics.add_metric(name="BatchFiles", unit=MetricUnit.Count, value=1)
-    if summary["status"] != "ok":
+    if summary["status"] == "rejected":
         metrics.add_metric(name="BatchRejectedFiles", unit=MetricUnit.Count, value=1)
     metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=summary["lines"])
     metrics.add_metric(name="BatchPredictions", unit=MetricUnit.Count,

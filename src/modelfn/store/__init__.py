@@ -22,12 +22,21 @@ __all__ = ["DEFAULT_STORE", "STORE_ENV", "LocalStore", "S3Store", "Store", "Writ
            "json_bytes", "open_store"]
 
 
-def open_store(uri: str | None = None) -> Store:
-    """Open the store named by ``uri``, else ``$MODELFN_STORE``, else ``./.modelfn``."""
+def open_store(uri: str | None = None, *, must_exist: bool = False) -> Store:
+    """Open the store named by ``uri``, else ``$MODELFN_STORE``, else ``./.modelfn``.
+
+    ``must_exist``: for commands that only read (serve, models, batch, promote), a
+    store that is not there is an error rather than an empty store.
+    """
     uri = uri or os.environ.get(STORE_ENV) or DEFAULT_STORE
     if uri.startswith("s3://"):
         return S3Store(uri)
     if "://" in uri:
         raise StoreError(f"unsupported store URI {uri!r}: use a folder or s3://bucket/prefix")
-    return LocalStore(uri)
+    store = LocalStore(uri)
+    if must_exist and not store.is_present():
+        raise StoreError(f"no store at {store.uri}: build a model into it first (modelfn "
+                         "build NAME --store ...), or name another with --store or "
+                         f"${STORE_ENV}")
+    return store
 

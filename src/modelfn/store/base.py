@@ -42,6 +42,15 @@ class Store(ABC):
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """The object's bytes in chunks, streamed: never the whole object in memory."""
 
+    def is_present(self) -> bool:
+        """Whether the store exists (a folder store's folder); an S3 store is taken to
+        (its bucket is checked by the first request)."""
+        return True
+
+    def check_writable(self) -> None:  # noqa: B027 (S3: the first write tells)
+        """Raise StoreError unless this store can be written (checked before long work
+        that would end in a write)."""
+
     def reconnect(self) -> None:  # noqa: B027 (a folder has nothing to reconnect)
         """Drop connections opened before a SnapStart snapshot."""
 

@@ -17,12 +17,52 @@ from modelfn.errors import StoreError
 from modelfn.store.base import CHUNK, Store, Writer, json_bytes
 
 
+def _umask() -> int:
+    """This process's umask (read without changing it where Linux tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+#: the mode of files the store writes: what open() would give (0666 less the umask),
+#: not the 0600 of the temporary files they are written through
+FILE_MODE = 0o666 & ~_umask()
+
+
 class LocalStore(Store):
-    """A folder on disk. Writes go to a temporary file and are renamed into place."""
+    """A folder on disk. Writes go to a temporary file and are renamed into place.
+
+    Absent objects are FileNotFoundError, as the interface says; any other failure of
+    the file system (permissions, a full disk, a file where a folder should be) is a
+    :class:`~modelfn.errors.StoreError` naming the path.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
+
+    @contextlib.contextmanager
+    def _io(self, what: str, key: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            where = self.root if key in {"", "."} else self.root.joinpath(*key.split("/"))
+            raise StoreError(f"cannot {what} {where}: {exc.strerror or exc}") from exc
+
+    def is_present(self) -> bool:
+        return self.root.is_dir()
+
+    def check_writable(self) -> None:
+        with self._io("write", "."):
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
 
     def _path(self, key: str) -> Path:
         parts = [p for p in key.split("/") if p]
@@ -31,56 +71,68 @@ class LocalStore(Store):
         return self.root.joinpath(*parts)
 
     def read_bytes(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        with self._io("read", key):
+            return self._path(key).read_bytes()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with self.open_writer(key) as fh:
             fh.write(data)
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        with self._io("read", key):
+            return self._path(key).is_file()
 
     def size(self, key: str) -> int:
-        return self._path(key).stat().st_size
+        with self._io("read", key):
+            return self._path(key).stat().st_size
 
     def local_path(self, key: str) -> Path | None:
         path = self._path(key)
-        return path if path.is_file() else None
+        with self._io("read", key):
+            return path if path.is_file() else None
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
-        with self._path(key).open("rb") as fh:
+        with self._io("read", key), self._path(key).open("rb") as fh:
             while chunk := fh.read(chunk_size):
                 yield chunk
 
     @contextlib.contextmanager
     def open_writer(self, key: str) -> Iterator[Writer]:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with self._io("write", key):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            os.fchmod(fd, FILE_MODE)
         try:
             with os.fdopen(fd, "wb") as fh:
                 yield fh
-            Path(tmp).replace(path)
+            with self._io("write", key):
+                Path(tmp).replace(path)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
     def update_json(self, key: str, change: Callable[[Any], Any]) -> Any:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._io("update", key):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock_file = (path.parent / f".{path.name}.lock").open("a")
         # an exclusive lock on a sibling file serialises writers (processes included);
         # the rename in write_bytes keeps readers lock-free
-        with (path.parent / f".{path.name}.lock").open("a") as lock:
+        with lock_file as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            old = json.loads(path.read_bytes()) if path.is_file() else None
+            with self._io("read", key):
+                old = json.loads(path.read_bytes()) if path.is_file() else None
             new = change(old)
             self.write_bytes(key, json_bytes(new))
         return new
 
     def children(self, prefix: str) -> list[str]:
         folder = self._path(prefix) if prefix.strip("/") else self.root
-        if not folder.is_dir():
-            return []
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        with self._io("list", prefix or "."):
+            if not folder.is_dir():
+                return []
+            return sorted(p.name for p in folder.iterdir()
+                          if p.is_dir() and not p.name.startswith("."))
 
 
     def publish_folder(self, prefix: str, files: dict[str, bytes], last: str) -> None:
