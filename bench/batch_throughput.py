@@ -61,6 +61,7 @@ def text_lines(n: int) -> list[bytes]:
 
 
 def throughput(store: str, name: str, lines: list[bytes], rounds: int) -> dict[str, Any]:
+    from modelfn.config import BatchLimits
     from modelfn.runtime import batch
     from modelfn.runtime.repository import Repository
     from modelfn.store import open_store
@@ -69,11 +70,11 @@ def throughput(store: str, name: str, lines: list[bytes], rounds: int) -> dict[s
     model = repo.get(name)
     # raw: the same rows decoded and preprocessed once, then only session.run (+ the
     # model's own pre/post for text, which a raw text pipeline must do too)
-    input_name = model.manifest["inputs"][0]["name"]
+    input_name = model.manifest.inputs[0].name
     values = [json.loads(line)["inputs"] for line in lines]
-    text = model.manifest["inputs"][0]["datatype"] == "BYTES"
-    graph_inputs = [g["name"] for g in model.manifest["graph"]["inputs"]]
-    outputs = [g["name"] for g in model.manifest["graph"]["outputs"]]
+    text = model.manifest.inputs[0].datatype == "BYTES"
+    graph_inputs = [t.name for t in model.manifest.graph_inputs]
+    outputs = [t.name for t in model.manifest.graph_outputs]
     chunks = []
     for i in range(0, len(values), MICRO):
         part = values[i:i + MICRO]
@@ -98,7 +99,7 @@ def throughput(store: str, name: str, lines: list[bytes], rounds: int) -> dict[s
     def served() -> None:
         sink: list[bytes] = []
         batch.run_lines(lines, repo, sink.append, summary=batch.Summary("bench", "bench"),
-                        default_model=name, limits=batch.Limits(micro_batch=MICRO))
+                        default_model=name, limits=BatchLimits(micro_batch=MICRO))
 
     raw()
     served()

@@ -120,6 +120,7 @@ def bench_store(path: Path = CACHE / "store") -> Path:
     from modelfn.errors import ModelfnError
     from modelfn.export.build import build
     from modelfn.registry import resolve_version
+    from modelfn.runtime.model import read_manifest
     from modelfn.store import open_store
     from modelfn.training import loop, recipes
 
@@ -143,8 +144,7 @@ def bench_store(path: Path = CACHE / "store") -> Path:
     if not have("minilm", "2"):
         print("bench store: building minilm --precision fp32 ...", flush=True)
         build("minilm", store, version="2", precision="fp32", **quiet)
-    manifest = store.read_json("models/minilm/1/manifest.json")
-    if not manifest["quantization"]["applied"]:
+    if read_manifest(store, "minilm", "1").precision != "int8":
         raise SystemExit("minilm 1 is not int8: its gate failed in this build")
     return path
 

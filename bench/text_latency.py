@@ -61,7 +61,7 @@ def main() -> None:
     repo = Repository(open_store(args.store), max_batch=128)
     served = {"modelfn int8": repo.get("minilm", args.int8), "modelfn fp32": repo.get("minilm",
                                                                                       args.fp32)}
-    assert served["modelfn int8"].manifest["quantization"]["applied"], "version is not int8"
+    assert served["modelfn int8"].manifest.precision == "int8", "version is not int8"
     from sentence_transformers import SentenceTransformer
 
     from modelfn.training import pretrained
@@ -103,7 +103,7 @@ def main() -> None:
             print(f"batch {size:>2} {n:22s} p50 {results[size][n]['p50']:8.2f} ms  "
                   f"p90 {results[size][n]['p90']:8.2f} ms")
 
-    sizes = {n: served[n].manifest["files"]["model.onnx"]["size"] for n in served}
+    sizes = {n: served[n].manifest.files["model.onnx"].size for n in served}
     tokens = {}
     for size, texts in batches.items():
         arr = np.empty(len(texts), dtype=object)
@@ -112,7 +112,7 @@ def main() -> None:
         tokens[size] = {"padded_to": int(mask.shape[1]), "mean_tokens": float(mask.sum(1).mean())}
     report = {"machine": machine(), "rounds": args.rounds, "results": results,
               "model_bytes": sizes, "tokens": tokens,
-              "int8_gate": served["modelfn int8"].manifest["quantization"]["gate"]["summary"],
+              "int8_gate": served["modelfn int8"].manifest.quantization["gate"]["summary"],
               "created": now()}
     write_results("text-latency", report, markdown, chart)
     if tmp is not None:

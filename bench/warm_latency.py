@@ -90,7 +90,7 @@ def raw_minilm(model: Any) -> Any:
     """Tokenize, run the whole batch, pool: what a user writes without modelfn."""
     from tokenizers import Tokenizer
 
-    spec = model.manifest["preprocess"]
+    spec = model.manifest.preprocess
     tok = Tokenizer.from_file(str(model_dir(model) / spec["tokenizer"]))
     tok.enable_truncation(max_length=spec["max_length"])
     tok.enable_padding(pad_id=spec["pad_id"], pad_token=spec["pad_token"])

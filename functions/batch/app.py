@@ -2,9 +2,9 @@
 
 Thin: Powertools' BatchProcessor reports failed SQS records (ReportBatchItemFailures)
 so that only they are retried (and dead-lettered after maxReceiveCount); each record's
-S3 notification is read with Powertools' event classes (keys URL-decoded); Powertools'
-idempotency (DynamoDB) makes a redelivered event return the first run's summary
-instead of running again. The work is modelfn.runtime.batch.process_object.
+S3 notification is read with Powertools' event classes (keys arrive URL-encoded and are
+decoded here); Powertools' idempotency (DynamoDB) makes a redelivered event return the
+first run's summary instead of running again. The work is modelfn.runtime.batch.process_object.
 """
 
 import warnings
@@ -26,6 +26,7 @@ from aws_lambda_powertools.utilities.idempotency import (
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from modelfn.config import Settings
+from modelfn.errors import ConfigError
 from modelfn.runtime import batch
 from modelfn.runtime import metrics as emf
 from modelfn.runtime.repository import Repository
@@ -37,6 +38,9 @@ metrics = Metrics(namespace=emf.NAMESPACE, service=emf.BATCH_SERVICE)
 # all records failed: report them all (same retries) rather than raise
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 settings = Settings.from_env()
+if not settings.idempotency_table:  # fail the init, not every record at its first write
+    raise ConfigError("MODELFN_IDEMPOTENCY_TABLE is not set: the batch function records "
+                      "each file it ran in that DynamoDB table (template.yaml sets it)")
 limits = settings.batch
 repo = Repository.from_settings(settings)
 _buckets: dict[str, S3Store] = {}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import modelfn
 from modelfn.errors import ModelfnError, UsageError
 from modelfn.store import Store, open_store
+from modelfn.store import keys as k
 
 if TYPE_CHECKING:
     from modelfn.runtime.manifest import Manifest
@@ -36,14 +37,12 @@ def reading(uri: str | None) -> Store:
     return open_store(uri, must_exist=True)
 
 
-def writing(uri: str | None) -> Store:
-    """The store of a command that writes it: created if absent (and said so), and
-    refused before any work if it cannot be written."""
+def writing(uri: str | None) -> tuple[Store, str]:
+    """The store of a command that writes it, refused before any work if it cannot be
+    written; and a note to print once the work is done, when the store is new."""
     store = open_store(uri)
-    if not store.is_present():
-        print(f"modelfn: creating a new store at {store.uri}", file=sys.stderr, flush=True)
     store.check_writable()
-    return store
+    return store, "" if store.is_present() else f" (a new store, created at {store.uri})"
 
 
 def _port(value: int) -> int:
@@ -58,13 +57,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from modelfn.training import loop, recipes
 
     recipe = recipes.get(args.name)
-    store = writing(args.store)
+    store, new = writing(args.store)
     metrics = loop.train(recipe, store, device=args.device, epochs=args.epochs,
                          seed=args.seed, progress=not args.quiet,
                          run_id=args.run_id)
     print(f"trained {args.name} on {metrics['device']} in {metrics['duration_seconds']:.1f}s: "
           f"holdout accuracy {metrics['holdout_accuracy']:.4f}; "
-          f"run {metrics['run_id']} in {store.uri}/runs/{args.name}/")
+          f"run {metrics['run_id']} in {store.uri}/{k.run_prefix(args.name, metrics['run_id'])}"
+          f"/{new}")
     return 0
 
 
@@ -81,15 +81,15 @@ def cmd_train_remote(args: argparse.Namespace) -> int:
     job = remote.submit(store, args.name, role=role, instance_type=args.instance_type,
                         image=args.image, epochs=args.epochs, seed=args.seed)
     print(f"submitted SageMaker training job {job.name} on {args.instance_type}: its run will "
-          f"be {store.uri}/runs/{args.name}/{job.run_id}/", flush=True)
+          f"be {store.uri}/{k.run_prefix(args.name, job.run_id)}/", flush=True)
     if not args.wait:
         print(job.name)
         return 0
     metrics = remote.wait(store, job, poll_s=args.poll_seconds)
     print(f"trained {args.name} on {metrics['device']} ({metrics.get('device_name')}) in "
           f"{metrics['duration_seconds']:.1f}s: holdout accuracy "
-          f"{metrics['holdout_accuracy']:.4f}; run {metrics['run_id']} in {store.uri}/runs/"
-          f"{args.name}/")
+          f"{metrics['holdout_accuracy']:.4f}; run {metrics['run_id']} in {store.uri}/"
+          f"{k.run_prefix(args.name, metrics['run_id'])}/")
     return 0
 
 
@@ -103,8 +103,11 @@ def _progress(args: argparse.Namespace) -> Any:
 def cmd_build(args: argparse.Namespace) -> int:
     from modelfn.export.build import build
 
-    manifest = build(args.name, writing(args.store), version=args.version, run_id=args.run,
+    store, new = writing(args.store)
+    manifest = build(args.name, store, version=args.version, run_id=args.run,
                      precision=args.precision, log=_progress(args))
+    if new:
+        _progress(args)(f"modelfn: created the store {store.uri}")
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     return 0
@@ -150,7 +153,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from modelfn.training import loop, recipes
 
     _port(args.port)
-    store = writing(args.store)
+    store, new = writing(args.store)
+    if new:
+        print(f"modelfn: no store at {store.uri} yet: creating it", flush=True)
     args.store = store.uri
     for name in args.model or configured_models():
         recipe = needs_training(name)
@@ -171,9 +176,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     bar. Exit 1 when a line failed (its error row is in the output), unless
     ``--allow-errors``."""
     import contextlib
+    import dataclasses
     from pathlib import Path
 
-    from modelfn.config import BatchLimits
+    from modelfn.config import Settings
     from modelfn.runtime import batch
     from modelfn.runtime.repository import Repository
     from modelfn.store import LocalStore
@@ -189,16 +195,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError(f"--output {target} is a folder: name the output file")
     reader, writer = LocalStore(source.parent), LocalStore(target.parent)
     total = sum(chunk.count(b"\n") for chunk in reader.iter_chunks(source.name))
-    repo = Repository(reading(args.store))
+    settings = Settings.from_env()  # the deployment's alias, batch limit and threads
+    repo = Repository.from_settings(settings, reading(args.store))
     summary = batch.Summary(input=str(source), output=str(target))
-    limits = BatchLimits(micro_batch=args.micro_batch)
+    limits = dataclasses.replace(settings.batch, micro_batch=args.micro_batch or
+                                 settings.batch.micro_batch)
     hint = "name one in the line ('model'), or give the file's model with --model"
     try:  # the training extras bring tqdm; a plain install batches without a bar
         from tqdm import tqdm
         bar: Any = tqdm(total=total, unit="line", desc=f"batch {source.name}",
                         disable=args.quiet)
     except ImportError:
-        bar = contextlib.nullcontext(type("NoBar", (), {"update": staticmethod(len)}))
+        bar = contextlib.nullcontext(type("NoBar", (), {
+            "update": staticmethod(lambda n=1: None)}))
     with bar as progress, writer.open_writer(target.name) as out:
         batch.run_lines(reader.iter_lines(source.name), repo, out.write, summary=summary,
                         default_model=args.model, limits=limits, progress=progress.update,
@@ -218,16 +227,21 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from modelfn import registry
+    from modelfn.errors import ModelUnavailable
     from modelfn.packaging.limits import mib
     from modelfn.runtime.model import read_manifest
 
     store = reading(args.store)
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for name in registry.model_names(store):
         named = registry.aliases(store, name)
         for version in registry.versions(store, name):
-            m = read_manifest(store, name, version)
             tags = ",".join(a for a, v in named.items() if v == version)
+            try:
+                m = read_manifest(store, name, version)
+            except ModelUnavailable as exc:  # one bad bundle must not hide the others
+                rows.append((name, version, tags, "?", "?", "?", "unservable", exc.message))
+                continue
             rows.append((name, version, tags, mib(m.size), m.task, m.precision,
                          _gate(m), m.created))
     header = ("model", "version", "aliases", "size", "task", "precision", "gate", "created")
@@ -240,10 +254,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _gate(manifest: Manifest) -> str:
     """The shipped model's gate in a few characters."""
     quant = manifest.quantization
-    report = quant["gate"] if quant.get("applied") else manifest.export["parity"]
+    report = (quant.get("gate") if quant.get("applied") else manifest.export.get("parity")) or {}
     if "agreement" in report:
         return f"agreement {report['agreement']:.4f}"
-    return f"min cos {report['min_cosine']:.4f}"
+    if "min_cosine" in report:
+        return f"min cos {report['min_cosine']:.4f}"
+    return "?"
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -389,8 +405,9 @@ def parser() -> argparse.ArgumentParser:
     _store_arg(bt)
     bt.add_argument("--output", help="the output file (default: INPUT's name + "
                                      ".predictions.jsonl)")
-    bt.add_argument("--micro-batch", type=int, default=32,
-                    help="rows per onnxruntime call (default: 32)")
+    bt.add_argument("--micro-batch", type=int,
+                    help="rows per onnxruntime call (default: $MODELFN_BATCH_MICRO_BATCH "
+                         "or 32)")
     bt.add_argument("--allow-errors", action="store_true",
                     help="exit 0 even when some lines failed (their error rows are in the "
                          "output); without it, exit 1")

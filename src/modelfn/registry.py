@@ -25,7 +25,16 @@ def _version_key(v: str) -> tuple[int, int | str]:
 
 
 def model_names(store: Store) -> list[str]:
-    return [n for n in store.children(k.MODELS) if versions(store, n)]
+    """Models with at least one published version (folders that cannot be a model's
+    name are not models)."""
+    names = []
+    for name in store.children(k.MODELS):
+        try:
+            if versions(store, name):
+                names.append(name)
+        except ModelNotFound:  # not a valid name
+            continue
+    return names
 
 
 def versions(store: Store, name: str) -> list[str]:
@@ -106,6 +115,14 @@ def publish_version(store: Store, name: str, version: str, files: dict[str, byte
     prefix = k.version_prefix(name, version)
     store.publish_folder(prefix, files, last=k.MANIFEST)
     return prefix
+
+
+def check_new_run(store: Store, name: str, run_id: str) -> None:
+    """Refuse a run id that is malformed or taken (before the training, not after)."""
+    check_name("run id", run_id, UsageError)
+    if store.exists(k.run_file(name, run_id, k.METRICS)):
+        raise AlreadyExists(f"run {run_id!r} of {name} already exists in {store.uri}: "
+                            "name another with --run-id")
 
 
 def latest_run(store: Store, name: str) -> str | None:

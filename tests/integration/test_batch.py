@@ -245,7 +245,7 @@ def test_serve_with_s3_runs_uploads_through_the_batch_handler(built_store: Path)
     try:
         assert proc.stdout is not None
         seen = []
-        while not (found := re.search(r"S3 \+ SQS \(moto\) on (http://[\d.]+:\d+)",
+        while not (found := re.search(r"DynamoDB \(moto\) on (http://[\d.]+:\d+)",
                                       seen[-1] if seen else "")):
             line = proc.stdout.readline()
             assert line, "".join(seen)

@@ -40,11 +40,11 @@ def test_batch_command_runs_a_mixed_file_in_order(built_store: Path, tmp_path: P
         "[1, 2]",
     ])
     code = main(["batch", str(source), "--model", "digits-cnn", "--store", str(built_store),
-                 "--quiet"])
+                 "--quiet", "--allow-errors"])  # 5 error rows: accepted
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
-    assert code == 0
+    assert summary["status"] == "partial"
     assert (summary["lines"], summary["predictions"], summary["errors"]) == (9, 4, 5)
     assert summary["models"] == {"digits-cnn": "1", "textcls": "1", "minilm": "1"}
     out = [json.loads(line) for line in (tmp_path / "mixed.predictions.jsonl").read_text()

@@ -96,8 +96,12 @@ def test_write_commands_create_the_store_and_say_so(tmp_path: Path) -> None:
     result = cli("train", "digits-cnn", "--epochs", "1", "--quiet", "--store",
                  str(tmp_path / "new"))
     assert result.returncode == 0, result.stderr
-    assert f"creating a new store at {tmp_path / 'new'}" in result.stderr
-    assert list((tmp_path / "new/runs/digits-cnn").iterdir())
+    assert f"(a new store, created at {tmp_path / 'new'})" in result.stdout
+    (run,) = (tmp_path / "new/runs/digits-cnn").iterdir()
+    again = cli("train", "digits-cnn", "--epochs", "1", "--quiet", "--store",
+                str(tmp_path / "new"), "--run-id", run.name)  # a run id that is taken
+    one_line(again, f"run {run.name!r} of digits-cnn already exists")
+    assert "trained" not in again.stdout
 
 
 def test_a_read_only_store_is_refused_before_training_or_exporting(store_copy: Path) -> None:
@@ -202,6 +206,19 @@ def test_commands_that_need_torch_name_the_extra(tmp_path: Path, command: list[s
     result = subprocess.run([sys.executable, "-c", _NO_TORCH, *command, "--store",
                              str(tmp_path)], capture_output=True, text=True, timeout=120)
     one_line(result, "needs torch", "pip install 'modelfn[train]'")
+
+
+def test_batch_runs_without_the_training_extras(built_store: Path, tmp_path: Path) -> None:
+    """A plain install has no tqdm (it comes with [train]): batch runs without a bar."""
+    lines = tmp_path / "in.jsonl"
+    lines.write_text(json.dumps({"id": "a", "inputs": [0] * 64}) + "\n")
+    script = _NO_TORCH.replace('{"torch", "sklearn", "matplotlib"}',
+                               '{"torch", "sklearn", "matplotlib", "tqdm"}')
+    result = subprocess.run([sys.executable, "-c", script, "batch", str(lines), "--model",
+                             "digits-cnn", "--store", str(built_store)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["predictions"] == 1
 
 
 def test_int8_for_a_model_without_int8_is_refused_before_the_export(built_store: Path) -> None:

@@ -47,7 +47,7 @@ def test_promote_moves_an_alias_and_models_shows_it(two_versions: Path,
     assert header[:4] == ["model", "version", "aliases", "size"] and "gate" in header
     rows = {line.split()[1]: line for line in table[1:] if line.startswith("digits-cnn")}
     assert " live " in rows["1"] and " canary " in rows["2"]
-    assert "agreement 1.0000" in rows["2"] and "MB" in rows["2"]
+    assert "agreement 1.0000" in rows["2"] and "MiB" in rows["2"]
     # rolling back is promoting the previous version
     assert main(["promote", "digits-cnn", "1", "--alias", "canary", "--store", store]) == 0
     assert "canary from 2 → 1" in capsys.readouterr().out

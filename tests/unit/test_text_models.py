@@ -43,7 +43,7 @@ def bundle(store_root: Path, name: str, version: str = "1") -> tuple[dict[str, A
 
 
 def minilm_config(tmp_path: Path, **overrides: Any) -> Path:
-    """build/models.toml's [minilm] section with some values replaced."""
+    """The shipped build configuration's [minilm] section with some values replaced."""
     config = tomllib.loads(build_mod.DEFAULT_CONFIG.read_text())["minilm"] | overrides
     lines = ["[minilm]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]
     path = tmp_path / "models.toml"

@@ -35,7 +35,10 @@ def parameters(root: Path, config_env: str, overrides: list[str]) -> dict[str, s
     """The checkout ``root``'s ``config_env`` profile with ``overrides`` on top, checked
     against its template as CloudFormation would check them before creating anything:
     names, types, ranges, allowed values and patterns, and the template's Rules."""
-    config = tomllib.loads((root / "samconfig.toml").read_text())
+    try:
+        config = tomllib.loads((root / "samconfig.toml").read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"samconfig.toml: {exc}") from None
     if config_env not in config:
         raise ConfigError(f"samconfig.toml has no [{config_env}] profile; it has "
                           f"{', '.join(k for k in config if k != 'version')}")
@@ -78,6 +81,9 @@ def _evaluate(node: Any, ref: Callable[[str], Any]) -> Any:
     """A rule's intrinsic functions, over the parameters' values (``ref``)."""
     if not isinstance(node, dict):
         return node
+    if len(node) != 1:
+        raise ConfigError(f"template.yaml: a rule holds {sorted(node)} where one function "
+                          "is expected")
     ((fn, arg),) = node.items()
     if fn == "Ref":
         return ref(arg)

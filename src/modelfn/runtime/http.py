@@ -134,7 +134,8 @@ class Api:
     def _dispatch(self, request: Request) -> Response:
         allowed = []
         # /v2/ is /v2 (the protocol's own OpenAPI document writes server metadata so)
-        path = request.path.rstrip("/") if len(request.path) > 1 else request.path
+        path = request.path[:-1] if len(request.path) > 1 and request.path.endswith("/") \
+            else request.path
         for method, pattern, fn in self.routes:
             match = pattern.fullmatch(path)
             if match is None:

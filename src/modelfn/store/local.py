@@ -56,12 +56,19 @@ class LocalStore(Store):
             raise StoreError(f"cannot {what} {where}: {exc.strerror or exc}") from exc
 
     def is_present(self) -> bool:
-        return self.root.is_dir()
+        with self._io("read", "."):
+            return self.root.is_dir()
 
     def check_writable(self) -> None:
+        """The store's folder, or the nearest folder above it that exists (a store that
+        is not there yet is created there), must take a new file."""
         with self._io("write", "."):
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.root):
+            folder = self.root
+            while not folder.exists():
+                folder = folder.parent
+            if not folder.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(folder))
+            with tempfile.TemporaryFile(dir=folder):
                 pass
 
     def _path(self, key: str) -> Path:
@@ -104,9 +111,9 @@ class LocalStore(Store):
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
             os.fchmod(fd, FILE_MODE)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                yield fh
-            with self._io("write", key):
+            with self._io("write", key):  # a full disk, say, as the caller writes
+                with os.fdopen(fd, "wb") as fh:
+                    yield fh
                 Path(tmp).replace(path)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -138,7 +145,8 @@ class LocalStore(Store):
     def publish_folder(self, prefix: str, files: dict[str, bytes], last: str) -> None:
         # Stage in a hidden sibling folder, then rename: the version appears whole.
         target = self._path(prefix)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._io("publish", prefix):
+            target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f".staging-{target.name}-{uuid.uuid4().hex[:8]}"
         try:
             for rel, data in files.items():

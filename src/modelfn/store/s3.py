@@ -63,7 +63,7 @@ class S3Store(Store):
         """Compare-and-swap with S3's conditional writes: the put carries the ETag that
         was read (If-Match), or If-None-Match: * when there was no object; a concurrent
         writer makes it fail with 412 (or 409), and the update starts again."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         full = self._key(key)
         for _ in range(attempts):
@@ -76,6 +76,8 @@ class S3Store(Store):
             try:
                 self._s3.put_object(Bucket=self.bucket, Key=full, Body=json_bytes(new),
                                     **condition)
+            except BotoCoreError as exc:
+                raise StoreError(f"S3 put failed on {self.uri}: {exc}") from exc
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
                 if code in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:

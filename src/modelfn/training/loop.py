@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from modelfn import registry
-from modelfn.errors import TrainingError, UsageError
+from modelfn.errors import TrainingError
 from modelfn.runtime import processing
 from modelfn.runtime.manifest import sha256
 from modelfn.store import Store, json_bytes
@@ -59,8 +59,8 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
           seed: int = 0, progress: bool = True, run_id: str | None = None) -> dict[str, Any]:
     """Train ``recipe``; write ``runs/<name>/<run_id>/`` to ``store``; return the metrics."""
     started = time.perf_counter()
-    if run_id is not None:  # a bad name fails now, not after the training
-        registry.check_name("run id", run_id, UsageError)
+    if run_id is not None:  # a bad or taken name fails now, not after the training
+        registry.check_new_run(store, recipe.name, run_id)
     dev = pick_device(device)
     torch.manual_seed(seed)
     np.random.seed(seed)
