@@ -176,7 +176,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
     bar. Exit 1 when a line failed (its error row is in the output), unless
     ``--allow-errors``."""
     import contextlib
-    import dataclasses
     from pathlib import Path
 
     from modelfn.config import Settings
@@ -198,8 +197,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     settings = Settings.from_env()  # the deployment's alias, batch limit and threads
     repo = Repository.from_settings(settings, reading(args.store))
     summary = batch.Summary(input=str(source), output=str(target))
-    limits = dataclasses.replace(settings.batch, micro_batch=args.micro_batch or
-                                 settings.batch.micro_batch)
+    limits = settings.batch._replace(micro_batch=args.micro_batch or
+                                     settings.batch.micro_batch)
     hint = "name one in the line ('model'), or give the file's model with --model"
     try:  # the training extras bring tqdm; a plain install batches without a bar
         from tqdm import tqdm

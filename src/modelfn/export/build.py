@@ -13,7 +13,6 @@ when its own gate passes; otherwise fp32 ships and the manifest says why.
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,8 +137,7 @@ def build(name: str, store: Store, *, version: str | None = None, run_id: str | 
     model_bytes, quantization = _precision(name, config, precision, candidate, served,
                                            onnx_bytes, log)
     files = {manifest.model_file: model_bytes, **candidate.assets}
-    manifest = dataclasses.replace(manifest, export=export,
-                                   quantization=quantization).with_files(files)
+    manifest = manifest._replace(export=export, quantization=quantization).with_files(files)
     registry.publish_version(store, name, version, {**files, k.MANIFEST: manifest.to_json()})
     log(f"published {name} version {version} ({manifest.precision}) to {store.uri}: "
         f"{mib(sum(len(d) for d in files.values()))}")

@@ -1,0 +1,42 @@
+"""The runtime configuration: every MODELFN_* setting read once, with its default, and a
+clear error for a value that is not one."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelfn.config import BatchLimits, Settings
+from modelfn.errors import ConfigError
+
+
+def test_settings_defaults_are_values() -> None:
+    s = Settings.from_env({})
+    assert (s.store, s.max_body_bytes, s.max_batch, s.preload, s.alias, s.threads) == (
+        ".modelfn", 1 << 20, 64, (), "live", 0)
+    assert s.batch == BatchLimits(512 << 20, 1_000_000, 32) == BatchLimits()
+    assert all(isinstance(v, int) for v in s.batch)
+    assert s.idempotency_ttl_seconds == 7 * 86400 and s.idempotency_table == ""
+
+
+def test_settings_read_every_variable() -> None:
+    s = Settings.from_env({
+        "MODELFN_STORE": "s3://b/p", "MODELFN_MAX_BODY_BYTES": "10", "MODELFN_MAX_BATCH": "3",
+        "MODELFN_PRELOAD": " a:1, b ,", "MODELFN_ALIAS": "canary", "MODELFN_THREADS": "2",
+        "MODELFN_BATCH_MAX_BYTES": "100", "MODELFN_BATCH_MAX_LINES": "7",
+        "MODELFN_BATCH_MICRO_BATCH": "5", "MODELFN_IDEMPOTENCY_TABLE": "t",
+        "MODELFN_IDEMPOTENCY_TTL_SECONDS": "60"})
+    assert (s.store, s.max_body_bytes, s.max_batch, s.preload, s.alias, s.threads) == (
+        "s3://b/p", 10, 3, ("a:1", "b"), "canary", 2)
+    assert s.batch == BatchLimits(100, 7, 5)
+    assert (s.idempotency_table, s.idempotency_ttl_seconds) == ("t", 60)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("MODELFN_MAX_BATCH", "many", "expected an integer"),
+    ("MODELFN_MAX_BATCH", "0", "at least 1"),
+    ("MODELFN_BATCH_MAX_LINES", "-1", "at least 1"),
+    ("MODELFN_THREADS", "-1", "at least 0"),
+])
+def test_settings_refuse_what_is_not_a_value(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name}.*{message}"):
+        Settings.from_env({name: value})
