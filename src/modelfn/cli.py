@@ -37,12 +37,12 @@ def reading(uri: str | None) -> Store:
     return open_store(uri, must_exist=True)
 
 
-def writing(uri: str | None) -> tuple[Store, str]:
+def writing(uri: str | None) -> tuple[Store, bool]:
     """The store of a command that writes it, refused before any work if it cannot be
-    written; and a note to print once the work is done, when the store is new."""
+    written; and whether it is new (the command says so when it has written it)."""
     store = open_store(uri)
     store.check_writable()
-    return store, "" if store.is_present() else f" (a new store, created at {store.uri})"
+    return store, not store.is_present()
 
 
 def _port(value: int) -> int:
@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trained {args.name} on {metrics['device']} in {metrics['duration_seconds']:.1f}s: "
           f"holdout accuracy {metrics['holdout_accuracy']:.4f}; "
           f"run {metrics['run_id']} in {store.uri}/{k.run_prefix(args.name, metrics['run_id'])}"
-          f"/{new}")
+          f"/{f' (a new store, created at {store.uri})' if new else ''}")
     return 0
 
 
@@ -129,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"JSONL uploaded under inputs/<model>/ gets its predictions under outputs/. "
               f"From another shell:\n  export "
               + " ".join(f"{k}={v}" for k, v in env.items())
-              + f"\n  aws s3 cp f.jsonl s3://{deployment.bucket}/inputs/digits-cnn/f.jsonl",
+              + f"\n  aws s3 cp f.jsonl s3://{deployment.bucket}/inputs/<model>/f.jsonl",
               flush=True)
 
     def announce(server: object) -> None:
@@ -205,12 +205,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
         bar: Any = tqdm(total=total, unit="line", desc=f"batch {source.name}",
                         disable=args.quiet)
     except ImportError:
-        bar = contextlib.nullcontext(type("NoBar", (), {
-            "update": staticmethod(lambda n=1: None)}))
+        bar = contextlib.nullcontext()
     with bar as progress, writer.open_writer(target.name) as out:
         batch.run_lines(reader.iter_lines(source.name), repo, out.write, summary=summary,
-                        default_model=args.model, limits=limits, progress=progress.update,
-                        no_model_hint=hint)
+                        default_model=args.model, limits=limits, no_model_hint=hint,
+                        progress=progress.update if progress is not None else None)
     result = summary.as_dict()
     print(json.dumps(result), flush=True)
     if not summary.errors:

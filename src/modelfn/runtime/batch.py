@@ -2,13 +2,13 @@
 
 File format (documented in the README). One request per line::
 
-    {"id": "a1", "inputs": [0, 0, 5, ...]}                  # the model from the key
-    {"id": "a2", "model": "minilm", "inputs": "some text"}   # or named on the line
-    {"id": "a3", "model": "digits-cnn", "version": "2", "inputs": {"pixels": [...]}}
+    {"id": "a1", "inputs": [0.5, 1.0, ...]}                      # the model from the key
+    {"id": "a2", "model": "my-embedder", "inputs": "some text"}   # or named on the line
+    {"id": "a3", "model": "my-model", "version": "2", "inputs": {"x": [...], "mask": [...]}}
 
-``inputs`` is one example, shaped as one row of the HTTP API's tensor (64 numbers or
-8x8 for digits-cnn, a string for text models), or an object naming the model's
-inputs. The model is the line's ``model``, else the key's first folder under
+``inputs`` is one example, shaped as one row of the HTTP API's tensor (the manifest's
+input shape without its batch axis; a string for a BYTES input), or an object naming
+the model's inputs. The model is the line's ``model``, else the key's first folder under
 ``inputs/`` (``inputs/<model>/...``); the version is the line's ``version``, else
 the model's live/newest one.
 
