@@ -13,11 +13,13 @@ The JSON layout::
      "graph": {"inputs": [tensor], "outputs": [tensor]},     the ONNX graph's own
      "preprocess": {"kind", ...}, "postprocess": {"kind", ...},
      "limits": {"max_batch"}, "files": {rel: {"sha256", "size"}},
-     "source": {...}, "training": {...}, "export": {...}, "quantization": {...}}
+     "source": {...}, "training": {...}, "export": {...}, "quantization": {...},
+     "evaluation": {...}}
 
 with a tensor ``{"name", "datatype", "shape"[, "shapes"][, "description"]}`` (-1: any
-size; ``shapes``: other accepted layouts). The last four sections are the build's
-records (provenance, parity figures, the int8 decision): kept as they were written.
+size; ``shapes``: other accepted layouts). The last five sections are the build's
+records (provenance, parity figures, the int8 decision, the eval report on the
+model's ``eval`` rows): kept as they were written.
 """
 
 from __future__ import annotations
@@ -121,6 +123,9 @@ class Manifest(NamedTuple):
     training: Mapping[str, Any] = _EMPTY
     export: Mapping[str, Any] = _EMPTY
     quantization: Mapping[str, Any] = _EMPTY
+    #: the eval report (modelfn.export.evaluate) on the project file's eval rows; empty
+    #: where the model declares none
+    evaluation: Mapping[str, Any] = _EMPTY
 
     # --- reading ----------------------------------------------------------------------
 
@@ -177,7 +182,8 @@ class Manifest(NamedTuple):
             max_batch=None if limit is None else int(limit),
             source=dict(doc.get("source") or {}), training=dict(doc.get("training") or {}),
             export=dict(doc.get("export") or {}),
-            quantization=dict(doc.get("quantization") or {}))
+            quantization=dict(doc.get("quantization") or {}),
+            evaluation=dict(doc.get("evaluation") or {}))
 
     # --- writing ----------------------------------------------------------------------
 
@@ -196,6 +202,7 @@ class Manifest(NamedTuple):
                       for rel, e in self.files.items()},
             "source": dict(self.source), "training": dict(self.training),
             "export": dict(self.export), "quantization": dict(self.quantization),
+            "evaluation": dict(self.evaluation),
         }
 
     def to_json(self) -> bytes:
