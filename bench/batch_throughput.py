@@ -26,7 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import machine, now, save_figure, subplots, write_results
+from bench.common import (
+    example,
+    machine,
+    now,
+    save_figure,
+    subplots,
+    ticket_texts,
+    write_results,
+)
 
 MICRO = 32
 
@@ -46,18 +54,15 @@ print(json.dumps({"peak_rss_mb": hwm / 1024,
 
 
 def digit_lines(n: int) -> list[bytes]:
-    from modelfn.training import data
+    from modelfn.training import recipes
 
-    x = data.digits().x_holdout
+    x = recipes.from_spec(example("digits-cnn")).load_data().x_holdout
     return [json.dumps({"id": i, "inputs": x[i % len(x)].tolist()}).encode() for i in range(n)]
 
 
 def text_lines(n: int) -> list[bytes]:
-    from modelfn.training import data
-
-    rows = data.read_jsonl("support-tickets.jsonl")
-    return [json.dumps({"id": i, "inputs": rows[i % len(rows)]["text"]}).encode()
-            for i in range(n)]
+    texts = ticket_texts()
+    return [json.dumps({"id": i, "inputs": texts[i % len(texts)]}).encode() for i in range(n)]
 
 
 def throughput(store: str, name: str, lines: list[bytes], rounds: int) -> dict[str, Any]:
@@ -146,7 +151,7 @@ def main() -> None:
         args.store = tmp.name
         print("training and building digits-cnn and textcls, building minilm ...")
         for name in ("digits-cnn", "textcls"):
-            loop.train(recipes.get(name), open_store(tmp.name), progress=False)
+            loop.train(recipes.from_spec(example(name)), open_store(tmp.name), progress=False)
             build(name, open_store(tmp.name), log=lambda *_: None)
         build("minilm", open_store(tmp.name), log=lambda *_: None)
 

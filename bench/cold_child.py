@@ -7,7 +7,7 @@ The parent adds the interpreter's own start (spawn → t0).
 
     python cold_child.py modelfn TASK_ROOT LAYER EVENT.json [text]   (models: $MODELFN_STORE)
     python cold_child.py floor   LAYER MODEL.onnx [TOKENIZER.json]
-    python cold_child.py torch-digits CHECKPOINT.pt EVENT.json
+    python cold_child.py torch-digits CHECKPOINT.pt EVENT.json MODEL.py:CALLABLE
     python cold_child.py torch-minilm MODEL_DIR EVENT.json
 """
 
@@ -110,15 +110,21 @@ def _body(event_path: str) -> dict:
         return json.loads(json.load(fh)["body"])
 
 
-def torch_digits(checkpoint: str, event_path: str) -> dict:
-    """What the common samples do: import torch, rebuild the module, load its
-    weights, run it eagerly in the handler."""
+def torch_digits(checkpoint: str, event_path: str, module: str) -> dict:
+    """What the common samples do: import torch, rebuild the module (``module``: the
+    example's ``file.py:callable``), load its weights, run it eagerly in the handler."""
+    import importlib.util
+
     import torch
 
-    from modelfn.training.models import DigitsCNN
+    path, _, attr = module.rpartition(":")
+    spec = importlib.util.spec_from_file_location("digits_model", path)
+    assert spec is not None and spec.loader is not None
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
     mark("import torch")
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = DigitsCNN(ckpt["n_classes"])
+    model = getattr(code, attr)(n_classes=ckpt["n_classes"])
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     mark("load weights")

@@ -46,9 +46,11 @@ from bench.common import (
     VENV_PYTHON,
     bench_layer,
     bench_store,
+    example,
     headroom,
     label_bars,
     machine,
+    minilm_path,
     now,
     python312,
     save_figure,
@@ -97,13 +99,14 @@ def variants(store: Path, layer: Path, tmp: Path) -> dict[str, dict[str, list[st
         if text:
             floor.append(str(bundle / "assets" / "tokenizer.json"))
         if model == "minilm":
-            from modelfn.training import pretrained
-            torch_argv = [str(VENV_PYTHON), CHILD, "torch-minilm",
-                          str(pretrained.minilm_path()), event]
+            torch_argv = [str(VENV_PYTHON), CHILD, "torch-minilm", str(minilm_path()), event]
         else:
             run = sorted((store / "runs" / model).iterdir())[-1]
+            spec = example(model)
+            file, _, attr = spec.get("module").rpartition(":")
             torch_argv = [str(VENV_PYTHON), CHILD, "torch-digits",
-                          str(run / "checkpoint.pt"), event]
+                          str(run / "checkpoint.pt"), event,
+                          f"{spec.path('module', file)}:{attr}"]
         out[label] = {
             "modelfn": [py312, "-S", CHILD, "modelfn", TASK_ROOT, str(layer), event, text],
             "floor": floor,

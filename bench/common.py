@@ -114,6 +114,35 @@ def save_figure(fig: Any, path: Path, title: str | None = None,
     plt.close(fig)
 
 
+# --- the shipped examples (examples/<name>/modelfn.toml) -------------------------------
+
+def example(name: str) -> Any:
+    """The ``[models.NAME]`` section of a shipped example (a ModelSpec), as
+    ``modelfn train/build NAME`` reads it."""
+    from modelfn.project import load_project
+
+    return load_project().get(name)
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder minilm's project file names (``path``)."""
+    return Path(example("minilm").path("path"))
+
+
+def minilm_eval_texts() -> list[str]:
+    """minilm's eval texts (examples/minilm/eval.jsonl: 131 paraphrase pairs)."""
+    from modelfn.export.evaluate import read_rows
+
+    return [str(row["inputs"]) for row in read_rows(example("minilm").path("eval"))]
+
+
+def ticket_texts() -> list[str]:
+    """The support tickets textcls trains on (examples/textcls/tickets.jsonl)."""
+    path = example("textcls").base / "tickets.jsonl"
+    return [str(json.loads(line)["text"]) for line in path.read_text(encoding="utf-8")
+            .splitlines() if line.strip()]
+
+
 def bench_store(path: Path = CACHE / "store") -> Path:
     """A store with digits-cnn 1 (fp32), minilm 1 (int8 after its gate) and minilm 2
     (fp32): trained and built once, then reused."""
@@ -136,7 +165,7 @@ def bench_store(path: Path = CACHE / "store") -> Path:
     if not have("digits-cnn", "1"):
         print("bench store: training and building digits-cnn ...", flush=True)
         if not store.children("runs/digits-cnn"):
-            loop.train(recipes.get("digits-cnn"), store, progress=False)
+            loop.train(recipes.from_spec(example("digits-cnn")), store, progress=False)
         build("digits-cnn", store, version="1", **quiet)
     if not have("minilm", "1"):
         print("bench store: building minilm (int8 where its gate passes) ...", flush=True)

@@ -24,6 +24,7 @@ from bench.common import (
     headroom,
     label_bars,
     machine,
+    minilm_path,
     now,
     save_figure,
     subplots,
@@ -65,14 +66,13 @@ def installed_size(names: list[str]) -> int:
 def run() -> dict[str, Any]:
     from modelfn.packaging.limits import measure, measure_bundle
     from modelfn.store import open_store
-    from modelfn.training import pretrained
 
     store = open_store(str(bench_store()))
     layer = measure(bench_layer().parent, "runtime layer")
     bundles = {label: measure_bundle(store, name, version) for label, name, version, _ in MODELS}
     torch_dists = closure(["torch"])
     st_dists = closure(["sentence-transformers"])
-    weights = sum(p.stat().st_size for p in pretrained.minilm_path().rglob("*") if p.is_file())
+    weights = sum(p.stat().st_size for p in minilm_path().rglob("*") if p.is_file())
     wheel = next(Path("/opt/wheels").glob("torch-*.whl"), None)
     torch_equiv = {
         "digits-cnn": {"what": "torch + closure (" + ", ".join(sorted(torch_dists)) + ")",

@@ -22,6 +22,8 @@ import numpy as np
 from bench.common import (
     headroom,
     machine,
+    minilm_eval_texts,
+    minilm_path,
     now,
     num,
     percentiles,
@@ -45,7 +47,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=60)
     args = ap.parse_args()
 
-    from modelfn.export import sentence
     from modelfn.export.build import build
     from modelfn.runtime.repository import Repository
     from modelfn.store import open_store
@@ -64,13 +65,11 @@ def main() -> None:
     assert served["modelfn int8"].manifest.precision == "int8", "version is not int8"
     from sentence_transformers import SentenceTransformer
 
-    from modelfn.training import pretrained
-
-    st = SentenceTransformer(str(pretrained.minilm_path()), device="cpu")
-    evals = sentence.eval_set("sentence-eval.jsonl")
+    st = SentenceTransformer(str(minilm_path()), device="cpu")
+    evals = minilm_eval_texts()
     rng = np.random.default_rng(0)
     batches = {"1": ["How do I reset my password?"],
-               "32": [evals.texts[i] for i in rng.choice(len(evals.texts), 32, replace=False)]}
+               "32": [evals[i] for i in rng.choice(len(evals), 32, replace=False)]}
 
     def runner(name: str, texts: list[str]) -> Any:
         if name.startswith("sentence-transformers"):

@@ -40,6 +40,7 @@ from bench.common import (
     headroom,
     label_bars,
     machine,
+    minilm_eval_texts,
     now,
     num,
     percentiles,
@@ -67,11 +68,9 @@ def digits_rows(n: int) -> np.ndarray:
 
 
 def texts(n: int) -> list[str]:
-    from modelfn.export import sentence
-
     if n == 1:
         return ["How do I reset my password?"]
-    evals = sentence.eval_set("sentence-eval.jsonl").texts
+    evals = minilm_eval_texts()
     rng = np.random.default_rng(0)
     return [evals[i] for i in rng.choice(len(evals), n, replace=False)]
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: a store with a trained and built digits-cnn, a moto S3 server,
-and events read from events/ (the ones sam local invoke uses) or tests/events/."""
+"""Shared fixtures: a store with the shipped examples trained and built, a moto S3
+server, events read from events/ (the ones sam local invoke uses) or tests/events/,
+and the examples' own data (their project files, splits and eval rows)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+
+from modelfn.project import ModelSpec, load_project
+from modelfn.training.data import Split
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,13 +67,90 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# --- the shipped examples (examples/<name>/modelfn.toml) ------------------------------------
+
+def example(name: str) -> ModelSpec:
+    """The section of a shipped example, as ``modelfn train/build NAME`` reads it."""
+    return load_project().get(name)
+
+
+@cache
+def example_split(name: str) -> Split:
+    """The data split an example trains on (its ``[train]`` table's ``data``)."""
+    from modelfn.training import recipes
+
+    return recipes.from_spec(example(name)).load_data()
+
+
+@cache
+def example_rows(name: str) -> tuple[dict[str, Any], ...]:
+    """An example's eval rows (its ``eval`` file: ``{"inputs", "label"}`` per line)."""
+    from modelfn.export.evaluate import read_rows
+
+    return tuple(read_rows(example(name).path("eval")))
+
+
+def example_texts(name: str) -> list[str]:
+    return [str(row["inputs"]) for row in example_rows(name)]
+
+
+def example_section(name: str) -> dict[str, Any]:
+    """An example's ``[models.NAME]`` table as its file writes it, with the files it
+    names made absolute: a copy that works from any folder."""
+    import tomllib
+
+    spec = example(name)
+    section = tomllib.loads(spec.file.read_text(encoding="utf-8"))["models"][name]
+
+    def absolute(value: str, callable_ref: bool = False) -> str:
+        if value.startswith("package:"):
+            return value
+        target, colon, attr = value.rpartition(":") if callable_ref else (value, "", "")
+        if callable_ref and not target.endswith(".py"):
+            return value  # package.module:callable
+        return f"{(spec.base / target).resolve()}{colon}{attr}"
+
+    for key in ("path", "checkpoint", "eval", "calibration"):
+        if isinstance(section.get(key), str):
+            section[key] = absolute(section[key])
+    if isinstance(section.get("module"), str):
+        section["module"] = absolute(section["module"], callable_ref=True)
+    for key in ("data", "init"):
+        if isinstance(section.get("train", {}).get(key), str):
+            section["train"][key] = absolute(section["train"][key], callable_ref=True)
+    if isinstance(section.get("preprocess", {}).get("tokenizer"), str):
+        section["preprocess"]["tokenizer"] = absolute(section["preprocess"]["tokenizer"])
+    return section
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)  # strings and numbers: JSON's forms are TOML's
+
+
+def write_project(folder: Path, models: dict[str, dict[str, Any]]) -> Path:
+    """``folder/modelfn.toml`` with one ``[models.NAME]`` section per entry."""
+    lines = []
+    for name, section in models.items():
+        lines.append(f"[models.{name}]")
+        lines += [f"{json.dumps(k)} = {_toml(v)}" for k, v in section.items()]
+    path = folder / "modelfn.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 BUILD_LOG: list[str] = []
 
 
 @pytest.fixture(scope="session")
 def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local store with every model built as version 1 with the shipped configuration:
-    digits-cnn and textcls trained on their default recipes (seed 0), and minilm
+    """A local store with every shipped example built as version 1 from its project
+    file: digits-cnn and textcls trained by their [train] tables (seed 0), and minilm
     (int8 where its gate passes). The build's log lines are kept in BUILD_LOG."""
     from modelfn.export.build import build
     from modelfn.store import open_store
@@ -76,10 +158,11 @@ def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("store")
     store = open_store(str(root))
+    project = load_project()
     for name in ("digits-cnn", "textcls"):
-        loop.train(recipes.get(name), store, seed=0, progress=False)
-        build(name, store, log=BUILD_LOG.append)
-    build("minilm", store, log=BUILD_LOG.append)
+        loop.train(recipes.from_spec(project.get(name)), store, seed=0, progress=False)
+        build(name, store, project=project, log=BUILD_LOG.append)
+    build("minilm", store, project=project, log=BUILD_LOG.append)
     return root
 
 

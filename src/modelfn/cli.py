@@ -32,6 +32,12 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
                                    "or ./.modelfn)")
 
 
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH",
+                   help="the project file (default: ./modelfn.toml, else modelfn's own "
+                        "examples)")
+
+
 def reading(uri: str | None) -> Store:
     """The store of a command that reads it: one that is not there is an error."""
     return open_store(uri, must_exist=True)
@@ -54,9 +60,10 @@ def _port(value: int) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.remote == "sagemaker":
         return cmd_train_remote(args)
+    from modelfn.project import load_project
     from modelfn.training import loop, recipes
 
-    recipe = recipes.get(args.name)
+    recipe = recipes.from_spec(load_project(args.config).get(args.name))
     store, new = writing(args.store)
     metrics = loop.train(recipe, store, device=args.device, epochs=args.epochs,
                          seed=args.seed, progress=not args.quiet,
@@ -79,6 +86,7 @@ def cmd_train_remote(args: argparse.Namespace) -> int:
                            "the IAM role the training job runs as")
     store = open_store(args.store)
     job = remote.submit(store, args.name, role=role, instance_type=args.instance_type,
+                        config=args.config,
                         image=args.image, epochs=args.epochs, seed=args.seed)
     print(f"submitted SageMaker training job {job.name} on {args.instance_type}: its run will "
           f"be {store.uri}/{k.run_prefix(args.name, job.run_id)}/", flush=True)
@@ -102,14 +110,28 @@ def _progress(args: argparse.Namespace) -> Any:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from modelfn.export.build import build
+    from modelfn.project import load_project
 
+    project = load_project(args.config)
+    if args.all == bool(args.name):
+        raise UsageError("name one model to build, or --all for every model of "
+                         f"{project.describe()}")
+    names = list(project.models) if args.all else [args.name]
+    if args.all and (args.version or args.run):
+        raise UsageError("--version and --run name one model's version and run: not with "
+                         "--all")
+    for name in names:
+        project.get(name)  # an unknown name fails before any work
     store, new = writing(args.store)
-    manifest = build(args.name, store, version=args.version, run_id=args.run,
-                     precision=args.precision, log=_progress(args))
+    log = _progress(args)
+    manifests = [build(name, store, version=args.version, run_id=args.run,
+                       precision=args.precision, project=project, log=log)
+                 for name in names]
     if new:
-        _progress(args)(f"modelfn: created the store {store.uri}")
+        log(f"modelfn: created the store {store.uri}")
     if args.json:
-        print(json.dumps(manifest.to_dict(), indent=2))
+        docs = [m.to_dict() for m in manifests]
+        print(json.dumps(docs if args.all else docs[0], indent=2))
     return 0
 
 
@@ -149,23 +171,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     """The main job on the embedded defaults: train and build what the store lacks, serve."""
     from modelfn import registry
-    from modelfn.export.build import build, configured_models, needs_training
+    from modelfn.export.build import build, needs_training
+    from modelfn.project import load_project
     from modelfn.training import loop, recipes
 
     _port(args.port)
+    project = load_project(args.config)
+    specs = [project.get(name) for name in args.model or project.models]
     store, new = writing(args.store)
     if new:
         print(f"modelfn: no store at {store.uri} yet: creating it", flush=True)
     args.store = store.uri
-    for name in args.model or configured_models():
-        recipe = needs_training(name)
-        if recipe is not None and registry.latest_run(store, recipe) is None:
-            print(f"no training run of {recipe} in {store.uri}: training one", flush=True)
-            metrics = loop.train(recipes.get(recipe), store)
-            print(f"trained {recipe}: holdout accuracy {metrics['holdout_accuracy']:.4f}")
-        if not registry.versions(store, name):
-            print(f"no built version of {name} in {store.uri}: building one", flush=True)
-            build(name, store)
+    print(f"modelfn: the models of {project.describe()}: "
+          f"{', '.join(s.name for s in specs)}", flush=True)
+    for spec in specs:
+        if needs_training(spec) and registry.latest_run(store, spec.name) is None:
+            print(f"no training run of {spec.name} in {store.uri}: training one", flush=True)
+            metrics = loop.train(recipes.from_spec(spec), store)
+            print(f"trained {spec.name}: holdout accuracy {metrics['holdout_accuracy']:.4f}")
+        if not registry.versions(store, spec.name):
+            print(f"no built version of {spec.name} in {store.uri}: building one", flush=True)
+            build(spec, store)
     for model in registry.model_names(store):
         print(f"  {model}: versions {', '.join(registry.versions(store, model))}")
     return cmd_serve(args)
@@ -238,11 +264,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             try:
                 m = read_manifest(store, name, version)
             except ModelUnavailable as exc:  # one bad bundle must not hide the others
-                rows.append((name, version, tags, "?", "?", "?", "unservable", exc.message))
+                rows.append((name, version, tags, "?", "?", "?", "unservable", "?",
+                             exc.message))
                 continue
             rows.append((name, version, tags, mib(m.size), m.task, m.precision,
-                         _gate(m), m.created))
-    header = ("model", "version", "aliases", "size", "task", "precision", "gate", "created")
+                         _gate(m), _eval(m), m.created))
+    header = ("model", "version", "aliases", "size", "task", "precision", "gate", "eval",
+              "created")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
@@ -253,11 +281,62 @@ def _gate(manifest: Manifest) -> str:
     """The shipped model's gate in a few characters."""
     quant = manifest.quantization
     report = (quant.get("gate") if quant.get("applied") else manifest.export.get("parity")) or {}
-    if "agreement" in report:
+    if report.get("agreement") is not None:
         return f"agreement {report['agreement']:.4f}"
     if "min_cosine" in report:
         return f"min cos {report['min_cosine']:.4f}"
+    diffs = report.get("max_abs_diff")
+    if isinstance(diffs, dict):
+        return f"max diff {max(diffs.values(), default=0.0):.2g}"
     return "?"
+
+
+def _eval(manifest: Manifest) -> str:
+    """The build's eval report on the model's eval rows in a few characters."""
+    report = manifest.evaluation
+    if "macro_f1" in report:
+        return f"macro-F1 {report['macro_f1']:.3f}"
+    if "recall_at_1" in report:
+        return f"recall@1 {report['recall_at_1']:.3f}"
+    return "-"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a published model on labelled JSONL rows, through the served path."""
+    import hashlib
+    from pathlib import Path
+
+    from modelfn.config import Settings
+    from modelfn.export import evaluate as ev
+    from modelfn.runtime.repository import Repository
+
+    name, _, version = args.model.partition(":")
+    data = Path(args.data)
+    rows = ev.read_rows(data)
+    store = reading(args.store)
+    model = Repository.from_settings(Settings.from_env(), store).get(name, version or None)
+    report = ev.evaluate(model, rows, where=str(data))
+    out = Path(args.out) if args.out else Path("eval") / f"{model.name}-{model.version}"
+    with data.open("rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    doc = {"model": model.name, "version": model.version, "data": str(data),
+           "data_sha256": digest, **report.as_dict()}
+    written = [out / "report.json"]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written[0].write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        if report.kind == "classification":
+            written.append(out / "confusion-matrix.png")
+            written[1].write_bytes(ev.confusion_png(
+                report, f"{model.name} version {model.version} on {data.name}"))
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    lines = ev.table(report)
+    if lines:
+        print(lines)
+    print(f"{model.name} version {model.version}: {report.summary}")
+    print(f"eval: wrote {', '.join(str(p) for p in written)}")
+    return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -338,7 +417,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run the training job for a model")
-    t.add_argument("name", help="the model's recipe (digits-cnn, textcls)")
+    t.add_argument("name", help="a model of the project file with a [train] table "
+                                "(the examples: digits-cnn, textcls)")
+    _config_arg(t)
     _store_arg(t)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when a GPU is present, else cpu")
@@ -361,13 +442,16 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("build", help="export to ONNX, run the parity gate, publish a bundle")
-    b.add_argument("name", help="a model of the build configuration "
-                                "(digits-cnn, textcls, minilm)")
+    b.add_argument("name", nargs="?", help="a model of the project file (default file: "
+                                           "./modelfn.toml, else modelfn's examples)")
+    b.add_argument("--all", action="store_true", help="build every model the project "
+                                                      "file declares")
+    _config_arg(b)
     _store_arg(b)
     b.add_argument("--version", help="version to publish (default: next integer)")
     b.add_argument("--run", help="training run id (default: the newest)")
     b.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
-                   help="auto: int8 where the build configuration asks for it and its gate "
+                   help="auto: int8 where the project file asks for it and its gate "
                         "passes, else fp32; fp32: never quantize; int8: int8 or fail")
     b.add_argument("--json", action="store_true", help="print the manifest")
     b.set_defaults(func=cmd_build)
@@ -393,7 +477,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "up":
             s.add_argument("--model", action="append",
                            help="model to make ready (repeatable; default: every model the "
-                                "build configuration declares)")
+                                "project file declares)")
+            _config_arg(s)
         s.set_defaults(func=func)
 
     bt = sub.add_parser("batch", help="batch inference over a local JSONL file")
@@ -411,6 +496,17 @@ def parser() -> argparse.ArgumentParser:
                          "output); without it, exit 1")
     bt.add_argument("--quiet", action="store_true", help="no progress bar")
     bt.set_defaults(func=cmd_batch)
+
+    e = sub.add_parser("eval", help="score a published model on labelled rows (accuracy "
+                                    "and per-class F1, or recall@1 for embeddings)")
+    e.add_argument("model", metavar="NAME[:VERSION]", help="version or alias (default: live)")
+    e.add_argument("data", metavar="DATA.jsonl",
+                   help="JSONL: one {\"inputs\", \"label\", [\"id\"]} per line, inputs as "
+                        "in a batch line")
+    _store_arg(e)
+    e.add_argument("--out", help="where to write report.json and, for a classifier, "
+                                 "confusion-matrix.png (default: ./eval/NAME-VERSION/)")
+    e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("models", help="list models and versions in the store")
     _store_arg(m)

@@ -28,6 +28,12 @@ DEFAULT_STORE = ".modelfn"
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_BATCH = 64
 DEFAULT_ALIAS = "live"
+#: Lambda's limit on what a synchronous invocation returns (6 MiB: the response's JSON
+#: payload, a binary body base64-encoded in it); an API response over it gets 413
+RESPONSE_LIMIT_BYTES = 6 * 1024 * 1024
+#: what the payload holds besides the body (status, headers, the JSON around them),
+#: counted against RESPONSE_LIMIT_BYTES with room to spare
+RESPONSE_ENVELOPE_BYTES = 4 * 1024
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:

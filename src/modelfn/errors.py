@@ -32,7 +32,8 @@ class ModelNotFound(ModelfnError):
 
 
 class PayloadTooLarge(ModelfnError):
-    """The request body is over the configured limit (HTTP 413)."""
+    """The request body is over the configured limit, or the response would be over
+    what Lambda returns from a synchronous invocation (HTTP 413)."""
 
     status = 413
 
@@ -106,7 +107,7 @@ class AlreadyExists(ModelfnError):
 
 
 class TrainingError(ModelfnError):
-    """The training job cannot run as asked (unknown recipe, no CUDA, ...)."""
+    """The training job cannot run as asked (a model with no [train] table, no CUDA, ...)."""
 
 
 class PackagingError(ModelfnError):

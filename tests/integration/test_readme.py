@@ -59,6 +59,8 @@ def test_every_modelfn_command_in_the_guide_runs(store_copy: Path, sam_build: Pa
             argv += ["--build-dir", str(sam_build), "--out", str(tmp_path / "dist")]
         if argv[0] == "train":
             argv += ["--epochs", "2", "--quiet"]  # the guide's own, only shorter
+        if argv[0] == "eval":  # its report goes to tmp_path, not ./eval/ in the checkout
+            argv += ["--out", str(tmp_path / "eval")]
         assert main(argv) == 0, (line, capsys.readouterr())
         ran += 1
     out = capsys.readouterr().out

@@ -1,13 +1,15 @@
-"""`modelfn train --remote sagemaker` against moto: the job SageMaker is asked for, then
-the job itself run here the way SageMaker's training toolkit would run it (the
-submitted source, the entry point with the hyperparameters as arguments), and the run
-it writes found in the store's S3 layout and built into a bundle."""
+"""`modelfn train --remote sagemaker` against moto: the job SageMaker is asked for (its
+source: this modelfn and the model's project folder), then the job itself run here the
+way SageMaker's training toolkit would run it (the submitted source, the entry point
+with the hyperparameters as arguments), and the run it writes found in the store's S3
+layout and built into a bundle."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -17,8 +19,10 @@ import boto3
 import pytest
 
 from modelfn.cli import main
+from modelfn.errors import TrainingError
 from modelfn.store import open_store
 from modelfn.training import remote
+from tests.conftest import example
 
 ROLE = "arn:aws:iam::123456789012:role/modelfn-training"
 
@@ -27,14 +31,25 @@ def submitted_job(capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
+def submitted_source(job: dict) -> tarfile.TarFile:
+    """The source tarball the job's sagemaker_submit_directory names, read from S3."""
+    bucket, _, key = json.loads(job["HyperParameters"]["sagemaker_submit_directory"])[5:] \
+        .partition("/")
+    blob = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    return tarfile.open(fileobj=io.BytesIO(blob))
+
+
+def project_files(tar: tarfile.TarFile) -> set[str]:
+    return {m.name.removeprefix("project/") for m in tar.getmembers()
+            if m.isfile() and m.name.startswith("project/")}
+
+
 def run_as_sagemaker_would(job: dict, code: Path, store_uri: str) -> str:
     """Unpack the submitted source and run its entry point with the hyperparameters as
     `--name value` arguments, as the toolkit does. The one change: --device cpu, since
     this machine has no GPU."""
     hps = job["HyperParameters"]
-    bucket, _, key = json.loads(hps["sagemaker_submit_directory"])[5:].partition("/")
-    blob = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+    with submitted_source(job) as tar:
         tar.extractall(code, filter="data")
     argv = [a for k, v in hps.items() if not k.startswith("sagemaker_")
             for a in (f"--{k}", "cpu" if k == "device" else v)]
@@ -60,13 +75,23 @@ def test_remote_training_job_runs_the_same_script_into_the_store(
     assert "gpu" in job["AlgorithmSpecification"]["TrainingImage"]
     hps = job["HyperParameters"]
     assert hps["model"] == "digits-cnn" and hps["store"] == uri and hps["device"] == "cuda"
-    assert hps["epochs"] == "2"
+    assert hps["epochs"] == "2" and hps["config"] == "project/modelfn.toml"
     assert json.loads(hps["sagemaker_submit_directory"]).startswith(f"{uri}/jobs/{name}/")
     assert job["OutputDataConfig"]["S3OutputPath"] == f"{uri}/jobs/"
+    # the source: modelfn itself, and the model's project folder (file, code, data)
+    spec = example("digits-cnn")
+    with submitted_source(job) as tar:
+        assert "src/modelfn/cli.py" in tar.getnames()
+        assert project_files(tar) == {"modelfn.toml", "model.py", "data.py", "eval.jsonl"}
+        shipped = tar.extractfile("project/modelfn.toml")
+        assert shipped is not None and shipped.read() == spec.file.read_bytes()
 
-    output = run_as_sagemaker_would(job, tmp_path / "code", uri)
-    # the job ran the submitted copy of modelfn, not this checkout's
-    assert json.loads(output.splitlines()[0])["modelfn_job"][:2] == ["train", "digits-cnn"]
+    code = tmp_path / "code"
+    output = run_as_sagemaker_would(job, code, uri)
+    # the job ran the submitted copy of modelfn on the submitted project file
+    argv = json.loads(output.splitlines()[0])["modelfn_job"]
+    assert argv[:2] == ["train", "digits-cnn"]
+    assert argv[argv.index("--config") + 1] == str(code / "project/modelfn.toml")
     store = open_store(uri)
     metrics = remote.wait(store, remote.Job(name, hps["run-id"], "digits-cnn", uri),
                           poll_s=0.01, report=lambda line: None)
@@ -81,6 +106,35 @@ def test_remote_training_job_runs_the_same_script_into_the_store(
     manifest = store.read_json("models/digits-cnn/1/manifest.json")
     assert manifest["source"]["run"] == hps["run-id"]
     assert manifest["training"]["training_job"] == name
+
+
+def test_remote_training_ships_the_project_folder_of_config(s3_bucket: str,
+                                                           tmp_path: Path) -> None:
+    """GIVEN a project folder of one's own (with a local store, bytecode and VCS data in
+    it) WHEN its model is trained remotely THEN the folder is shipped as project/,
+    without those, and the job is told to read project/modelfn.toml."""
+    folder = tmp_path / "mine"
+    shutil.copytree(example("digits-cnn").base, folder)
+    for junk in (".modelfn/models/x", "__pycache__", ".git"):
+        (folder / junk).mkdir(parents=True)
+        (folder / junk / "junk.bin").write_bytes(b"x")
+    job = remote.submit(open_store(f"s3://{s3_bucket}/p"), "digits-cnn", role=ROLE,
+                        config=str(folder / "modelfn.toml"))
+    described = boto3.client("sagemaker").describe_training_job(TrainingJobName=job.name)
+    assert described["HyperParameters"]["config"] == "project/modelfn.toml"
+    with submitted_source(described) as tar:
+        assert project_files(tar) == {"modelfn.toml", "model.py", "data.py", "eval.jsonl"}
+
+
+def test_remote_training_refuses_a_model_modelfn_does_not_train(s3_bucket: str) -> None:
+    """minilm has no [train] table: refused here, before anything is uploaded or a GPU
+    is asked for."""
+    store = open_store(f"s3://{s3_bucket}/n")
+    with pytest.raises(TrainingError, match=r"no \[models\.minilm\.train\] table"):
+        remote.submit(store, "minilm", role=ROLE)
+    assert store.children("jobs") == []
+    jobs = boto3.client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
+    assert [j for j in jobs if "minilm" in j["TrainingJobName"]] == []
 
 
 def test_remote_training_waits_and_reports_the_run(s3_bucket: str, tmp_path: Path,

@@ -14,8 +14,7 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from modelfn.training import data
-from tests.conftest import free_port, start, stop
+from tests.conftest import example_split, free_port, start, stop
 
 TEXTS = ["How do I reset my password?", "Ünïcödé, emoji 🙂 and 中文",
          "I was charged twice this month"]
@@ -58,7 +57,7 @@ def test_triton_client_health_and_metadata(client: triton.InferenceServerClient,
 @pytest.mark.parametrize("binary", [True, False])
 def test_triton_client_infers_digits_like_a_direct_call(client: triton.InferenceServerClient,
                                                         server: str, binary: bool) -> None:
-    x = data.digits().x_holdout[:5].astype(np.float32)
+    x = example_split("digits-cnn").x_holdout[:5].astype(np.float32)
     pixels = triton.InferInput("pixels", list(x.shape), "FP32")
     pixels.set_data_from_numpy(x, binary_data=binary)
     outputs = [triton.InferRequestedOutput(n, binary_data=binary)
@@ -77,7 +76,7 @@ def test_triton_client_infers_digits_like_a_direct_call(client: triton.Inference
 
 def test_triton_client_defaults_ask_for_every_output_in_binary(
         client: triton.InferenceServerClient) -> None:
-    x = data.digits().x_holdout[:2].astype(np.float32)
+    x = example_split("digits-cnn").x_holdout[:2].astype(np.float32)
     pixels = triton.InferInput("pixels", [2, 64], "FP32")
     pixels.set_data_from_numpy(x)  # binary_data=True is the client's default
     result = client.infer("digits-cnn", [pixels])  # no outputs: binary_data_output

@@ -120,7 +120,8 @@ def test_handler_batch_limit_from_environment(built_store: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     api = fresh_api(built_store, monkeypatch, MODELFN_MAX_BATCH="4")
     assert invoke(api, with_body(pixels(4)))[0] == 200
-    assert invoke(api, with_body(pixels(5)))[0] == 422
+    status, body = invoke(api, with_body(pixels(5)))
+    assert status == 422 and "batch size 5 is outside 1..4" in body["error"]  # names the limit
 
 
 def test_handler_tampered_bundle_is_503_and_others_keep_serving(

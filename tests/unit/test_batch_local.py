@@ -14,7 +14,7 @@ from modelfn.config import BatchLimits
 from modelfn.runtime import batch
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
-from modelfn.training import data
+from tests.conftest import example_split
 
 
 def write_lines(path: Path, lines: list[Any]) -> Path:
@@ -26,7 +26,7 @@ def write_lines(path: Path, lines: list[Any]) -> Path:
 
 def test_batch_command_runs_a_mixed_file_in_order(built_store: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    x = data.digits().x_holdout
+    x = example_split("digits-cnn").x_holdout
     source = write_lines(tmp_path / "mixed.jsonl", [
         {"id": "d1", "inputs": x[0].tolist()},
         {"id": "d2", "inputs": x[1].reshape(8, 8).tolist()},  # the [8, 8] form
@@ -51,7 +51,7 @@ def test_batch_command_runs_a_mixed_file_in_order(built_store: Path, tmp_path: P
            .splitlines()]
     assert [r["line"] for r in out] == [1, 2, 4, 5, 6, 7, 8, 9, 10]
     by_id = {r["id"]: r for r in out}
-    assert by_id["d1"]["outputs"]["label"] == str(data.digits().y_holdout[0])
+    assert by_id["d1"]["outputs"]["label"] == str(example_split("digits-cnn").y_holdout[0])
     assert by_id["t1"]["outputs"]["label"] == "delivery"
     assert len(by_id["e1"]["outputs"]["embedding"]) == 384
     assert "text is empty" in by_id["bad1"]["error"]
@@ -64,7 +64,7 @@ def test_batch_command_runs_a_mixed_file_in_order(built_store: Path, tmp_path: P
 def test_one_bad_row_does_not_sink_its_micro_batch(built_store: Path) -> None:
     """Pixel values out of range are only caught by the model's preprocessing, for the
     whole micro-batch at once: the batch is rerun row by row to find the culprit."""
-    x = data.digits().x_holdout
+    x = example_split("digits-cnn").x_holdout
     lines = [json.dumps({"id": i, "inputs": (x[i] if i != 5 else x[i] * 0 + 99).tolist()})
              .encode() for i in range(10)]
     written: list[bytes] = []

@@ -17,17 +17,19 @@ from modelfn.export.onnx_export import check_single_file, export_onnx
 from modelfn.export.parity import check_parity
 from modelfn.runtime.manifest import sha256
 from modelfn.runtime.model import from_files, read_manifest
+from modelfn.sources import torch_module
 from modelfn.store import open_store
-from modelfn.training import data, loop, recipes
+from modelfn.training import loop, recipes
+from tests.conftest import example, example_split
 
-DIGITS = recipes.get("digits-cnn")
+DIGITS = recipes.from_spec(example("digits-cnn"))
 
 
 def trained_module(store_root: Path) -> torch.nn.Module:
     store = open_store(str(store_root))
     ckpt, _, _ = loop.load_checkpoint(store, "digits-cnn",
                                       registry.latest_run(store, "digits-cnn"))
-    module = DIGITS.build_model(ckpt["n_classes"])
+    module = DIGITS.build_model()
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
 
@@ -40,10 +42,11 @@ def test_build_publishes_a_complete_manifest(built_store: Path) -> None:
                                                "size": len(onnx_bytes)}
     parity = manifest["export"]["parity"]
     assert parity["passed"] and parity["max_abs_diff"]["logits"] <= parity["atol"]
+    assert parity["against"] == "torch" and parity["atol"] == example("digits-cnn").get("atol")
     assert parity["agreement"] >= 0.999 and parity["holdout_size"] == 360
     assert set(parity["batch_sizes"]).isdisjoint({2})  # not the export example's batch
     assert manifest["training"]["holdout_accuracy"] >= 0.97
-    assert manifest["source"]["data_fingerprint"] == data.digits().fingerprint
+    assert manifest["source"]["data_fingerprint"] == example_split("digits-cnn").fingerprint
     assert manifest["postprocess"]["labels"] == [str(i) for i in range(10)]
     assert manifest["inputs"][0]["shapes"] == [[-1, 64], [-1, 8, 8]]
     assert manifest["quantization"]["applied"] is False
@@ -62,15 +65,22 @@ def test_parity_gate_fails_a_broken_export(built_store: Path) -> None:
     onnx_bytes = export_onnx(broken, (torch.zeros(2, 1, 8, 8),), ["image"], ["logits"], 18)
     manifest = read_manifest(open_store(str(built_store)), "digits-cnn", "1")
     served = from_files(manifest, {"model.onnx": onnx_bytes})
-    report = check_parity(module, served, holdout_x=data.digits().x_holdout,
-                          batch_sizes=[1, 5], atol=1e-4, min_agreement=0.999)
-    assert not report.passed
-    assert any("exceeds atol" in failure for failure in report.failures)
+
+    def reference(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {"logits": module(torch.from_numpy(feeds["image"])).numpy()}
+
+    x = example_split("digits-cnn").x_holdout
+    report = check_parity(reference, served, [{"pixels": x[:1]}, {"pixels": x[:5]}],
+                          against="torch", atol=1e-4, holdout={"pixels": x},
+                          min_agreement=0.999)
+    assert not report.passed and report.batch_sizes == [1, 5]
+    assert any("logits" in f and "more than atol" in f for f in report.failures)
 
 
 def test_build_publishes_nothing_when_the_gate_fails(store_copy: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    real_export = build_mod.export_onnx
+    real_export = torch_module.export_onnx
 
     def export_wrong_weights(model: torch.nn.Module, *args: object) -> bytes:
         drifted = copy.deepcopy(model)  # the gate still compares against the original
@@ -79,7 +89,7 @@ def test_build_publishes_nothing_when_the_gate_fails(store_copy: Path,
                 p.mul_(1.05)
         return real_export(drifted, *args)
 
-    monkeypatch.setattr(build_mod, "export_onnx", export_wrong_weights)
+    monkeypatch.setattr(torch_module, "export_onnx", export_wrong_weights)
     store = open_store(str(store_copy))
     with pytest.raises(ExportParityError):
         build_mod.build("digits-cnn", store, log=lambda *_: None)

@@ -164,6 +164,49 @@ def test_an_unreadable_store_is_one_line_for_commands(locked: Path, tmp_path: Pa
 
 # --- user mistakes: one line, exit 2 ---------------------------------------------------------
 
+_DIGITS = """[models.d]
+source = "torch"
+module = "model.py:build"
+inputs = [{ name = "image", datatype = "FP32", shape = [-1, 1, 8, 8] }]
+checkpoint = "weights.pt"
+"""
+
+
+@pytest.mark.parametrize(("text", "argv", "needles"), [
+    (None, ["build"], ["name one model to build, or --all"]),
+    (None, ["build", "nope"], ["no model 'nope'", "digits-cnn, minilm, textcls"]),
+    (None, ["build", "--all", "--version", "3"], ["not with --all"]),
+    (None, ["build", "d", "--config", "missing.toml"], ["project file", "missing.toml",
+                                                         "not found"]),
+    ("[models.d\n", ["build", "d"], ["modelfn.toml: not valid TOML"]),
+    ("[model.d]\nsource = 'onnx'\n", ["build", "d"], ["unknown table or key 'model'"]),
+    (_DIGITS + "colour = 'red'\n", ["build", "d"], ["[models.d] colour: unknown key",
+                                                     "a torch model takes:"]),
+    (_DIGITS + "eval = 'rows.jsonl'\n", ["build", "d"], ["[models.d] eval: rows.jsonl: no "
+                                                          "such file"]),
+    (_DIGITS.replace('"torch"', '"keras"'), ["build", "d"], ["[models.d] source: must be "
+                                                             "one of"]),
+    (_DIGITS + "atol = 'small'\n", ["build", "d"], ["[models.d] atol: must be"]),
+])
+def test_project_file_mistakes_are_one_line_naming_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        text: str | None, argv: list[str], needles: list[str]) -> None:
+    """GIVEN a ./modelfn.toml with a mistake (or none: the shipped examples) WHEN a
+    command reads it THEN one line names the file, the [models.NAME] section and the
+    key, before any store is made or any work is done."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.py").write_text("")
+    (tmp_path / "weights.pt").write_bytes(b"")
+    if text is not None:
+        (tmp_path / "modelfn.toml").write_text(text)
+    assert main([*argv, "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "store").exists()
+
+
 def test_building_a_run_that_does_not_exist(built_store: Path) -> None:
     one_line(cli("build", "digits-cnn", "--run", "nosuchrun", "--store", str(built_store)),
              "no complete run 'nosuchrun' of digits-cnn", "its runs:")

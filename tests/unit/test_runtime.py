@@ -16,7 +16,7 @@ from modelfn.runtime.model import LoadedModel, from_files
 from modelfn.runtime.protocol import InferRequest, RequestInput
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
-from modelfn.training import data
+from tests.conftest import example_split
 
 
 def request(x: np.ndarray, outputs: list[str] | None = None) -> InferRequest:
@@ -44,7 +44,7 @@ def infer(model: LoadedModel, req: InferRequest) -> dict[str, np.ndarray]:
 
 
 def test_runtime_predicts_the_holdout_set(built_store: Path) -> None:
-    split = data.digits()
+    split = example_split("digits-cnn")
     model = Repository(open_store(str(built_store))).get("digits-cnn")
     out = infer(model, request(split.x_holdout[:64]))
     assert out["probabilities"].shape == (64, 10)
@@ -55,7 +55,7 @@ def test_runtime_predicts_the_holdout_set(built_store: Path) -> None:
 
 def test_runtime_accepts_both_declared_shapes(built_store: Path) -> None:
     model = Repository(open_store(str(built_store))).get("digits-cnn")
-    x = data.digits().x_holdout[:3]
+    x = example_split("digits-cnn").x_holdout[:3]
     flat = infer(model, request(x))
     square = infer(model, request(x.reshape(3, 8, 8)))
     np.testing.assert_array_equal(flat["probabilities"], square["probabilities"])

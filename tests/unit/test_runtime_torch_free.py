@@ -21,6 +21,7 @@ HEAVY = {"torch", "torchvision", "transformers", "sklearn", "matplotlib", "onnx"
 
 SCRIPT = r"""
 import json, sys
+BUILD_SIDE = ("modelfn.sources", "modelfn.export", "modelfn.training")
 BLOCKED = {"torch", "transformers", "sklearn", "matplotlib", "onnx", "sentence_transformers",
            "huggingface_hub", "safetensors"}
 class Block:
@@ -37,13 +38,15 @@ for path in sys.argv[1:]:
     results.append({"status": result["statusCode"], "body": json.loads(result["body"]),
                     "tokenizers": "tokenizers" in sys.modules})
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED | {"boto3"})
-print(json.dumps({"results": results, "heavy": heavy}))
+build_side = sorted(m for m in sys.modules if m.startswith(BUILD_SIDE))
+print(json.dumps({"results": results, "heavy": heavy, "build_side": build_side}))
 """
 
 
 def test_handler_runs_with_torch_unimportable(built_store: Path) -> None:
     """Image and text models answer with torch, transformers, sentence-transformers and
-    huggingface_hub unimportable; tokenizers loads only once a text model is asked for."""
+    huggingface_hub unimportable; tokenizers loads only once a text model is asked for;
+    nothing of the build side (the sources, the export, training) is imported."""
     env = {**os.environ, "MODELFN_STORE": str(built_store)}
     events = [str(ROOT / f"events/{name}.json")
               for name in ("api-infer", "api-infer-minilm", "api-infer-textcls")]
@@ -56,6 +59,7 @@ def test_handler_runs_with_torch_unimportable(built_store: Path) -> None:
     assert minilm["body"]["outputs"][0]["shape"] == [3, 384] and minilm["tokenizers"]
     assert textcls["body"]["outputs"][1]["data"] == ["billing", "delivery"]
     assert result["heavy"] == []  # nor boto3, with a local store
+    assert result["build_side"] == []
 
 
 def imported_modules(path: Path) -> set[str]:

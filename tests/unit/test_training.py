@@ -14,10 +14,11 @@ from modelfn.cli import main
 from modelfn.errors import TrainingError
 from modelfn.store import open_store
 from modelfn.training import data, loop, recipes
+from tests.conftest import example, example_rows, example_split
 
 
 def test_training_default_recipe_reaches_097(built_store: Path) -> None:
-    """The session store was trained with the default recipe (30 epochs, seed 0)."""
+    """The session store was trained by the example's [train] table (30 epochs, seed 0)."""
     store = open_store(str(built_store))
     run = registry.latest_run(store, "digits-cnn")
     metrics = store.read_json(f"runs/digits-cnn/{run}/metrics.json")
@@ -25,7 +26,7 @@ def test_training_default_recipe_reaches_097(built_store: Path) -> None:
     assert len(metrics["epochs"]) == 30
     assert {"train_loss", "train_accuracy", "holdout_loss", "holdout_accuracy"} <= set(
         metrics["epochs"][0])
-    assert metrics["data"]["fingerprint"] == data.digits().fingerprint
+    assert metrics["data"]["fingerprint"] == example_split("digits-cnn").fingerprint
     assert metrics["data"]["n_holdout"] == 360 and metrics["data"]["n_train"] == 1437
     assert metrics["device"] == "cpu" and metrics["seed"] == 0
     assert metrics["duration_seconds"] > 0
@@ -35,7 +36,8 @@ def test_training_writes_loadable_weights_only_checkpoint(built_store: Path) -> 
     store = open_store(str(built_store))
     run = registry.latest_run(store, "digits-cnn")
     ckpt, metrics, raw = loop.load_checkpoint(store, "digits-cnn", run)
-    model = recipes.get("digits-cnn").build_model(ckpt["n_classes"])
+    assert ckpt["n_classes"] == 10
+    model = recipes.from_spec(example("digits-cnn")).build_model()
     model.load_state_dict(ckpt["state_dict"])  # strict: every weight present
     assert ckpt["labels"] == [str(i) for i in range(10)]
     # weights_only=True refuses pickled code: the file holds tensors and plain data only
@@ -45,10 +47,19 @@ def test_training_writes_loadable_weights_only_checkpoint(built_store: Path) -> 
 
 
 def test_training_split_is_fixed_and_stratified() -> None:
-    a, b = data.digits(), data.digits()
+    recipe = recipes.from_spec(example("digits-cnn"))
+    a, b = recipe.load_data(), recipe.load_data()
     assert a.fingerprint == b.fingerprint
     counts = torch.bincount(torch.from_numpy(a.y_holdout))
     assert counts.min() >= 35  # every class in the holdout set
+
+
+@pytest.mark.parametrize("name", ["digits-cnn", "textcls"])
+def test_example_eval_file_is_the_holdout_of_its_split(name: str) -> None:
+    """An example's eval.jsonl (the build's gate and eval rows) is exactly the 20% its
+    training holds out: the model is never scored on rows it was trained on."""
+    rows = [{"inputs": r["inputs"], "label": r["label"]} for r in example_rows(name)]
+    assert rows == data.eval_rows(example_split(name))
 
 
 def test_training_refuses_cuda_when_absent(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,7 +93,8 @@ def test_train_command_writes_to_s3(s3_bucket: str, capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "no-such-model", "--epochs", "1"], "unknown model"),
+    (["train", "no-such-model", "--epochs", "1"], "no model 'no-such-model'"),
+    (["train", "minilm", "--epochs", "1"], "has no [models.minilm.train] table"),
     (["train", "digits-cnn", "--epochs", "0"], "at least 1"),
     (["build", "digits-cnn"], "no training run"),
 ])

@@ -1,28 +1,27 @@
-"""The gates: the exported model must reproduce the original, or nothing ships.
+"""The gates: the served model must reproduce its reference, or nothing ships.
 
-Classifiers (as in optimum's exporter validation, but fatal):
+Every source (as in optimum's exporter validation, but fatal):
 
-1. the ONNX graph against the torch module on batches whose sizes differ from
-   the export example (and, for text, whose sequence lengths differ too):
-   max |difference| per output within ``atol``;
-2. the whole served path (the manifest's preprocessing, onnxruntime, the
-   postprocessing) against torch's predictions on the held-out data: argmax
-   agreement of at least ``min_agreement``.
+1. the served graph against the reference (the torch module, transformers itself, or
+   for an ONNX file onnxruntime with graph optimizations off) on batches whose sizes
+   differ from the export example (and other lengths of the dynamic axes): every
+   output within ``atol + rtol * |reference|``, integers exactly;
+2. for classifiers with eval rows, the whole served path (the manifest's
+   preprocessing, onnxruntime, the postprocessing) against the reference's argmax on
+   every row: agreement of at least ``min_agreement``.
 
-Sentence embeddings: the served path against a reference encoder (the original
-sentence-transformers model, or fp32 for an int8 candidate) on a shipped
-evaluation set in mixed batches: min cosine, max |difference| and top-1
-retrieval agreement over the set.
+Sentence embeddings: the served path against the reference encoder (transformers
+with the folder's pooling, or fp32 for an int8 candidate) on the eval texts in mixed
+batches: min cosine, max |difference| and top-1 retrieval agreement over the set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import numpy as np
-import torch
 
 from modelfn.runtime.model import LoadedModel
 
@@ -47,77 +46,99 @@ class GateReport:
 
 @dataclass
 class ParityReport(GateReport):
+    """The served model against a reference (torch, transformers, or onnxruntime without
+    graph optimizations), output by output, at batch sizes other than the export
+    example's; and, for classifiers with eval rows, argmax agreement of the whole
+    served path with the reference on every row."""
+
+    against: str
     atol: float
-    min_agreement: float
+    rtol: float
+    min_agreement: float | None
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     batch_sizes: list[int] = field(default_factory=list)
-    agreement: float = 0.0
+    agreement: float | None = None
     holdout_size: int = 0
     disagreements: int = 0
     failures: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
-        return (f"max |diff| {max(self.max_abs_diff.values()):.3g} (atol {self.atol:g}), "
-                f"holdout agreement {self.agreement:.4f} ({self.holdout_size} rows)")
+        worst = max(self.max_abs_diff.values(), default=0.0)
+        text = (f"max |diff| {worst:.3g} against {self.against} (atol {self.atol:g}) at "
+                f"batch sizes {self.batch_sizes}")
+        if self.agreement is not None:
+            text += f", agreement {self.agreement:.4f} ({self.holdout_size} eval rows)"
+        return text
 
 
-def _perturbed(rows: np.ndarray, spec: dict[str, Any], rng: np.random.Generator
-               ) -> list[np.ndarray]:
-    """The rows, plus a noised copy for numeric inputs (kept inside the valid range)."""
-    if rows.dtype == object:
-        return [rows]
-    lo, hi = spec.get("value_range", (-np.inf, np.inf))
-    return [rows, np.clip(rows + rng.normal(0, 1.0, rows.shape), lo, hi).astype(rows.dtype)]
+Arrays = dict[str, np.ndarray]
 
 
-def check_parity(module: torch.nn.Module, served: LoadedModel, *, holdout_x: np.ndarray,
-                 batch_sizes: Sequence[int], atol: float, min_agreement: float,
-                 seed: int = 0) -> ParityReport:
-    """Run both classifier checks; the report lists every miss (the build decides)."""
-    module = module.eval().cpu()
+def check_parity(reference: Callable[[Arrays], Arrays], served: LoadedModel,
+                 batches: Sequence[Arrays], *, against: str, atol: float, rtol: float = 0.0,
+                 holdout: Arrays | None = None, min_agreement: float | None = None
+                 ) -> ParityReport:
+    """Feed each batch of API inputs through the served preprocessing, then run the
+    reference and the served graph on the same feeds: every output within
+    ``atol + rtol * |reference|`` (integers and booleans exactly). With ``holdout``
+    and a classifier, the served labels must agree with the reference's argmax on
+    at least ``min_agreement`` of its rows. Misses are listed, not raised."""
     manifest = served.manifest
     graph_inputs = [t.name for t in manifest.graph_inputs]
-    (output_name,) = [t.name for t in manifest.graph_outputs]
-    pre_spec = manifest.preprocess
-    pre, post = served.pre, served.post
-    report = ParityReport(atol=atol, min_agreement=min_agreement, batch_sizes=list(batch_sizes))
-    rng = np.random.default_rng(seed)
+    outputs = [t.name for t in manifest.graph_outputs]
+    report = ParityReport(against=against, atol=atol, rtol=rtol, min_agreement=min_agreement)
 
-    def both(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        feeds = pre({pre_spec["input"]: raw})
-        with torch.no_grad():
-            expected = module(*(torch.from_numpy(feeds[n]) for n in graph_inputs)).numpy()
-        (got,) = served.session.run([output_name], {n: feeds[n] for n in graph_inputs})
+    def both(batch: Arrays) -> tuple[Arrays, Arrays]:
+        feeds = served.pre(dict(batch))
+        graph_feeds = {n: feeds[n] for n in graph_inputs}
+        expected = reference(graph_feeds)
+        got = dict(zip(outputs, served.session.run(outputs, graph_feeds), strict=True))
         return expected, got
 
-    # 1. the graph, at batch sizes other than the export example
-    worst = 0.0
-    for n in batch_sizes:
-        rows = holdout_x[rng.choice(len(holdout_x), size=n, replace=n > len(holdout_x))]
-        for raw in _perturbed(rows, pre_spec, rng):
-            expected, got = both(raw)
-            if got.shape != expected.shape:
-                report.failures.append(f"batch {n}: output shape {got.shape} != torch "
-                                       f"{expected.shape}")
+    worst = dict.fromkeys(outputs, 0.0)
+    for batch in batches:
+        size = len(next(iter(batch.values())))
+        report.batch_sizes.append(size)
+        expected, got = both(batch)
+        for name in outputs:
+            e, g = np.asarray(expected[name]), got[name]
+            if e.shape != g.shape:
+                report.failures.append(f"batch {size}: {name} has shape {list(g.shape)}, "
+                                       f"{against} {list(e.shape)}")
                 continue
-            worst = max(worst, float(np.abs(got - expected).max()))
-    report.max_abs_diff[output_name] = worst
-    if worst > atol:
-        report.failures.append(f"{output_name}: max |torch - onnxruntime| = {worst:.3g} "
-                               f"exceeds atol {atol:g}")
+            if e.dtype.kind in "fc":
+                ok = np.isclose(g, e, rtol=rtol, atol=atol, equal_nan=True)
+                diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
+                finite = diff[np.isfinite(diff)]
+                worst[name] = max(worst[name], float(finite.max()) if finite.size else 0.0)
+            else:
+                ok = g == e
+                if not ok.all():
+                    worst[name] = max(worst[name], float(np.abs(
+                        g.astype(np.float64) - e.astype(np.float64)).max()))
+            if not ok.all():
+                report.failures.append(
+                    f"batch {size}: {name}: {int((~ok).sum())} of {ok.size} values differ "
+                    f"from {against} by more than atol {atol:g}"
+                    + (f" + rtol {rtol:g}" if rtol else "")
+                    + f" (max |diff| {worst[name]:.3g})")
+    report.max_abs_diff = worst
 
-    # 2. the served path against torch's predictions on the holdout set
-    expected, got = both(holdout_x)
-    torch_pred = expected.argmax(axis=1)
-    served_pred = post({output_name: got})["probabilities"].argmax(axis=1)
-    report.holdout_size = len(holdout_x)
-    report.disagreements = int((served_pred != torch_pred).sum())
-    report.agreement = float((served_pred == torch_pred).mean())
-    if report.agreement < min_agreement:
-        report.failures.append(f"holdout argmax agreement {report.agreement:.4f} is below "
-                               f"{min_agreement} ({report.disagreements} of "
-                               f"{report.holdout_size} differ)")
+    post = manifest.postprocess
+    if holdout is not None and post["kind"] == "classification" and min_agreement is not None:
+        feeds = served.pre(dict(holdout))
+        logits = reference({n: feeds[n] for n in graph_inputs})[post["logits"]]
+        labels = np.asarray(post["labels"], dtype=object)
+        want = labels[np.asarray(logits).argmax(axis=-1)]
+        got_labels = served.run(dict(holdout), ["label"])["label"]
+        report.holdout_size = len(want)
+        report.disagreements = int((got_labels != want).sum())
+        report.agreement = float((got_labels == want).mean())
+        if report.agreement < min_agreement:
+            report.failures.append(f"argmax agreement with {against} {report.agreement:.4f} "
+                                   f"is below {min_agreement} ({report.disagreements} of "
+                                   f"{report.holdout_size} eval rows differ)")
     return report
 
 

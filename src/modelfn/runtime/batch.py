@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,6 +40,12 @@ __all__ = ["INPUT_PREFIX", "BatchLimits", "Summary", "process_object", "run_line
 MAX_LINE_BYTES = 1 << 20
 #: what a line without a model is told (an S3 input file's model is its folder)
 NO_MODEL_HINT = "name one in the line ('model') or put the file under inputs/<model>/"
+
+
+class Models(Protocol):
+    """Where a batch gets its models: a Repository, or one model (an evaluation)."""
+
+    def get(self, name: str, ref: str | None = None) -> LoadedModel: ...
 
 
 @dataclass
@@ -91,7 +97,7 @@ def _error(line: int, row_id: Any, message: str) -> dict[str, Any]:
 class BatchRun:
     """Turns lines into output lines, in order, running micro-batches per model."""
 
-    def __init__(self, repo: Repository, write: Callable[[bytes], Any], *,
+    def __init__(self, repo: Models, write: Callable[[bytes], Any], *,
                  default_model: str | None, limits: BatchLimits,
                  summary: Summary, no_model_hint: str = NO_MODEL_HINT) -> None:
         self.repo, self.write, self.default_model = repo, write, default_model
@@ -168,8 +174,14 @@ class BatchRun:
         self._rows, self._waiting = [], 0
 
     def _run(self, rows: list[_Row]) -> None:
+        """Run rows of one model and set their results (their order is the caller's)."""
         model = rows[0].model
         assert model is not None
+        groups = _by_shape(rows)
+        if len(groups) > 1:  # rows that cannot be stacked (a dynamic axis): run apart
+            for group in groups:
+                self._run(group)
+            return
         if len(rows) > model.max_batch:  # never more rows at once than the API would take
             for start in range(0, len(rows), model.max_batch):
                 self._run(rows[start:start + model.max_batch])
@@ -185,11 +197,35 @@ class BatchRun:
                 for row in rows:
                     self._run([row])
             return
+        if len(rows) > 1 and not all(v.ndim and len(v) == len(rows) for v in outputs.values()):
+            for row in rows:  # an output without a row per input row: one row per run
+                self._run([row])
+            return
         self.summary.models[model.name] = model.version
         for i, row in enumerate(rows):
             row.result = {"line": row.line, "id": row.id, "model": model.name,
                           "version": model.version,
-                          "outputs": {n: v[i:i + 1].tolist()[0] for n, v in outputs.items()}}
+                          "outputs": {n: _row_value(v, i, len(rows))
+                                      for n, v in outputs.items()}}
+
+
+def _by_shape(rows: list[_Row]) -> list[list[_Row]]:
+    """Rows grouped by the shapes of all their arrays, in order of first appearance: rows
+    of a model with a dynamic non-batch axis (e.g. a sequence) stack only with rows of
+    the same length."""
+    groups: dict[tuple[tuple[int, ...], ...], list[_Row]] = {}
+    for row in rows:
+        key = tuple(a.shape for a in (row.arrays or {}).values())
+        groups.setdefault(key, []).append(row)
+    return list(groups.values())
+
+
+def _row_value(values: np.ndarray, i: int, rows: int) -> Any:
+    """Row ``i`` of an output as JSON values; a run of one row whose output has no row
+    axis (a rank-0 or differently sized output) returns the output whole."""
+    if values.ndim and len(values) == rows:
+        return values[i:i + 1].tolist()[0]
+    return values.tolist()
 
 
 def _canonical(model: LoadedModel, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -29,8 +29,8 @@ from aws_lambda_powertools import Logger, Metrics
 
 import modelfn
 from modelfn import registry
-from modelfn.config import Settings
-from modelfn.errors import MalformedRequest, ModelfnError
+from modelfn.config import RESPONSE_ENVELOPE_BYTES, RESPONSE_LIMIT_BYTES, Settings
+from modelfn.errors import MalformedRequest, ModelfnError, PayloadTooLarge
 from modelfn.runtime import metrics as emf
 from modelfn.runtime.model import model_metadata as describe
 from modelfn.runtime.protocol import (
@@ -45,6 +45,8 @@ from modelfn.runtime.protocol import (
 from modelfn.runtime.repository import Repository
 
 JSON = "application/json"
+#: the bytes of non-ASCII UTF-8, which the payload's JSON may write escaped (\uXXXX)
+_NON_ASCII = bytes(range(0x80, 0x100))
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,34 @@ class Response:
 
 def json_response(status: int, body: Any) -> Response:
     return Response(status, body)
+
+
+def payload_bytes(body: bytes, binary: bool) -> int:
+    """What ``body`` takes in the Lambda response payload (see :meth:`Response.to_lambda`):
+    a binary body as base64; a JSON body as a JSON string, each quote and backslash
+    escaped, and every non-ASCII byte counted as if escaped (``\\uXXXX``, at most 3 bytes
+    per UTF-8 byte): an upper bound, counted at C speed."""
+    if binary:
+        return -(-len(body) // 3) * 4
+    size = len(body) + body.count(b'"') + body.count(b"\\")
+    if not body.isascii():
+        size += 2 * (len(body) - len(body.translate(None, _NON_ASCII)))
+    return size
+
+
+def check_response_size(body: bytes, binary: bool, all_binary: bool) -> None:
+    """413 for a response Lambda would refuse to return (over RESPONSE_LIMIT_BYTES):
+    the client learns why and what to do, instead of API Gateway's bare 502."""
+    size = payload_bytes(body, binary) + RESPONSE_ENVELOPE_BYTES
+    if size <= RESPONSE_LIMIT_BYTES:
+        return
+    mib = 1024 * 1024
+    hints = 'ask for fewer rows or only some outputs ("outputs")'
+    if not all_binary:
+        hints += ", use binary_data_output"
+    raise PayloadTooLarge(f"the response would be {size / mib:.1f} MiB; Lambda returns at most "
+                          f"{RESPONSE_LIMIT_BYTES / mib:g} MiB from a synchronous invocation: "
+                          f"{hints}, or send the rows through the batch path")
 
 
 def request_id(event: Any) -> str | None:
@@ -242,6 +272,8 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         arrays, batch = model.validate(request)
         outputs = model.run(arrays, request.outputs)
         body, header_length = encode_infer_response(name, concrete, outputs, request)
+        check_response_size(body, header_length is not None,
+                            all(request.binary_output(n) for n in outputs))
         elapsed_ms = (time.perf_counter() - started) * 1000
         logger.info("inference", extra={"model": name, "version": concrete, "batch": batch,
                                         "latency_ms": round(elapsed_ms, 3)})

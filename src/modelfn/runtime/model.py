@@ -8,12 +8,14 @@ check and compute.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from modelfn.config import DEFAULT_MAX_BATCH
 from modelfn.errors import InvalidInput, ModelUnavailable
@@ -52,6 +54,14 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                   NO_EXTERNAL_DATA)
     return opts
+
+
+def _ort_reason(exc: Exception) -> str:
+    """onnxruntime's message without its ``[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :``
+    prefix nor its source paths; it names shapes and the graph's nodes, never values."""
+    text = str(exc).split(" : ", 3)[-1]
+    text = re.sub(r"/\S+\.(?:h|cc):\d+ \S.*?\) ", "", text.splitlines()[0] if text else "")
+    return text[:300]
 
 
 def _shape_matches(shape: list[int], pattern: list[int]) -> bool:
@@ -93,6 +103,10 @@ class LoadedModel:
             if tensor is None:
                 raise InvalidInput(f"missing input {spec.name!r}")
             arrays[spec.name] = self._input_array(spec, tensor)
+            if batch is not None and tensor.shape[0] != batch:
+                raise InvalidInput(f"input {spec.name!r}: batch size {tensor.shape[0]} "
+                                   f"differs from the other inputs' ({batch}); every input "
+                                   "has one row per example")
             batch = tensor.shape[0]
         if given:
             raise InvalidInput(f"unknown input(s) {sorted(given)}; this model takes "
@@ -109,6 +123,9 @@ class LoadedModel:
         if not any(_shape_matches(tensor.shape, p) for p in shapes):
             raise InvalidInput(f"{where}: shape {tensor.shape} does not match "
                                f"{' or '.join(map(str, shapes))} (-1: any size)")
+        if not tensor.shape:  # a rank-0 tensor: no batch axis to count rows on
+            raise InvalidInput(f"{where}: shape [] has no batch axis; every input is a "
+                               "batch of rows, [batch, ...]")
         batch = tensor.shape[0]
         if not 1 <= batch <= self.max_batch:
             raise InvalidInput(f"{where}: batch size {batch} is outside 1..{self.max_batch}")
@@ -136,8 +153,14 @@ class LoadedModel:
                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(the graph's outputs, the postprocessed outputs) for ``computed`` feeds."""
         feeds = {n: computed[n] for n in self._graph_inputs}
-        out = dict(zip(self._graph_outputs, self.session.run(self._graph_outputs, feeds),
-                       strict=True))
+        try:
+            results = self.session.run(self._graph_outputs, feeds)
+        except (InvalidArgument, Fail) as exc:
+            # inputs that pass the manifest's checks and that the graph still refuses:
+            # e.g. two inputs whose dynamic axes must agree (a mask as long as its ids)
+            raise InvalidInput(f"the model cannot run on these inputs: {_ort_reason(exc)}"
+                               ) from None
+        out = dict(zip(self._graph_outputs, results, strict=True))
         return out, self.post({**computed, **out})
 
     def _by_length(self, computed: dict[str, np.ndarray], mask: np.ndarray

@@ -11,6 +11,11 @@ returns the callable that runs per request.
   needs the attention mask) and returns the API's output tensors.
 
 The manifest's ``outputs`` pick what a response carries from all of these.
+
+Kind ``none`` on both sides serves a model's raw tensors, as Triton does: the API's
+inputs and outputs are the graph's own (same names and datatypes; an API shape may be
+narrower), the validated inputs are fed as they are and the graph's outputs returned
+as they are.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 from modelfn.errors import InvalidInput, ModelUnavailable
 
 if TYPE_CHECKING:
-    from modelfn.runtime.manifest import Manifest
+    from modelfn.runtime.manifest import Manifest, Tensor
 
 Arrays = dict[str, np.ndarray]
 Step = Callable[[Arrays], Arrays]
@@ -31,6 +36,15 @@ Files = dict[str, bytes]
 
 
 # --- preprocessing ----------------------------------------------------------------------
+
+def identity(spec: dict[str, Any], files: Files) -> Step:
+    """Kind ``none``: the validated API tensors are the graph's feeds (same names)."""
+
+    def run(inputs: Arrays) -> Arrays:
+        return dict(inputs)
+
+    return run
+
 
 def image(spec: dict[str, Any], files: Files) -> Step:
     """Pixels → ``(x * scale - mean) / std`` laid out as ``[batch, *layout]``.
@@ -94,6 +108,16 @@ def text(spec: dict[str, Any], files: Files) -> Step:
 
 # --- postprocessing ---------------------------------------------------------------------
 
+def graph_outputs(spec: dict[str, Any], files: Files) -> Step:
+    """Kind ``none``: nothing to add; the manifest's outputs pick the graph's own, which
+    are already among the computed arrays."""
+
+    def run(arrays: Arrays) -> Arrays:
+        return {}
+
+    return run
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -113,16 +137,21 @@ def classification(spec: dict[str, Any], files: Files) -> Step:
 
 
 def embedding(spec: dict[str, Any], files: Files) -> Step:
-    """Token states → one vector per text: mean over the attention mask (as
-    sentence-transformers' Pooling), then L2-normalized if ``normalize``."""
-    if spec.get("pooling", "mean") != "mean":
-        raise ModelUnavailable(f"embedding pooling {spec['pooling']!r} is not supported")
+    """Token states → one vector per text: ``pooling = "mean"`` over the attention mask
+    (as sentence-transformers' Pooling) or ``"cls"`` (the first token's state), then
+    L2-normalized if ``normalize``."""
+    mode = spec.get("pooling", "mean")
+    if mode not in ("mean", "cls"):
+        raise ModelUnavailable(f"embedding pooling {mode!r} is not supported")
 
     def run(arrays: Arrays) -> Arrays:
         states = arrays[spec["states"]]  # [batch, seq, dim]
-        mask = arrays[spec["mask"]].astype(np.float32)[:, None, :]  # [batch, 1, seq]
-        summed = np.matmul(mask, states)[:, 0, :]  # one BLAS call, no [batch, seq, dim] temp
-        pooled = summed / np.maximum(mask.sum(axis=2), 1e-9)
+        if mode == "cls":
+            pooled = states[:, 0, :].astype(np.float32)  # a copy: normalized in place below
+        else:
+            mask = arrays[spec["mask"]].astype(np.float32)[:, None, :]  # [batch, 1, seq]
+            summed = np.matmul(mask, states)[:, 0, :]  # one BLAS call, no big temporary
+            pooled = summed / np.maximum(mask.sum(axis=2), 1e-9)
         if spec.get("normalize", True):
             pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return {spec.get("output", "embedding"): pooled.astype(np.float32, copy=False)}
@@ -130,10 +159,15 @@ def embedding(spec: dict[str, Any], files: Files) -> Step:
     return run
 
 
-PREPROCESS: dict[str, Callable[[dict[str, Any], Files], Step]] = {"image": image, "text": text}
+PREPROCESS: dict[str, Callable[[dict[str, Any], Files], Step]] = {
+    "image": image,
+    "text": text,
+    "none": identity,
+}
 POSTPROCESS: dict[str, Callable[[dict[str, Any], Files], Step]] = {
     "classification": classification,
     "embedding": embedding,
+    "none": graph_outputs,
 }
 
 
@@ -147,4 +181,22 @@ def pipeline(manifest: Manifest, files: Files | None = None) -> tuple[Step, Step
     except KeyError as exc:
         raise ModelUnavailable(f"{manifest.name}: this runtime has no processing "
                                f"kind {exc.args[0]!r}") from exc
+    _check_raw(manifest)
     return make_pre(pre_spec, files), make_post(post_spec, files)
+
+
+def _check_raw(manifest: Manifest) -> None:
+    """Kind ``none`` passes tensors through by name: a manifest whose API tensors are not
+    the graph's own would fail on every request, so it makes the model unservable."""
+    def signature(tensors: list[Tensor]) -> list[tuple[str, str]]:
+        return [(t.name, t.datatype) for t in tensors]
+
+    raw_in = manifest.preprocess["kind"] == "none"
+    if raw_in and sorted(signature(manifest.inputs)) != sorted(signature(manifest.graph_inputs)):
+        raise ModelUnavailable(f"{manifest.name}: preprocess 'none' needs the API inputs to "
+                               "be the graph's own (names and datatypes)")
+    graph_out = dict(signature(manifest.graph_outputs))
+    if raw_in and manifest.postprocess["kind"] == "none" and any(
+            graph_out.get(name) != datatype for name, datatype in signature(manifest.outputs)):
+        raise ModelUnavailable(f"{manifest.name}: postprocess 'none' needs every API output "
+                               "to be one of the graph's outputs (name and datatype)")

@@ -48,6 +48,9 @@ class RequestInput:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: the tensor's raw bytes, when it came as binary data (then ``data`` is None)
     binary: bytes | None = None
+    #: False where the body holds no JSON ``true`` nor ``false`` at all: ``data`` then
+    #: need not be searched for booleans among its numbers (see to_array)
+    may_hold_booleans: bool = True
 
 
 @dataclass
@@ -157,8 +160,10 @@ def decode_infer_request(raw: bytes, binary: bytes = b"") -> InferRequest:
         raise InvalidInput("'parameters' must be an object")
     decoded = []
     offset = 0  # into the binary data
+    booleans = b"true" in raw or b"false" in raw  # a memchr-fast scan: see to_array
     for i, item in enumerate(inputs):
         tensor = _decode_input(f"inputs[{i}]", item, binary, offset)
+        tensor.may_hold_booleans = booleans
         offset += len(tensor.binary or b"")
         decoded.append(tensor)
     if offset != len(binary):
@@ -225,44 +230,99 @@ def _requested_outputs(value: Any) -> tuple[list[str] | None, dict[str, bool]]:
 
 
 def to_array(tensor: RequestInput, dtype: Any) -> np.ndarray:
-    """A numeric request tensor as a numpy array of ``dtype`` and its declared shape."""
+    """A numeric or BOOL request tensor as a numpy array of ``dtype`` and its declared
+    shape. JSON data must be numbers for a numeric datatype and ``true``/``false`` for
+    BOOL; integers are never truncated nor wrapped, floats never overflow to infinity."""
     where = f"input {tensor.name!r}"
+    target = np.dtype(dtype)
     if tensor.binary is not None:
-        return _binary_array(tensor, np.dtype(dtype), where)
+        return _binary_array(tensor, target, where)
+    what = "true/false" if target.kind == "b" else "numbers"
     try:
         arr = np.asarray(tensor.data)
     except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"{where}: 'data' must be a (nested) list of numbers") from exc
-    if arr.dtype.kind not in "iuf":
-        raise InvalidInput(f"{where}: 'data' must be a (nested) list of numbers")
+        raise InvalidInput(f"{where}: 'data' must be a (nested) list of {what}") from exc
+    if arr.dtype.kind not in "biufO" or (arr.dtype.kind == "O" and target.kind not in "iu"):
+        raise InvalidInput(f"{where}: 'data' must be a (nested) list of {what}")
     expected = math.prod(tensor.shape)
     if arr.size != expected:
         raise InvalidInput(f"{where}: shape {tensor.shape} needs {expected} values, "
                            f"'data' has {arr.size}")
-    target = np.dtype(dtype)
-    if target.kind in "iu" and arr.size:
-        # never a silent truncation (1.5 → 1) or wrap-around (300 → 44 in UINT8)
-        if arr.dtype.kind == "f" and not np.array_equal(arr, np.trunc(arr)):
-            raise InvalidInput(f"{where}: {target.name} values must be integers")
-        info = np.iinfo(target)
-        if arr.min() < info.min or arr.max() > info.max:
-            raise InvalidInput(f"{where}: values must lie in [{info.min}, {info.max}] for "
-                               f"{target.name}")
+    if target.kind == "b":
+        if arr.size and arr.dtype.kind != "b":  # 1 and 0 are numbers, not BOOL values
+            raise InvalidInput(f"{where}: BOOL values must be true or false")
+        return arr.astype(np.bool_).reshape(tensor.shape)
+    if arr.size and (arr.dtype.kind == "b" or _hides_booleans(tensor, arr)):
+        raise InvalidInput(f"{where}: {tensor.datatype} values must be numbers, "
+                           "not true or false")
+    if target.kind in "iu":
+        return _integers(arr, tensor, target, where)
     with np.errstate(over="ignore", invalid="ignore"):
-        out = arr.astype(dtype).reshape(tensor.shape)
-    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        out = arr.astype(target).reshape(tensor.shape)
+    if not np.isfinite(out).all():
         raise InvalidInput(f"{where}: values must be finite (no NaN, no Infinity, "
-                           f"nothing out of {np.dtype(dtype).name} range)")
+                           f"nothing out of {target.name} range)")
+    return out
+
+
+def _hides_booleans(tensor: RequestInput, arr: np.ndarray) -> bool:
+    """Whether JSON booleans are mixed with numbers (numpy reads ``[true, 2]`` as
+    ``[1, 2]``). Looked for element by element only where one can be: the body has a
+    ``true`` or ``false`` somewhere and the array holds a 0 or a 1."""
+    if not tensor.may_hold_booleans:
+        return False
+    if arr.dtype.kind != "O" and not ((arr == 0) | (arr == 1)).any():
+        return False
+    return any(type(v) is bool for v in _flatten(tensor.data))
+
+
+def _integers(arr: np.ndarray, tensor: RequestInput, target: np.dtype, where: str
+              ) -> np.ndarray:
+    """JSON numbers as integers of ``target``, exactly: integral floats (``3.0``) are
+    taken; ``1.5`` and values out of range are refused, never truncated nor wrapped.
+    numpy reads integers past int64's range mixed with others as float64 (rounded) or
+    as objects: those are converted from the Python integers themselves."""
+    if arr.size and arr.dtype.kind == "f":
+        if not np.array_equal(arr, np.trunc(arr)):
+            raise InvalidInput(f"{where}: {target.name} values must be integers")
+        if np.abs(arr).max() >= 2.0 ** 53:  # past what float64 holds exactly
+            arr = _exact_integers(tensor.data, target, where)
+    elif arr.dtype.kind == "O":
+        arr = _exact_integers(tensor.data, target, where)
+    info = np.iinfo(target)
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise InvalidInput(f"{where}: values must lie in [{info.min}, {info.max}] for "
+                           f"{target.name}")
+    return arr.astype(target).reshape(tensor.shape)
+
+
+def _exact_integers(data: Any, target: np.dtype, where: str) -> np.ndarray:
+    """The elements of ``data`` as Python integers in an object array."""
+    values = []
+    for v in _flatten(data):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if type(v) is not int:
+            raise InvalidInput(f"{where}: {target.name} values must be integers")
+        values.append(v)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
     return out
 
 
 def _binary_array(tensor: RequestInput, dtype: np.dtype, where: str) -> np.ndarray:
-    """Raw little-endian, row-major bytes (the binary data extension) as an array."""
+    """Raw little-endian, row-major bytes (the binary data extension) as an array;
+    BOOL is one byte per element, 0 or 1."""
     assert tensor.binary is not None
     expected = math.prod(tensor.shape) * dtype.itemsize
     if len(tensor.binary) != expected:
         raise InvalidInput(f"{where}: shape {tensor.shape} of {tensor.datatype} needs "
                            f"{expected} bytes of binary data, got {len(tensor.binary)}")
+    if dtype.kind == "b":
+        raw = np.frombuffer(tensor.binary, dtype=np.uint8)
+        if raw.size and raw.max() > 1:  # numpy would keep the byte: True, but not 1
+            raise InvalidInput(f"{where}: BOOL values must be bytes 0 or 1")
+        return raw.astype(np.bool_).reshape(tensor.shape)
     out = np.frombuffer(tensor.binary, dtype=dtype.newbyteorder("<")).astype(dtype)
     if out.dtype.kind == "f" and not np.isfinite(out).all():
         raise InvalidInput(f"{where}: values must be finite (no NaN, no Infinity)")

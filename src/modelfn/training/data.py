@@ -1,16 +1,13 @@
-"""Data sets the recipes train on: real data shipped inside packages, no downloads."""
+"""The data split a training run uses: what a ``[train]`` table's ``data`` callable
+returns, and the fixed, stratified split the examples make."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from modelfn.errors import TrainingError
-from modelfn.project import data_file
 
 
 @dataclass(frozen=True)
@@ -40,7 +37,8 @@ SPLIT_SEED = 20261125
 HOLDOUT_FRACTION = 0.2
 
 
-def _stratified(x: np.ndarray, y: np.ndarray, labels: list[str], source: str) -> Split:
+def stratified(x: np.ndarray, y: np.ndarray, labels: list[str], source: str) -> Split:
+    """``x``, ``y`` split 80/20, stratified by class, with the fixed seed."""
     from sklearn.model_selection import train_test_split
 
     x_tr, x_ho, y_tr, y_ho = train_test_split(
@@ -48,34 +46,13 @@ def _stratified(x: np.ndarray, y: np.ndarray, labels: list[str], source: str) ->
     return Split(x_tr, y_tr, x_ho, y_ho, labels, source)
 
 
-def digits() -> Split:
-    """scikit-learn's handwritten digits (1,797 8x8 images, pixel values 0-16),
-    stratified 80/20 with a fixed seed."""
-    from sklearn.datasets import load_digits
-
-    ds = load_digits()
-    x = ds.data.astype(np.float32)  # (n, 64), values 0..16
-    y = ds.target.astype(np.int64)
-    return _stratified(x, y, [str(c) for c in ds.target_names], "sklearn.datasets.load_digits")
-
-
-def read_jsonl(name: str) -> list[dict[str, Any]]:
-    """A data set shipped with modelfn (``modelfn/examples/data/<name>``), one object a
-    line (see that folder's README)."""
-    try:
-        lines = data_file(name).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TrainingError(f"data set {name} is missing from this installation of "
-                            "modelfn") from None
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def support_tickets() -> Split:
-    """346 short support messages in five classes, written for the project (CC0),
-    stratified 80/20 with the same fixed seed. Labels are sorted by name."""
-    rows = read_jsonl("support-tickets.jsonl")
-    labels = sorted({str(r["label"]) for r in rows})
-    x = np.empty(len(rows), dtype=object)
-    x[:] = [str(r["text"]) for r in rows]
-    y = np.array([labels.index(str(r["label"])) for r in rows], dtype=np.int64)
-    return _stratified(x, y, labels, "modelfn/examples/data/support-tickets.jsonl")
+def eval_rows(split: Split) -> list[dict[str, Any]]:
+    """The holdout as eval rows (``{"inputs", "label"}``, the project file's ``eval``
+    format): what an example writes as its ``eval.jsonl``."""
+    rows = []
+    for x, y in zip(split.x_holdout, split.y_holdout, strict=True):
+        value = x if isinstance(x, str) else np.asarray(x).tolist()
+        if isinstance(value, list) and all(float(v).is_integer() for v in value):
+            value = [int(v) for v in value]
+        rows.append({"inputs": value, "label": split.labels[int(y)]})
+    return rows

@@ -42,8 +42,9 @@ def features(recipe: Recipe, x: np.ndarray, assets: dict[str, bytes]) -> Feature
     """Raw inputs → the network's inputs in graph order, through the runtime's own
     preprocessing (the same code, spec and files the served model uses)."""
     spec = recipe.preprocess
-    feeds = processing.PREPROCESS[spec["kind"]](spec, assets)({spec["input"]: x})
-    return tuple(torch.from_numpy(feeds[g["name"]]) for g in recipe.graph["inputs"])
+    name = spec.get("input", recipe.graph_inputs[0])
+    feeds = processing.PREPROCESS[spec["kind"]](spec, assets)({name: x})
+    return tuple(torch.from_numpy(feeds[g]) for g in recipe.graph_inputs)
 
 
 def evaluate(model: nn.Module, x: Features, y: torch.Tensor) -> tuple[float, float]:
@@ -65,12 +66,12 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
     torch.manual_seed(seed)
     np.random.seed(seed)
     split = recipe.load_data()
-    assets = recipe.assets()
+    assets = recipe.assets
     x_tr = tuple(t.to(dev) for t in features(recipe, split.x_train, assets))
     x_ho = tuple(t.to(dev) for t in features(recipe, split.x_holdout, assets))
     y_tr, y_ho = torch.from_numpy(split.y_train).to(dev), torch.from_numpy(split.y_holdout).to(dev)
 
-    model = recipe.build_model(len(split.labels))
+    model = recipe.build_model()
     if recipe.init_model is not None:
         recipe.init_model(model)
     model = model.to(dev)

