@@ -198,6 +198,48 @@ def test_installed_modelfn_up_makes_ready_what_the_store_lacks(
     assert "no training run" not in out and "no built version of digits-cnn" in out
 
 
+def test_installed_modelfn_builds_a_users_own_project_folder(
+        installed: tuple[Path, Path, dict]) -> None:
+    """A folder of the user's: an MLP and its weights, an ONNX file with external data,
+    a modelfn.toml; `build --all` from there, then serve, batch and eval."""
+    from tests import own_models
+
+    _, work, _ = installed
+    folder = work / "mine"
+    folder.mkdir()
+    own_models.iris_mlp(folder)
+    own_models.masked_sum(folder)
+    (folder / "modelfn.toml").write_text(own_models.PROJECT.split("[models.tiny-bert]")[0])
+    mine = (installed[0], folder, installed[2])
+    built = run(mine, "build", "--all", "--store", "./s")
+    assert built.returncode == 0, built.stderr
+    assert "published iris-mlp version 1" in built.stdout
+    assert "published masked-sum version 1" in built.stdout
+    assert "eval on iris-eval.jsonl: accuracy" in built.stdout
+    evaluated = run(mine, "eval", "iris-mlp", "iris-eval.jsonl", "--store", "./s")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((folder / "eval/iris-mlp-1/report.json").read_text())
+    assert report["rows"] == 30 and report["classes"] == own_models.IRIS_LABELS
+    assert (folder / "eval/iris-mlp-1/confusion-matrix.png").read_bytes()[:4] == b"\x89PNG"
+    (folder / "rows.jsonl").write_text(json.dumps(
+        {"id": 1, "inputs": {"ids": [4, 5], "flags": [True, False]}}) + "\n")
+    batched = run(mine, "batch", "rows.jsonl", "--model", "masked-sum", "--store", "./s")
+    assert batched.returncode == 0, batched.stderr
+    line = json.loads((folder / "rows.predictions.jsonl").read_text())
+    assert line["outputs"]["kept"] == [4, 0] and line["outputs"]["any"] is True
+    proc, url = serving(mine, "serve", "--store", "./s")
+    try:
+        answer = requests.post(f"{url}/v2/models/iris-mlp/infer", json={"inputs": [
+            {"name": "features", "datatype": "FP32", "shape": [1, 4],
+             "data": [5.1, 3.5, 1.4, 0.2]}]}, timeout=30)
+        assert answer.status_code == 200
+        outputs = {o["name"]: o for o in answer.json()["outputs"]}
+        assert outputs["label"]["data"] == ["setosa"]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
 @pytest.mark.parametrize("args, needs", [
     (["deploy-parameters"], "`modelfn deploy-parameters` needs a modelfn checkout"),
     (["package", "digits-cnn"], "`modelfn package` needs a modelfn checkout"),
