@@ -5,6 +5,7 @@ process at module scope; the handler is one line. Routes live in
 ``modelfn.runtime.http`` so that ``modelfn serve`` runs exactly this code.
 """
 
+import os
 import warnings
 
 from aws_lambda_powertools import Logger, Metrics
@@ -25,10 +26,12 @@ settings = Settings.from_env()
 repo = Repository.from_settings(settings)
 app = create_app(repo, settings, logger, metrics)  # MODELFN_PRELOAD models load here
 snapstart.register(repo, logger, metrics)  # no-op unless SnapStart restores this process
+# Powertools writes the cold-start metric even with metrics disabled (the local server)
+COLD_START_METRIC = os.environ.get("POWERTOOLS_METRICS_DISABLED", "").lower() != "true"
 
 
 @logger.inject_lambda_context
-@metrics.log_metrics(capture_cold_start_metric=True)
+@metrics.log_metrics(capture_cold_start_metric=COLD_START_METRIC)
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     logger.set_correlation_id(request_id(event))
     return app.resolve(event, context)

@@ -7,6 +7,7 @@ decoded here); Powertools' idempotency (DynamoDB) makes a redelivered event retu
 first run's summary instead of running again. The work is modelfn.runtime.batch.process_object.
 """
 
+import os
 import warnings
 from typing import Any
 from urllib.parse import unquote_plus
@@ -88,7 +89,9 @@ def record_handler(record: SQSRecord) -> None:
 
 
 @logger.inject_lambda_context
-@metrics.log_metrics(capture_cold_start_metric=True)
+# Powertools writes the cold-start metric even with metrics disabled (the local emulation)
+@metrics.log_metrics(capture_cold_start_metric=os.environ.get(
+    "POWERTOOLS_METRICS_DISABLED", "").lower() != "true")
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     # one metric set per invocation, whatever an earlier one left (log_metrics flushes
     # and clears after each, but not while metrics are disabled, e.g. locally)

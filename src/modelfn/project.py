@@ -137,8 +137,6 @@ COMMON: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "min_agreement": ((int, float), 0.999),
     "min_cosine": ((int, float), 0.9999),
     "max_batch": (int, 256),
-    "opset": (int, 18),
-    "export_batch": (int, 2),
     "parity_batch_sizes": (list, [1, 7, 64]),
     "seed": (int, 0),
     "quantize": (str, "none"),
@@ -147,20 +145,31 @@ COMMON: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "int8_fallback_steps": (list, []),
     "calibration": (str, None),
     "calibration_size": (int, 48),
-    "train": (dict, None),
 }
+#: what an exporter takes (an ONNX file is not exported)
+EXPORT: dict[str, tuple[type | tuple[type, ...], Any]] = {"opset": (int, 18),
+                                                          "export_batch": (int, 2)}
 #: the keys of each source
 SOURCE_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "torch": {"module": (str, None), "args": (dict, {}), "checkpoint": (str, None),
-              "inputs": (list, None), "outputs": (list, None)},
+              "inputs": (list, None), "outputs": (list, None), "train": (dict, None),
+              **EXPORT},
     "onnx": {"path": (str, None)},
     "transformers": {"path": (str, None), "max_length": (int, None),
-                     "max_chars": (int, 10000)},
+                     "max_chars": (int, 10000), **EXPORT},
 }
 TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "data": (str, None), "init": (str, None), "epochs": (int, 30), "batch_size": (int, 64),
     "lr": ((int, float), 2e-3), "weight_decay": ((int, float), 1e-4)}
 TENSOR_KEYS = ("name", "datatype", "shape", "range", "description")
+#: the keys of each processing kind
+PRE_KEYS = {"none": {"kind"},
+            "image": {"kind", "input", "feed", "layout", "scale", "mean", "std", "value_range",
+                      "shapes", "description"},
+            "text": {"kind", "input", "tokenizer", "max_length", "max_chars", "pad_id",
+                     "pad_token", "feeds"}}
+POST_KEYS = {"none": {"kind"}, "classification": {"kind", "logits", "labels"},
+             "embedding": {"kind", "states", "mask", "pooling", "normalize", "output"}}
 #: preprocessing keys that name files (resolved like every path)
 PRE_FILE_KEYS = ("tokenizer",)
 
@@ -361,8 +370,9 @@ def parse_model(name: str, section: dict[str, Any], file: Path,
     keys: dict[str, Any] = {}
     for key, value in section.items():
         if key not in schema:
-            allowed = ", ".join(sorted(schema))
-            raise ConfigError(f"{where(key)}: unknown key (a {source} model takes: {allowed})")
+            raise ConfigError(f"{where(key)}: unknown key{_did_you_mean(key, schema)} (" +
+                              ("an" if source == "onnx" else "a") + f" {source} model takes: "
+                              f"{', '.join(sorted(schema))})")
         keys[key] = _typed(where, key, value, schema[key][0])
     for key, (_, default) in schema.items():
         keys.setdefault(key, copy.deepcopy(default))  # no default shared between specs
@@ -375,9 +385,16 @@ def parse_model(name: str, section: dict[str, Any], file: Path,
     outputs = tuple(_tensors(where, "outputs", keys.get("outputs") or []))
     _check_processing(spec, where)
     _check_numbers(keys, where)
-    if keys["train"] is not None:
+    if keys.get("train") is not None:
         keys["train"] = _train(keys["train"], source, where)
     return ModelSpec(name, source, file, keys, inputs, outputs, obj)
+
+
+def _did_you_mean(key: str, known: Any) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _check_source(spec: ModelSpec, where: Callable[[str], str]) -> None:
@@ -417,7 +434,7 @@ def _check_numbers(keys: dict[str, Any], where: Callable[[str], str]) -> None:
         if not 0 <= keys[key] <= 1:
             raise ConfigError(f"{where(key)}: must lie in [0, 1]")
     for key in ("max_batch", "export_batch", "opset", "calibration_size"):
-        if keys[key] < 1:
+        if keys.get(key, 1) < 1:
             raise ConfigError(f"{where(key)}: must be at least 1")
     sizes = keys["parity_batch_sizes"]
     if not sizes or not all(isinstance(n, int) and n >= 1 for n in sizes):
@@ -466,7 +483,8 @@ def _tensors(where: Callable[[str], str], key: str, items: list[Any]) -> list[Te
         if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(
                 isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
                 and bounds[0] <= bounds[1]):
-            raise ConfigError(f"{where(at)} ({name}): range must be [low, high]")
+            raise ConfigError(f"{where(at)} ({name}): range must be [low, high] with low <= "
+                              f"high, not {bounds!r}")
         out.append(TensorSpec(name, datatype, tuple(shape),
                               None if bounds is None else (bounds[0], bounds[1]),
                               str(item.get("description", ""))))
@@ -476,12 +494,21 @@ def _tensors(where: Callable[[str], str], key: str, items: list[Any]) -> list[Te
     return out
 
 
+def _known(table: dict[str, Any], section: str, allowed: set[str],
+           where: Callable[[str], str]) -> None:
+    for key in sorted(set(table) - allowed):
+        raise ConfigError(f"{where(f'{section}.{key}')}: unknown key"
+                          f"{_did_you_mean(key, allowed)} (kind = {table['kind']!r} takes: "
+                          f"{', '.join(sorted(allowed))})")
+
+
 def _check_processing(spec: ModelSpec, where: Callable[[str], str]) -> None:
     pre, post = spec.keys.get("preprocess"), spec.keys.get("postprocess")
     if pre is not None:
         if pre.get("kind") not in PRE_KINDS:
             raise ConfigError(f"{where('preprocess.kind')}: must be one of "
                               f"{', '.join(PRE_KINDS)}, not {pre.get('kind')!r}")
+        _known(pre, "preprocess", PRE_KEYS[pre["kind"]], where)
         needs = {"image": ("input", "feed", "layout"), "text": ("tokenizer",)}.get(
             pre["kind"], ())
         for key in needs:
@@ -495,6 +522,7 @@ def _check_processing(spec: ModelSpec, where: Callable[[str], str]) -> None:
         if post.get("kind") not in POST_KINDS:
             raise ConfigError(f"{where('postprocess.kind')}: must be one of "
                               f"{', '.join(POST_KINDS)}, not {post.get('kind')!r}")
+        _known(post, "postprocess", POST_KEYS[post["kind"]], where)
         labels = post.get("labels")
         if labels is not None and not (isinstance(labels, list) and labels
                                        and all(isinstance(x, str) for x in labels)):

@@ -149,14 +149,21 @@ def test_evaluate_perfect_classifier_over_several_micro_batches() -> None:
     assert report.confusion == [[30, 0, 0], [0, 30, 0], [0, 0, 30]]
 
 
-def test_evaluate_row_labels_outside_the_manifest_are_appended_sorted() -> None:
-    report = evaluate(loaded(classifier_bundle()),
-                      rows((A, "a"), (B, "z"), (C, "y"), (B, "b")))
-    assert report.classes == ["a", "b", "c", "y", "z"]
-    assert [c.support for c in report.per_class] == [1, 1, 0, 1, 1]
-    assert report.accuracy == 0.5
-    # macro over the classes the rows or predictions name: a 1, b 2/3, c 0, y 0, z 0
-    assert report.macro_f1 == pytest.approx((1 + 2 / 3) / 5)
+def test_evaluate_row_label_outside_the_manifest_is_refused_naming_its_line() -> None:
+    # a typo ("fsat" for "fast") would otherwise count as a class of its own and pull
+    # macro-F1 down with no word of why
+    with pytest.raises(UsageError) as info:
+        evaluate(loaded(classifier_bundle()), rows((A, "a"), (B, "z"), (B, "b")),
+                 where="f.jsonl")
+    assert info.value.message == ("f.jsonl, line 2: label 'z' is not one of the model's "
+                                  "labels ['a', 'b', 'c']")
+
+
+def test_evaluate_labels_every_row_leaves_unused_classes_in_the_matrix() -> None:
+    report = evaluate(loaded(classifier_bundle()), rows((A, "a"), (B, "a"), (B, "b")))
+    assert report.classes == ["a", "b", "c"]
+    assert [c.support for c in report.per_class] == [2, 1, 0]
+    assert report.confusion[2] == [0, 0, 0]
 
 
 def test_evaluate_raw_scores_take_the_argmax(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,8 +48,15 @@ def build(folder: Path, text: str, capsys: pytest.CaptureFixture[str],
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    (GOOD_MLP.replace('source = "torch"', 'source = "torch"\nbatchsize = 3'),
-     "[models.m] batchsize: unknown key"),
+    (GOOD_MLP.replace('source = "torch"', 'source = "torch"\nthreshold = 3'),
+     "[models.m] threshold: unknown key (a torch model takes: args, atol,"),
+    (GOOD_MLP.replace("checkpoint =", "chekpoint ="),
+     "[models.m] chekpoint: unknown key; did you mean 'checkpoint'?"),
+    (GOOD_MLP.replace('labels = ["a"', 'lables = ["a"'),
+     "[models.m] postprocess.lables: unknown key; did you mean 'labels'? (kind = "
+     "'classification' takes: kind, labels, logits)"),
+    (GOOD_MLP.replace("shape = [-1, 4] }", "shape = [-1, 4], range = [4, 0] }"),
+     "inputs[0] (features): range must be [low, high] with low <= high, not [4, 0]"),
     (GOOD_MLP.replace('source = "torch"', 'source = "keras"'),
      "[models.m] source: must be one of 'torch', 'onnx', 'transformers', not 'keras'"),
     (GOOD_MLP.replace("weights.pt", "nowhere.pt"), "[models.m] checkpoint: nowhere.pt: no such"),
@@ -92,6 +99,44 @@ def test_checkpoint_with_pickled_code_is_refused(mlp_folder: Path,
     torch.save({"weights": object()}, mlp_folder / "pickled.pt")
     err = build(mlp_folder, GOOD_MLP.replace("weights.pt", "pickled.pt"), capsys)
     assert "[models.m] checkpoint: pickled.pt cannot be loaded with weights_only=True" in err
+
+
+def test_a_module_that_fails_on_the_declared_inputs_is_named(
+        mlp_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = build(mlp_folder, GOOD_MLP.replace("shape = [-1, 4]", "shape = [-1, 5]"), capsys)
+    assert "[models.m] inputs: the module cannot run on inputs of the declared shapes and " \
+           "ranges (features [2, 5]): RuntimeError: mat1 and mat2 shapes cannot be multiplied" in err
+
+
+def test_a_wrong_declared_output_shape_is_named(mlp_folder: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    text = GOOD_MLP.replace('postprocess', 'outputs = [{ name = "logits", datatype = "FP32", '
+                                           'shape = [-1, 4] }]\npostprocess')
+    err = build(mlp_folder, text, capsys)
+    assert "[models.m] outputs: 'logits' is declared [-1, 4]; the module returns [-1, 3]" in err
+
+
+def test_data_dependent_control_flow_is_named_with_its_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    (tmp_path / "cf.py").write_text(
+        "import torch\n\n\nclass M(torch.nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.l = torch.nn.Linear(4, 2)\n\n"
+        "    def forward(self, x):\n        if x.sum() > 0:\n            return self.l(x)\n"
+        "        return -self.l(x)\n")
+    import importlib.util
+    loader = importlib.util.spec_from_file_location("cf_test", tmp_path / "cf.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    torch.save(module.M().state_dict(), tmp_path / "w.pt")
+    err = build(tmp_path, '[models.m]\nsource = "torch"\nmodule = "cf.py:M"\n'
+                          'checkpoint = "w.pt"\n'
+                          'inputs = [{ name = "x", datatype = "FP32", shape = [-1, 4] }]\n',
+                capsys)
+    assert "[models.m] module: torch.onnx.export failed:" in err
+    assert "at cf.py:10 (if x.sum() > 0:)" in err and "use torch.where" in err
+    assert "\x1b[" not in err
 
 
 def test_an_op_onnxruntime_cannot_run_is_named(mlp_folder: Path,

@@ -6,7 +6,8 @@ What is measured follows the manifest's ``postprocess`` kind:
 
 - ``classification``: the ``label`` output against each row's label (as strings):
   accuracy, per-class precision / recall / F1 / support, macro averages and the
-  confusion matrix, over the manifest's labels (then any other label the rows use);
+  confusion matrix, over the manifest's labels (a row whose label is not one of them is
+  refused: a typo would pass as a class of its own);
 - ``none`` (raw scores): the argmax over the output's last axis against ``int(label)``,
   the same report over the class indices seen;
 - ``embedding``: each row's label is a group; recall@1 is, over the rows whose group
@@ -209,8 +210,11 @@ def evaluate(model: LoadedModel, rows: list[dict[str, Any]], *, output: str | No
         y_true = [str(r["label"]) for r in rows]
         y_pred = [str(v) for v in values]
         labels = [str(c) for c in manifest.postprocess.get("labels", [])]
-        classes = labels + sorted(set(y_true) - set(labels))
-        return _classifier(y_true, y_pred, classes, name)
+        for i, label in enumerate(y_true):  # a typo in a label would pass as a new class
+            if label not in labels:
+                raise UsageError(f"{_place(where, rows, i)}: label {label!r} is not one of "
+                                 f"the model's labels {labels}")
+        return _classifier(y_true, y_pred, labels, name)
     true_ids = [_class_index(r["label"], where, rows, i) for i, r in enumerate(rows)]
     pred_ids = [_argmax(v, name, where, rows, i) for i, v in enumerate(values)]
     classes = [str(c) for c in sorted(set(true_ids) | set(pred_ids))]

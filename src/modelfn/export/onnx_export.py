@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import tempfile
 import warnings
@@ -27,8 +29,13 @@ def export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
     Returns the model's bytes; raises if the result references external data.
     """
     model = model.eval()
-    # the exporter logs a warning per torchvision op when torchvision is absent: noise here
+    # the exporter logs a warning per torchvision op when torchvision is absent, and
+    # torch.export logs its guards and prints graphs when a model fails to export: the
+    # caller reports a failure in one line
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    for name in ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export",
+                 "torch._export"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     dims: dict[str, torch.export.Dim] = {"batch": torch.export.Dim("batch", min=1, max=4096)}
     params = list(inspect.signature(model.forward).parameters)
     dynamic_shapes = {}
@@ -40,11 +47,13 @@ def export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...],
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            model, example, str(path), dynamo=True, external_data=False,
-            input_names=input_names, output_names=output_names, opset_version=opset,
-            dynamic_shapes=dynamic_shapes, verbose=False, report=False,
-        )
+        with contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            torch.onnx.export(
+                model, example, str(path), dynamo=True, external_data=False,
+                input_names=input_names, output_names=output_names, opset_version=opset,
+                dynamic_shapes=dynamic_shapes, verbose=False, report=False,
+            )
         data = path.read_bytes()
         extra = [p.name for p in Path(tmp).iterdir() if p.name != "model.onnx"]
     if extra:

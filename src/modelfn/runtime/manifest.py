@@ -62,6 +62,9 @@ class Tensor(NamedTuple):
     #: every layout the API accepts for it (default: ``shape`` alone)
     shapes: tuple[list[int], ...] = ()
     description: str = ""
+    #: the values it may hold, inclusive (e.g. token ids below the vocabulary size):
+    #: others get 422 rather than a wrong answer
+    range: tuple[float, float] | None = None
 
     @property
     def accepted_shapes(self) -> list[list[int]]:
@@ -79,8 +82,13 @@ class Tensor(NamedTuple):
         if not (isinstance(name, str) and isinstance(datatype, str)
                 and all(_is_shape(s) for s in [shape, *shapes])):
             raise _Invalid(f"tensor {name!r}: name, datatype or shape of the wrong type")
+        bounds = raw.get("range")
+        if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(
+                isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)):
+            raise _Invalid(f"tensor {name!r}: range must be [low, high]")
         return cls(name, datatype, list(shape), tuple(list(s) for s in shapes),
-                   str(raw.get("description", "")))
+                   str(raw.get("description", "")),
+                   None if bounds is None else (bounds[0], bounds[1]))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "datatype": self.datatype,
@@ -89,6 +97,8 @@ class Tensor(NamedTuple):
             out["shapes"] = list(self.shapes)
         if self.description:
             out["description"] = self.description
+        if self.range is not None:
+            out["range"] = list(self.range)
         return out
 
 

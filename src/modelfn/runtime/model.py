@@ -45,8 +45,11 @@ def cpu_count() -> int:
 
 def session_options(threads: int = 0) -> ort.SessionOptions:
     """Sessions as served: ``threads`` intra-op threads (0: one per vCPU), sequential,
-    every graph optimization, and no external data."""
+    every graph optimization, no external data, and only fatal errors logged by
+    onnxruntime itself (a kernel's error becomes the request's 422, which says it; its
+    own coloured stderr line would say it again, unstructured)."""
     opts = ort.SessionOptions()
+    opts.log_severity_level = 4
     opts.intra_op_num_threads = threads or cpu_count()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -131,7 +134,13 @@ class LoadedModel:
             raise InvalidInput(f"{where}: batch size {batch} is outside 1..{self.max_batch}")
         if spec.datatype == "BYTES":
             return to_strings(tensor)
-        return to_array(tensor, DATATYPES[spec.datatype])
+        array = to_array(tensor, DATATYPES[spec.datatype])
+        if spec.range is not None and array.size:
+            lo, hi = spec.range
+            if array.min() < lo or array.max() > hi:
+                raise InvalidInput(f"{where}: values must lie in [{lo:g}, {hi:g}] for this "
+                                   "model")
+        return array
 
     def run(self, arrays: dict[str, np.ndarray],
             wanted: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,17 @@ class Prepared:
 
 
 # --- user code ----------------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def reason(exc: BaseException, limit: int = 300) -> str:
+    """An exception from someone else's code (torch, transformers, onnxruntime, the
+    user's) as one short line: its type, its message's first non-empty line, no
+    terminal colours."""
+    text = _ANSI.sub("", str(exc))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"[:limit] if first else type(exc).__name__
 
 def load_callable(spec: ModelSpec, key: str, ref: str) -> Callable[..., Any]:
     """``file.py:name`` (relative to the project file) or ``package.module:name``."""
@@ -116,8 +128,9 @@ def api_tensors(spec: ModelSpec, graph_inputs: list[Tensor], graph_outputs: list
         if t.datatype == "BYTES" and pre["kind"] != "text":
             raise spec.error("preprocess", f"the graph's input {t.name!r} is a string tensor: "
                              "modelfn serves strings only through kind = \"text\"")
-    if pre["kind"] == "none":
-        inputs = list(graph_inputs)
+    if pre["kind"] == "none":  # the declared ranges are checked at the API
+        ranges = {t.name: t.range for t in spec.inputs if t.range is not None}
+        inputs = [t._replace(range=ranges.get(t.name)) for t in graph_inputs]
     elif pre["kind"] == "image":
         if set(graph_in) != {pre["feed"]}:
             raise spec.error("preprocess.feed", f"{pre['feed']!r}: an image model's graph "

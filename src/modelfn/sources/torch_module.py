@@ -12,6 +12,8 @@ optionally names what it returns, in order. The export is ``torch.onnx.export``
 from __future__ import annotations
 
 import io
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,8 +89,10 @@ def _weights(spec: ModelSpec, module: torch.nn.Module, store: Store, run_id: str
         try:
             state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as exc:  # pickled code, or not a torch file
+            what = ("holds pickled objects, not only tensors (save model.state_dict(), not "
+                    "the model)" if raw[:2] == b"PK" else "is not a file torch.save wrote")
             raise spec.error("checkpoint", f"{path.name} cannot be loaded with "
-                             f"weights_only=True: {str(exc).splitlines()[0][:200]}") from None
+                             f"weights_only=True: it {what}") from None
         load_state(spec, module, state, path.name)
         log(f"{spec.name}: {spec.get('module')} with the weights of {path.name}")
         return ({"kind": "torch", "module": spec.get("module"), "args": spec.get("args"),
@@ -114,8 +118,14 @@ def _weights(spec: ModelSpec, module: torch.nn.Module, store: Store, run_id: str
 
 def _outputs(spec: ModelSpec, module: torch.nn.Module, example: tuple[torch.Tensor, ...]
              ) -> list[str]:
-    with torch.no_grad():
-        out = module(*example)
+    try:
+        with torch.no_grad():
+            out = module(*example)
+    except Exception as exc:  # the user's forward on the declared inputs
+        shapes = ", ".join(f"{t.name} {list(e.shape)}" for t, e in zip(spec.inputs, example,
+                                                                        strict=False))
+        raise spec.error("inputs", f"the module cannot run on inputs of the declared shapes "
+                         f"and ranges ({shapes}): {common.reason(exc)}") from None
     count = len(out) if isinstance(out, tuple | list) else 1
     if spec.outputs:
         if len(spec.outputs) != count:
@@ -128,6 +138,26 @@ def _outputs(spec: ModelSpec, module: torch.nn.Module, example: tuple[torch.Tens
 def as_outputs(out: Any, names: list[str]) -> dict[str, np.ndarray]:
     tensors = list(out) if isinstance(out, tuple | list) else [out]
     return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+
+
+def export_failure(exc: BaseException) -> str:
+    """torch.export's page-long error as one line: the root cause, the user's line that
+    raised it, and what to do where that is known."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = str(exc)
+    where = re.search(r'File "([^"]+)", line (\d+), in \w+\n\s*(.+)', text)
+    line = common.reason(root, 240)
+    if where:
+        line += f" at {Path(where.group(1)).name}:{where.group(2)} ({where.group(3).strip()})"
+    low = line.lower()
+    if "data-dependent" in low:
+        line += ": control flow on a tensor's values cannot be exported; use torch.where"
+    elif "constraints violated" in low or "dim(" in low:
+        line += (": name the axes that must have the same size alike in inputs, e.g. "
+                 'shape = [-1, "seq"]')
+    return line
 
 
 def dynamic_axes(spec: ModelSpec, shared: bool) -> dict[str, dict[int, str]]:
@@ -159,7 +189,7 @@ def prepare(spec: ModelSpec, version: str, *, store: Store, run_id: str | None,
         example = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     names = _outputs(spec, module, example)
     log(f"exporting {spec.name} to ONNX, opset {spec.get('opset')} ...")
-    onnx_bytes = None
+    onnx_bytes, failures = None, []
     for shared in (False, True):  # inputs whose -1 axes must be equal (ids and mask) need
         try:                      # one name: tried second, as torch.export asks
             onnx_bytes = export_onnx(module, example, [t.name for t in spec.inputs], names,
@@ -168,17 +198,20 @@ def prepare(spec: ModelSpec, version: str, *, store: Store, run_id: str | None,
         except ExportError:
             raise
         except Exception as exc:  # torch.export's errors: many kinds, long texts
-            failure = " ".join(str(exc).split())[:300]
+            failures.append(exc)
     if onnx_bytes is None:
-        raise spec.error("module", f"torch.onnx.export failed: {failure} (name the axes "
-                         "that must have the same size alike in inputs, e.g. shape = [-1, "
-                         "\"seq\"])")
+        raise spec.error("module", f"torch.onnx.export failed: {export_failure(failures[0])}")
     proto = onnx.load_from_string(onnx_bytes)
     graph_inputs, graph_outputs = graph_tensors(proto, lambda m: spec.error("inputs", m))
     for declared, got in zip(spec.outputs, graph_outputs, strict=False):
         if declared.datatype != got.datatype:
             raise spec.error("outputs", f"{declared.name!r} is declared {declared.datatype}; "
                              f"the module returns {got.datatype}")
+        if len(declared.shape) != len(got.shape) or any(
+                isinstance(d, int) and d > 0 and g > 0 and d != g
+                for d, g in zip(declared.shape, got.shape, strict=False)):
+            raise spec.error("outputs", f"{declared.name!r} is declared {declared.v2_shape}; "
+                             f"the module returns {got.shape} (-1: dynamic)")
     task = spec.get("task") or {"classification": "classification",
                                 "embedding": "embedding"}.get(post["kind"], "tensors")
     manifest = common.manifest(spec, version, task=task, graph_inputs=graph_inputs,
@@ -190,9 +223,14 @@ def prepare(spec: ModelSpec, version: str, *, store: Store, run_id: str | None,
     input_names = [t.name for t in spec.inputs]
 
     def reference(graph_feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            out = module(*(torch.from_numpy(np.ascontiguousarray(graph_feeds[n]))
-                           for n in input_names))
+        try:
+            with torch.no_grad():
+                out = module(*(torch.from_numpy(np.ascontiguousarray(graph_feeds[n]))
+                               for n in input_names))
+        except Exception as exc:  # the user's forward, at another batch size or length
+            shapes = ", ".join(f"{n} {list(graph_feeds[n].shape)}" for n in input_names)
+            raise spec.error("inputs", f"the module fails on inputs of the declared shapes "
+                             f"({shapes}): {common.reason(exc)}") from None
         return as_outputs(out, names)
 
     def gate(served: LoadedModel) -> parity.ParityReport:
