@@ -104,8 +104,9 @@ def test_checkpoint_with_pickled_code_is_refused(mlp_folder: Path,
 def test_a_module_that_fails_on_the_declared_inputs_is_named(
         mlp_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = build(mlp_folder, GOOD_MLP.replace("shape = [-1, 4]", "shape = [-1, 5]"), capsys)
-    assert "[models.m] inputs: the module cannot run on inputs of the declared shapes and " \
-           "ranges (features [2, 5]): RuntimeError: mat1 and mat2 shapes cannot be multiplied" in err
+    assert ("[models.m] inputs: the module cannot run on inputs of the declared shapes and "
+            "ranges (features [2, 5]): RuntimeError: mat1 and mat2 shapes cannot be "
+            "multiplied") in err
 
 
 def test_a_wrong_declared_output_shape_is_named(mlp_folder: Path,

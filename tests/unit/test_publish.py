@@ -70,3 +70,23 @@ def test_publish_mistakes_name_the_keyword(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="torch.complex64"):
         modelfn.publish(module, name="m", example=torch.zeros(1, 2, dtype=torch.complex64),
                         store=str(tmp_path))
+
+
+def test_declared_range_bounds_the_gate_and_the_api(tmp_path: Path) -> None:
+    """An index input: the gate feeds values inside its range (an embedding of 5 rows
+    would fail on others), and the API refuses values outside it with 422 instead of
+    onnxruntime wrapping -1 to the last row."""
+    from modelfn.errors import InvalidInput
+    from modelfn.runtime.protocol import InferRequest, RequestInput
+
+    torch.manual_seed(0)
+    module = torch.nn.Embedding(5, 2).eval()
+    version = modelfn.publish(module, name="lookup", store=str(tmp_path / "s"), inputs=[
+        {"name": "idx", "datatype": "INT64", "shape": [-1, 3], "range": [0, 4]}])
+    served = load(open_store(str(tmp_path / "s")), "lookup", version)
+    assert served.manifest.inputs[0].range == (0, 4)
+    ok, _ = served.validate(InferRequest([RequestInput("idx", "INT64", [1, 3], [0, 2, 4])]))
+    assert np.allclose(served.run(ok)["output"][0], module.weight.detach().numpy()[[0, 2, 4]])
+    for bad in ([0, 1, 5], [-1, 0, 0]):
+        with pytest.raises(InvalidInput, match=r"values must lie in \[0, 4\]"):
+            served.validate(InferRequest([RequestInput("idx", "INT64", [1, 3], bad)]))

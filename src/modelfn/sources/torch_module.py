@@ -88,7 +88,7 @@ def _weights(spec: ModelSpec, module: torch.nn.Module, store: Store, run_id: str
         raw = path.read_bytes()
         try:
             state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickled code, or not a torch file
+        except Exception:  # pickled code, or not a torch file
             what = ("holds pickled objects, not only tensors (save model.state_dict(), not "
                     "the model)" if raw[:2] == b"PK" else "is not a file torch.save wrote")
             raise spec.error("checkpoint", f"{path.name} cannot be loaded with "
@@ -173,6 +173,19 @@ def dynamic_axes(spec: ModelSpec, shared: bool) -> dict[str, dict[int, str]]:
     return axes
 
 
+def _check_outputs(spec: ModelSpec, graph_outputs: list[Any]) -> None:
+    """The declared outputs against what the export made of the module."""
+    for declared, got in zip(spec.outputs, graph_outputs, strict=False):
+        if declared.datatype != got.datatype:
+            raise spec.error("outputs", f"{declared.name!r} is declared {declared.datatype}; "
+                             f"the module returns {got.datatype}")
+        if len(declared.shape) != len(got.shape) or any(
+                isinstance(d, int) and d > 0 and g > 0 and d != g
+                for d, g in zip(declared.shape, got.shape, strict=False)):
+            raise spec.error("outputs", f"{declared.name!r} is declared {declared.v2_shape}; "
+                             f"the module returns {got.shape} (-1: dynamic)")
+
+
 def prepare(spec: ModelSpec, version: str, *, store: Store, run_id: str | None,
             log: common.Log) -> Prepared:
     module = build_module(spec).eval()
@@ -203,15 +216,7 @@ def prepare(spec: ModelSpec, version: str, *, store: Store, run_id: str | None,
         raise spec.error("module", f"torch.onnx.export failed: {export_failure(failures[0])}")
     proto = onnx.load_from_string(onnx_bytes)
     graph_inputs, graph_outputs = graph_tensors(proto, lambda m: spec.error("inputs", m))
-    for declared, got in zip(spec.outputs, graph_outputs, strict=False):
-        if declared.datatype != got.datatype:
-            raise spec.error("outputs", f"{declared.name!r} is declared {declared.datatype}; "
-                             f"the module returns {got.datatype}")
-        if len(declared.shape) != len(got.shape) or any(
-                isinstance(d, int) and d > 0 and g > 0 and d != g
-                for d, g in zip(declared.shape, got.shape, strict=False)):
-            raise spec.error("outputs", f"{declared.name!r} is declared {declared.v2_shape}; "
-                             f"the module returns {got.shape} (-1: dynamic)")
+    _check_outputs(spec, graph_outputs)
     task = spec.get("task") or {"classification": "classification",
                                 "embedding": "embedding"}.get(post["kind"], "tensors")
     manifest = common.manifest(spec, version, task=task, graph_inputs=graph_inputs,
