@@ -412,7 +412,8 @@ def cmd_package_check(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modelfn", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="modelfn",
+                                description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("--version", action="version", version=f"modelfn {modelfn.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
