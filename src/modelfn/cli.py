@@ -124,11 +124,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         project.get(name)  # an unknown name fails before any work
     store, new = writing(args.store)
     log = _progress(args)
+    if new:
+        log(f"modelfn: no store at {store.uri} yet: the build creates it")
     manifests = [build(name, store, version=args.version, run_id=args.run,
                        precision=args.precision, project=project, log=log)
                  for name in names]
-    if new:
-        log(f"modelfn: created the store {store.uri}")
     if args.json:
         docs = [m.to_dict() for m in manifests]
         print(json.dumps(docs if args.all else docs[0], indent=2))
@@ -222,6 +222,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     total = sum(chunk.count(b"\n") for chunk in reader.iter_chunks(source.name))
     settings = Settings.from_env()  # the deployment's alias, batch limit and threads
     repo = Repository.from_settings(settings, reading(args.store))
+    if args.model:  # a wrong name is one line now, not an error row per line
+        repo.resolve(args.model)
     summary = batch.Summary(input=str(source), output=str(target))
     limits = settings.batch._replace(micro_batch=args.micro_batch or
                                      settings.batch.micro_batch)

@@ -217,3 +217,13 @@ def test_build_all_lists_every_model_with_its_eval(project: tuple[Path, Path],
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == {"iris-mlp", "masked-sum", "tiny-bert"}
     assert "macro-F1" in rows["iris-mlp"] and "macro-F1" in rows["tiny-bert"]
+
+
+def test_batch_with_an_unknown_model_is_one_line_and_writes_nothing(
+        project: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "rows.jsonl"
+    source.write_text(json.dumps({"inputs": [1.0, 2.0, 3.0, 4.0]}) + "\n")
+    assert main(["batch", str(source), "--model", "iris-mpl", "--store", str(project[1]),
+                 "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "modelfn: error: unknown model 'iris-mpl'"
+    assert not source.with_name("rows.predictions.jsonl").exists()
