@@ -386,7 +386,7 @@ def parse_model(name: str, section: dict[str, Any], file: Path,
     _check_processing(spec, where)
     _check_numbers(keys, where)
     if keys.get("train") is not None:
-        keys["train"] = _train(keys["train"], source, where)
+        keys["train"] = _train(keys["train"], where)
     return ModelSpec(name, source, file, keys, inputs, outputs, obj)
 
 
@@ -442,7 +442,8 @@ def _check_numbers(keys: dict[str, Any], where: Callable[[str], str]) -> None:
                           "(integers of at least 1)")
 
 
-def _train(train: dict[str, Any], source: str, where: Callable[[str], str]) -> dict[str, Any]:
+def _train(train: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
+    """A torch section's [train] table (only torch sections take one), defaults filled."""
     for key, value in train.items():
         if key not in TRAIN_KEYS:
             raise ConfigError(f"{where('train')}: unknown key {key!r} (it takes: "
@@ -452,8 +453,6 @@ def _train(train: dict[str, Any], source: str, where: Callable[[str], str]) -> d
     if train["data"] is None or ":" not in train["data"]:
         raise ConfigError(f"{where('train.data')}: required: \"file.py:callable\" "
                           "returning the data split")
-    if source != "torch":
-        raise ConfigError(f"{where('train')}: only a torch model is trained by modelfn")
     return train
 
 

@@ -99,9 +99,7 @@ def _evaluate(spec: ModelSpec, manifest: Manifest, files: dict[str, bytes], log:
         return {}
     from modelfn.export.evaluate import evaluate, read_rows
 
-    rows = read_rows(spec.path("eval"))
-    if not all("label" in r for r in rows):
-        return {}
+    rows = read_rows(spec.path("eval"))  # every row has its label, or this raises
     served = from_files(manifest, files, max_batch=manifest.max_batch or DEFAULT_MAX_BATCH)
     report = evaluate(served, rows, where=spec.where("eval"))
     log(f"eval on {spec.get('eval')}: {report.summary}")

@@ -262,7 +262,7 @@ def random_inputs(tensors: list[TensorSpec] | list[Tensor], batch: int, rng: np.
         dims = [batch] + [d if isinstance(d, int) and d > 0 else dynamic
                           for d in list(t.shape)[1:]]
         dtype = np.dtype(DATATYPES[t.datatype])
-        lo, hi = getattr(t, "range", None) or (None, None)
+        lo, hi = t.range or (None, None)
         if dtype.kind == "b":
             out[t.name] = rng.random(dims) < 0.5
         elif dtype.kind in "iu":

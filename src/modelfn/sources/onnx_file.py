@@ -116,15 +116,12 @@ def reference_session(data: bytes) -> Callable[[dict[str, np.ndarray]], dict[str
 
 
 def prepare(spec: ModelSpec, version: str, *, log: common.Log) -> Prepared:
-    path = spec.path("path") if spec.obj is None else None
-    if path is not None:
-        log(f"{spec.name}: ONNX file {path}")
-        data, record = single_file(spec, path)
-        if record["external_data"]:
-            log(f"made single-file: the weights of {', '.join(record['external_files'])} "
-                "are now inline")
-    else:
-        data, record = bytes(spec.obj), {"external_data": False}
+    path = spec.path("path")
+    log(f"{spec.name}: ONNX file {path}")
+    data, record = single_file(spec, path)
+    if record["external_data"]:
+        log(f"made single-file: the weights of {', '.join(record['external_files'])} "
+            "are now inline")
     try:
         checked = check_single_file(data)
     except (ExportError, onnx.checker.ValidationError) as exc:
@@ -138,8 +135,7 @@ def prepare(spec: ModelSpec, version: str, *, log: common.Log) -> Prepared:
     pre, post, assets = common.processing(spec)
     task = spec.get("task") or {"classification": "classification",
                                 "embedding": "embedding"}.get(post["kind"], "tensors")
-    source = {"kind": "onnx", **({"path": str(path), "sha256": sha256(path.read_bytes())}
-                                 if path is not None else {"sha256": sha256(data)}),
+    source = {"kind": "onnx", "path": str(path), "sha256": sha256(path.read_bytes()),
               "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
               **record}
     manifest = common.manifest(spec, version, task=task, graph_inputs=graph_inputs,
