@@ -151,7 +151,7 @@ BUILD_LOG: list[str] = []
 def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local store with every shipped example built as version 1 from its project
     file: digits-cnn and textcls trained by their [train] tables (seed 0), and minilm
-    (int8 where its gate passes). The build's log lines are kept in BUILD_LOG."""
+    (each with the optimization its gates chose). The build's log lines are kept in BUILD_LOG."""
     from modelfn.export.build import build
     from modelfn.store import open_store
     from modelfn.training import loop, recipes

@@ -180,3 +180,69 @@ def project(folder: Path) -> Path:
     path = folder / "modelfn.toml"
     path.write_text(PROJECT)
     return path
+
+
+# --- a small CNN, for the optimization candidates -------------------------------------
+
+STRIPE_LABELS = ["rows", "columns", "checks"]
+CNN_CODE = '''
+import numpy as np
+from torch import nn
+
+from modelfn.training.data import Split, stratified
+
+
+def build(width: int = 16, classes: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * width * 64, classes))
+
+
+def load() -> Split:
+    """8x8 images of stripes along rows, along columns, or a chequer, at a random
+    phase, in noise."""
+    rng = np.random.default_rng(0)
+    n = 900
+    y = rng.integers(0, 3, n)
+    i, j = np.mgrid[0:8, 0:8]
+    phase = rng.integers(0, 2, n)[:, None, None]
+    patterns = np.stack([(i[None] + phase) % 2, (j[None] + phase) % 2,
+                         (i[None] + j[None] + phase) % 2], axis=1)
+    x = patterns[np.arange(n), y] + rng.normal(0, 0.6, (n, 8, 8))
+    return stratified(x[:, None].astype(np.float32), y.astype(np.int64),
+                      ["rows", "columns", "checks"], "stripes")
+'''
+
+
+def stripes_cnn(folder: Path) -> dict[str, object]:
+    """cnn.py, weights.pt (trained here for a few epochs) and eval.jsonl (the holdout)
+    in ``folder``; returns the model's project-file section."""
+    import torch
+
+    (folder / "cnn.py").write_text(CNN_CODE)
+    namespace: dict[str, object] = {}
+    exec(CNN_CODE, namespace)  # the same code the project file names
+    split = namespace["load"]()  # type: ignore[operator]
+    torch.manual_seed(0)
+    model = namespace["build"]()  # type: ignore[operator]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = torch.from_numpy(split.x_train), torch.from_numpy(split.y_train)
+    for _ in range(4):
+        for start in range(0, len(y), 32):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[start:start + 32]),
+                                                     y[start:start + 32])
+            loss.backward()
+            opt.step()
+    torch.save(model.state_dict(), folder / "weights.pt")
+    from modelfn.training.data import eval_rows
+
+    with (folder / "eval.jsonl").open("w") as f:
+        for row in eval_rows(split):
+            f.write(json.dumps(row) + "\n")
+    return {"source": "torch", "module": "cnn.py:build", "checkpoint": "weights.pt",
+            "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
+            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}],
+            "postprocess": {"kind": "classification", "labels": STRIPE_LABELS},
+            "eval": "eval.jsonl", "train": {"data": "cnn.py:load", "batch_size": 32}}

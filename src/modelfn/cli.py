@@ -266,26 +266,37 @@ def cmd_models(args: argparse.Namespace) -> int:
             try:
                 m = read_manifest(store, name, version)
             except ModelUnavailable as exc:  # one bad bundle must not hide the others
-                rows.append((name, version, tags, "?", "?", "?", "unservable", "?",
+                rows.append((name, version, tags, "?", "?", "?", "?", "unservable", "?",
                              exc.message))
                 continue
             rows.append((name, version, tags, mib(m.size), m.task, m.precision,
-                         _gate(m), _eval(m), m.created))
-    header = ("model", "version", "aliases", "size", "task", "precision", "gate", "eval",
-              "created")
+                         _speedup(m), _gate(m), _eval(m), m.created))
+    header = ("model", "version", "aliases", "size", "task", "precision", "speed-up", "gate",
+              "eval", "created")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     return 0
 
 
+def _speedup(manifest: Manifest) -> str:
+    """The shipped candidate's measured speed-up over fp32, at the typical batch."""
+    if manifest.speedup is None:
+        return "-"
+    return f"{manifest.speedup:.2f}x@{manifest.optimization.get('typical_batch', '?')}"
+
+
 def _gate(manifest: Manifest) -> str:
-    """The shipped model's gate in a few characters."""
-    quant = manifest.quantization
-    report = (quant.get("gate") if quant.get("applied") else manifest.export.get("parity")) or {}
+    """The shipped model's gate in a few characters: a candidate's against fp32, else
+    fp32's against its reference."""
+    shipped = next((a for a in manifest.optimization.get("attempts", []) if a.get("shipped")),
+                   None)
+    quant = manifest.quantization  # a bundle built before the optimization record
+    report = ((shipped or {}).get("quality") or (quant.get("gate") if quant.get("applied")
+                                                 else manifest.export.get("parity")) or {})
     if report.get("agreement") is not None:
         return f"agreement {report['agreement']:.4f}"
-    if "min_cosine" in report:
+    if report.get("min_cosine") is not None:
         return f"min cos {report['min_cosine']:.4f}"
     diffs = report.get("max_abs_diff")
     if isinstance(diffs, dict):
@@ -453,9 +464,13 @@ def parser() -> argparse.ArgumentParser:
     _store_arg(b)
     b.add_argument("--version", help="version to publish (default: next integer)")
     b.add_argument("--run", help="training run id (default: the newest)")
-    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
-                   help="auto: int8 where the project file asks for it and its gate "
-                        "passes, else fp32; fp32: never quantize; int8: int8 or fail")
+    b.add_argument("--precision", default="auto",
+                   choices=["auto", "fp32", "int8", "dynamic-int8", "static-int8", "prune"],
+                   help="auto: the optimization candidate that is both faithful and faster "
+                        "than fp32 (measured in the build), else fp32; fp32: no candidate; "
+                        "a candidate (int8: the int8 one the model lists or its graph "
+                        "suggests): that one if it is faithful, whatever its speed, else "
+                        "the build fails")
     b.add_argument("--json", action="store_true", help="print the manifest")
     b.set_defaults(func=cmd_build)
 

@@ -139,12 +139,33 @@ COMMON: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "max_batch": (int, 256),
     "parity_batch_sizes": (list, [1, 7, 64]),
     "seed": (int, 0),
-    "quantize": (str, "none"),
-    "int8_min_cosine": ((int, float), 0.98),
-    "int8_min_retrieval_agreement": ((int, float), 0.95),
-    "int8_fallback_steps": (list, []),
+    # optimization candidates (None: chosen by the graph's content) and their gates
+    "optimize": (list, None),
+    "optimized_min_agreement": ((int, float), 0.99),
+    "optimized_min_cosine": ((int, float), 0.98),
+    "optimized_min_retrieval_agreement": ((int, float), 0.95),
+    "max_metric_drop": ((int, float), 0.01),
+    "min_speedup": ((int, float), 1.1),
+    "min_speedup_batch1": ((int, float), 0.95),
+    "typical_batch": (int, 32),
+    "speed_seconds": ((int, float), 2.0),
     "calibration": (str, None),
-    "calibration_size": (int, 48),
+    "calibration_size": (int, 64),
+}
+#: keys an earlier modelfn took, and what replaced them
+RENAMED = {
+    "quantize": 'optimize, a list of candidates (e.g. optimize = ["dynamic-int8"])',
+    "int8_min_cosine": "optimized_min_cosine",
+    "int8_min_retrieval_agreement": "optimized_min_retrieval_agreement",
+    "int8_fallback_steps": 'the candidate\'s fallback_steps: optimize = [{ kind = '
+                           '"dynamic-int8", fallback_steps = [2, 4] }]',
+}
+#: optimization candidates, the keys each takes, and their defaults
+CANDIDATES: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
+    "dynamic-int8": {"fallback_steps": (list, [])},
+    "static-int8": {},
+    "prune": {"amounts": (list, [0.25, 0.5]), "finetune_epochs": (int, 5),
+              "finetune_lr": ((int, float), None)},
 }
 #: what an exporter takes (an ONNX file is not exported)
 EXPORT: dict[str, tuple[type | tuple[type, ...], Any]] = {"opset": (int, 18),
@@ -369,6 +390,8 @@ def parse_model(name: str, section: dict[str, Any], file: Path,
     schema = {**COMMON, **SOURCE_KEYS[source]}
     keys: dict[str, Any] = {}
     for key, value in section.items():
+        if key in RENAMED:
+            raise ConfigError(f"{where(key)}: no longer a key; it is now {RENAMED[key]}")
         if key not in schema:
             raise ConfigError(f"{where(key)}: unknown key{_did_you_mean(key, schema)} (" +
                               ("an" if source == "onnx" else "a") + f" {source} model takes: "
@@ -387,6 +410,8 @@ def parse_model(name: str, section: dict[str, Any], file: Path,
     _check_numbers(keys, where)
     if keys.get("train") is not None:
         keys["train"] = _train(keys["train"], where)
+    if keys["optimize"] is not None:
+        keys["optimize"] = _optimize(keys["optimize"], source, where)
     return ModelSpec(name, source, file, keys, inputs, outputs, obj)
 
 
@@ -429,11 +454,15 @@ def _check_numbers(keys: dict[str, Any], where: Callable[[str], str]) -> None:
     for key in ("atol", "rtol"):
         if keys[key] < 0:
             raise ConfigError(f"{where(key)}: must be at least 0")
-    for key in ("min_agreement", "min_cosine", "int8_min_cosine",
-                "int8_min_retrieval_agreement"):
+    for key in ("min_agreement", "min_cosine", "optimized_min_agreement",
+                "optimized_min_cosine", "optimized_min_retrieval_agreement",
+                "max_metric_drop"):
         if not 0 <= keys[key] <= 1:
             raise ConfigError(f"{where(key)}: must lie in [0, 1]")
-    for key in ("max_batch", "export_batch", "opset", "calibration_size"):
+    for key in ("min_speedup", "min_speedup_batch1", "speed_seconds"):
+        if keys[key] <= 0:
+            raise ConfigError(f"{where(key)}: must be more than 0")
+    for key in ("max_batch", "export_batch", "opset", "calibration_size", "typical_batch"):
         if keys.get(key, 1) < 1:
             raise ConfigError(f"{where(key)}: must be at least 1")
     sizes = keys["parity_batch_sizes"]
@@ -454,6 +483,65 @@ def _train(train: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]
         raise ConfigError(f"{where('train.data')}: required: \"file.py:callable\" "
                           "returning the data split")
     return train
+
+
+def _optimize(items: list[Any], source: str, where: Callable[[str], str]
+              ) -> list[dict[str, Any]]:
+    """The ``optimize`` list: candidate names or tables ``{ kind = ..., ... }``, each
+    with its keys checked and its defaults filled, in the order given."""
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        at = f"optimize[{i}]"
+        table = {"kind": item} if isinstance(item, str) else item
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where(at)}: must be a candidate's name or a table "
+                              "{ kind = ..., ... }")
+        kind = table.get("kind")
+        if kind not in CANDIDATES:
+            raise ConfigError(f"{where(at)}: {kind!r} is not a candidate"
+                              f"{_did_you_mean(str(kind), CANDIDATES)} (candidates: "
+                              f"{', '.join(CANDIDATES)})")
+        if kind == "prune" and source != "torch":
+            raise ConfigError(f"{where(at)}: prune removes channels from a torch module "
+                              f"before its export; source = {source!r} has no module to prune")
+        if any(c["kind"] == kind for c in out):
+            raise ConfigError(f"{where(at)}: {kind!r} is listed twice")
+        schema = CANDIDATES[kind]
+        for key, value in table.items():
+            if key == "kind":
+                continue
+            if key not in schema:
+                raise ConfigError(f"{where(f'{at}.{key}')}: unknown key"
+                                  f"{_did_you_mean(key, schema)} ({kind} takes: "
+                                  f"{', '.join(['kind', *schema])})")
+            _typed(_under(where, at), key, value, schema[key][0])
+        candidate = {"kind": kind, **{k: copy.deepcopy(d) for k, (_, d) in schema.items()},
+                     **table}
+        _check_candidate(candidate, at, where)
+        out.append(candidate)
+    return out
+
+
+def _under(where: Callable[[str], str], at: str) -> Callable[[str], str]:
+    """``where`` for the keys of the table at ``at``."""
+    return lambda key: where(f"{at}.{key}")
+
+
+def _check_candidate(candidate: dict[str, Any], at: str, where: Callable[[str], str]) -> None:
+    kind = candidate["kind"]
+    if kind == "prune":
+        amounts = candidate["amounts"]
+        if not amounts or not all(isinstance(a, int | float) and not isinstance(a, bool)
+                                  and 0 < a < 1 for a in amounts):
+            raise ConfigError(f"{where(f'{at}.amounts')}: must be a list of fractions "
+                              "of the channels to remove, each in (0, 1)")
+        if candidate["finetune_epochs"] < 0:
+            raise ConfigError(f"{where(f'{at}.finetune_epochs')}: must be at least 0")
+    if kind == "dynamic-int8" and not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1
+            for n in candidate["fallback_steps"]):
+        raise ConfigError(f"{where(f'{at}.fallback_steps')}: must be a list of counts "
+                          "of MatMuls to keep in fp32 (integers of at least 1)")
 
 
 def _tensors(where: Callable[[str], str], key: str, items: list[Any]) -> list[TensorSpec]:

@@ -49,7 +49,14 @@ def test_build_publishes_a_complete_manifest(built_store: Path) -> None:
     assert manifest["source"]["data_fingerprint"] == example_split("digits-cnn").fingerprint
     assert manifest["postprocess"]["labels"] == [str(i) for i in range(10)]
     assert manifest["inputs"][0]["shapes"] == [[-1, 64], [-1, 8, 8]]
-    assert manifest["quantization"]["applied"] is False
+    record = manifest["optimization"]  # what shipped is what the gates chose
+    assert record["candidates_from"].endswith("[models.digits-cnn] optimize")
+    assert [a["candidate"] for a in record["attempts"]] == ["static-int8", "prune-0.25",
+                                                            "prune-0.5"]
+    chosen = [a for a in record["attempts"] if a["shipped"]]
+    assert record["shipped"] == (chosen[0]["candidate"] if chosen else "fp32")
+    assert all(a["faithful"] and a["faster"] for a in chosen)
+    assert manifest["session"]["graph_optimization_level"] in ("all", "disabled")
     # one self-contained file with a dynamic batch axis
     check_single_file(onnx_bytes)
     graph_input = onnx.load_from_string(onnx_bytes).graph.input[0]

@@ -264,9 +264,10 @@ def test_batch_runs_without_the_training_extras(built_store: Path, tmp_path: Pat
     assert json.loads(result.stdout.splitlines()[-1])["predictions"] == 1
 
 
-def test_int8_for_a_model_without_int8_is_refused_before_the_export(built_store: Path) -> None:
-    result = cli("build", "digits-cnn", "--precision", "int8", "--store", str(built_store))
-    one_line(result, "has no int8")
+def test_pruning_a_model_that_is_not_torch_is_refused_before_the_export(
+        built_store: Path) -> None:
+    result = cli("build", "minilm", "--precision", "prune", "--store", str(built_store))
+    one_line(result, "removes channels from a torch module")
     assert "exporting" not in result.stdout + result.stderr
 
 

@@ -19,7 +19,7 @@ from modelfn import registry
 from modelfn.cli import main
 from modelfn.errors import ExportParityError, InvalidInput
 from modelfn.export import build as build_mod
-from modelfn.export import parity, quantize
+from modelfn.export import parity
 from modelfn.project import load_project
 from modelfn.runtime import processing
 from modelfn.runtime.model import from_files, read_manifest
@@ -137,17 +137,23 @@ def test_minilm_bundle_records_both_gates(built_store: Path) -> None:
     assert fp32["passed"] and fp32["size"] == len(EVAL_TEXTS)
     assert fp32["min_cosine"] >= 0.9999 and fp32["max_abs_diff"] <= 1e-3
     assert fp32["against"] == f"transformers {importlib.metadata.version('transformers')}"
-    quant = manifest["quantization"]
-    assert quant["mode"] == quantize.MODE and quant["attempts"][0]["kept_fp32"] == 0
-    if quant["applied"]:  # what the shipped configuration is expected to give
-        gate = quant["gate"]
-        assert gate["passed"] and gate["against"] == "fp32"
+    record = manifest["optimization"]
+    assert record["candidates_from"].endswith("[models.minilm] optimize")
+    assert record["calibration"] == "../textcls/tickets.jsonl (48 rows)"
+    (attempt,) = record["attempts"]
+    assert attempt["kind"] == "dynamic-int8" and attempt["steps"][0]["kept_fp32"] == 0
+    assert attempt["quality"]["rows"] == len(EVAL_TEXTS)  # every eval text: calibration apart
+    if attempt["shipped"]:  # what the shipped configuration is expected to give
+        gate = attempt["quality"]
+        assert gate["passed"] and manifest["task"] == "sentence-embedding"
         assert gate["min_cosine"] >= 0.98 and gate["retrieval_agreement"] >= 0.95
-        assert len(files["model.onnx"]) < 0.5 * quant["fp32_size"]
-        assert len(quant["kept_fp32"]) == gate["kept_fp32"]
-        assert gate["model_bytes"] == len(files["model.onnx"]) and gate["size"] == len(EVAL_TEXTS)
+        assert gate["candidate_metric"] >= gate["fp32_metric"] - 0.01
+        assert len(files["model.onnx"]) == attempt["size"] < 0.5 * record["fp32_size"]
+        assert len(attempt["kept_fp32"]) == attempt["steps"][-1]["kept_fp32"]
+        assert attempt["faster"] and record["shipped"] == "dynamic-int8"
     else:
-        assert quant["reason"].startswith("int8 failed its gate")
+        assert record["shipped"] == "fp32" and attempt["reason"].startswith(
+            ("not faithful", "faithful but not faster"))
     assert set(files) == {"model.onnx", common.TOKENIZER}
     source = manifest["source"]
     assert source["kind"] == "transformers" and source["task"] == "sentence-embedding"
@@ -177,7 +183,7 @@ def test_minilm_serves_what_sentence_transformers_encodes(built_store: Path) -> 
     out = model.run({"text": texts(*sample)})
     st = SentenceTransformer(str(example("minilm").path("path")), device="cpu")
     reference = st.encode(sample, normalize_embeddings=True, convert_to_numpy=True)
-    floor = 0.98 if model.manifest.quantization["applied"] else 0.9999
+    floor = 0.98 if model.manifest.precision != "fp32" else 0.9999
     assert out["embedding"].shape == (len(sample), 384)
     assert np.allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
     assert (out["embedding"] * reference).sum(axis=1).min() >= floor
@@ -195,8 +201,9 @@ def fp32_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_build_precision_fp32_is_honoured(fp32_store: Path) -> None:
     manifest, files = bundle(fp32_store, "minilm")
-    assert manifest["quantization"] == {"applied": False, "mode": "none",
-                                        "reason": "fp32 asked for (--precision fp32)"}
+    record = manifest["optimization"]
+    assert record["shipped"] == "fp32" and record["attempts"] == []
+    assert record["reason"] == "no candidates (fp32 asked for (--precision fp32))"
     assert len(files["model.onnx"]) > 80e6 and manifest["export"]["parity"]["passed"]
 
 
@@ -241,17 +248,19 @@ def test_fp32_gate_fails_a_corrupted_export(tmp_path: Path,
 
 
 def test_int8_miss_ships_fp32_unless_int8_is_forced(tmp_path: Path) -> None:
-    project = load_project(minilm_project(tmp_path, int8_min_cosine=0.99999,
-                                          int8_fallback_steps=[]))
+    project = load_project(minilm_project(tmp_path, optimized_min_cosine=0.99999,
+                                          optimize=["dynamic-int8"]))
     store = open_store(str(tmp_path / "store"))
-    with pytest.raises(ExportParityError, match="int8 failed its gate"):
+    with pytest.raises(ExportParityError, match="no candidate is faithful.*min cosine"):
         build_mod.build("minilm", store, precision="int8", project=project, **QUIET)
     assert registry.versions(store, "minilm") == []
     manifest = build_mod.build("minilm", store, project=project, **QUIET).to_dict()
-    quant = manifest["quantization"]
-    assert quant["applied"] is False and "min cosine" in quant["reason"]
-    assert quant["gate"]["min_cosine"] < 0.99999  # the int8 result is recorded too
-    assert manifest["files"]["model.onnx"]["size"] == quant["fp32_size"]
+    record = manifest["optimization"]
+    (attempt,) = record["attempts"]
+    assert record["shipped"] == "fp32" and not attempt["faithful"]
+    assert "min cosine" in attempt["reason"]
+    assert attempt["quality"]["min_cosine"] < 0.99999  # the int8 result is recorded too
+    assert manifest["files"]["model.onnx"]["size"] == record["fp32_size"]
 
 
 # --- textcls: the recurrent classifier ---------------------------------------------------

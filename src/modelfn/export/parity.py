@@ -230,3 +230,162 @@ def compare_embeddings(candidate: np.ndarray, reference: np.ndarray, texts: Sequ
         report.failures.append(f"top-1 retrieval agreement {report.retrieval_agreement:.4f} "
                                f"with {against} is below {min_retrieval_agreement}")
     return report
+
+
+# --- optimization candidates ------------------------------------------------------------
+
+@dataclass
+class CandidateReport(GateReport):
+    """An optimized candidate against the fp32 model it came from, through the whole
+    served path on the same API inputs: classifiers by label agreement, embeddings and
+    raw float tensors by the cosine of each row (embeddings also by top-1 retrieval
+    agreement), integer outputs by agreement; and, with eval rows, the eval metric
+    within ``max_metric_drop`` of fp32's."""
+
+    kind: str
+    rows: int = 0
+    min_agreement: float | None = None
+    agreement: float | None = None
+    min_cosine_required: float | None = None
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    min_retrieval_agreement: float | None = None
+    retrieval_agreement: float | None = None
+    max_abs_diff: float = 0.0
+    metric: str | None = None
+    fp32_metric: float | None = None
+    candidate_metric: float | None = None
+    max_metric_drop: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        parts = []
+        if self.agreement is not None:
+            parts.append(f"agreement {self.agreement:.4f}")
+        if self.min_cosine is not None:
+            parts.append(f"cosine min {self.min_cosine:.6f}")
+        if self.retrieval_agreement is not None:
+            parts.append(f"top-1 retrieval agreement {self.retrieval_agreement:.4f}")
+        if self.metric is not None and self.candidate_metric is not None:
+            parts.append(f"{self.metric} {self.candidate_metric:.4f} (fp32 "
+                         f"{self.fp32_metric:.4f})")
+        return ", ".join(parts or ["no outputs compared"]) + f" over {self.rows} rows vs fp32"
+
+    def add_metric(self, name: str, fp32: float, candidate: float, max_drop: float) -> None:
+        """The eval metric of both on the gate's rows: the candidate may be at most
+        ``max_drop`` below fp32."""
+        self.metric, self.fp32_metric, self.candidate_metric = name, fp32, candidate
+        self.max_metric_drop = max_drop
+        if candidate < fp32 - max_drop - 1e-12:
+            self.failures.append(f"{name} {candidate:.4f} is more than {max_drop:g} below "
+                                 f"fp32's {fp32:.4f}")
+
+
+def run_mixed(served: LoadedModel, batch: Arrays, outputs: Sequence[str]) -> Arrays:
+    """``served.run`` over ``batch`` in chunks of the mixed sizes (padding differs from
+    chunk to chunk, as it does in service), the outputs in the rows' order."""
+    n = len(next(iter(batch.values())))
+    parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+    start, i = 0, 0
+    while start < n:
+        stop = min(n, start + MIXED_BATCHES[i % len(MIXED_BATCHES)])
+        got = served.run({k: v[start:stop] for k, v in batch.items()}, list(outputs))
+        for o in outputs:
+            parts[o].append(np.asarray(got[o]))
+        start, i = stop, i + 1
+    return {o: _concat(v) for o, v in parts.items()}
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """Rows of chunks whose other axes may differ (a padded sequence): padded with 0."""
+    if len({p.shape[1:] for p in parts}) == 1:
+        return np.concatenate(parts)
+    rank = parts[0].ndim
+    shape = [max(p.shape[a] for p in parts) for a in range(1, rank)]
+    out = []
+    for p in parts:
+        pad = [(0, 0)] + [(0, s - p.shape[a]) for a, s in enumerate(shape, start=1)]
+        out.append(np.pad(p, pad))
+    return np.concatenate(out)
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine of each row pair (a row flattened); 1 where both rows are zero."""
+    x = a.reshape(len(a), -1).astype(np.float64)
+    y = b.reshape(len(b), -1).astype(np.float64)
+    na, nb = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    cos = (x * y).sum(axis=1) / np.maximum(na * nb, 1e-30)
+    return np.where((na == 0) & (nb == 0), 1.0, cos)
+
+
+def _retrieval(report: CandidateReport, want: np.ndarray, got: np.ndarray,
+               minimum: float) -> None:
+    """Top-1 retrieval agreement of two sets of embeddings (with 3 rows or more)."""
+    if len(want) < 3:
+        return
+    report.min_retrieval_agreement = minimum
+    report.retrieval_agreement = float((nearest(got) == nearest(want)).mean())
+    if report.retrieval_agreement < minimum:
+        report.failures.append(f"top-1 retrieval agreement {report.retrieval_agreement:.4f} "
+                               f"with fp32 is below {minimum}")
+
+
+def _compare(report: CandidateReport, outputs: list[Any], want: dict[str, list[np.ndarray]],
+             got: dict[str, list[np.ndarray]]) -> tuple[int, int, list[np.ndarray]]:
+    """(rows that agree, rows compared, row cosines) over the outputs: labels and
+    integers row by row, floats by cosine (a classifier's floats only by max |diff|)."""
+    same, total, cosines = 0, 0, []
+    for t in outputs:
+        for w, g in zip(want[t.name], got[t.name], strict=True):
+            if w.dtype.kind == "f":
+                if report.kind != "classification":  # a classifier is judged by its labels
+                    cosines.append(row_cosines(g, w))
+                report.max_abs_diff = max(report.max_abs_diff,
+                                          float(np.abs(g.astype(np.float64) - w).max()))
+            elif t.name != "truncated":
+                equal = (g == w).reshape(len(w), -1).all(axis=1)
+                same, total = same + int(equal.sum()), total + len(equal)
+    return same, total, cosines
+
+
+def check_candidate(fp32: LoadedModel, candidate: LoadedModel, batches: Sequence[Arrays], *,
+                    min_agreement: float, min_cosine: float,
+                    min_retrieval_agreement: float | None = None,
+                    expected: Sequence[Arrays] | None = None) -> CandidateReport:
+    """The candidate's API outputs against fp32's on the same API inputs (``batches``;
+    ``expected``: fp32's outputs on them, when known already); failures are listed, not
+    raised. The eval metric is the caller's to add (:meth:`CandidateReport.add_metric`)."""
+    manifest = fp32.manifest
+    kind = manifest.postprocess["kind"]
+    names = [t.name for t in manifest.outputs]
+    report = CandidateReport(kind=kind)
+    want: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    got: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i, batch in enumerate(batches):
+        a = expected[i] if expected is not None else run_mixed(fp32, batch, names)
+        b = run_mixed(candidate, batch, names)
+        for n in names:
+            want[n].append(a[n])
+            got[n].append(b[n])
+        report.rows += len(next(iter(batch.values())))
+    same, total, cosines = _compare(report, list(manifest.outputs), want, got)
+    if total:
+        report.min_agreement = min_agreement
+        report.agreement = same / total
+        if report.agreement < min_agreement:
+            report.failures.append(f"agreement with fp32 {report.agreement:.4f} is below "
+                                   f"{min_agreement} ({total - same} of {total} rows differ)")
+    if cosines:
+        cos = np.concatenate(cosines)
+        report.min_cosine_required = min_cosine
+        report.min_cosine, report.mean_cosine = float(cos.min()), float(cos.mean())
+        if report.min_cosine < min_cosine:
+            report.failures.append(f"min cosine {report.min_cosine:.6f} against fp32 is "
+                                   f"below {min_cosine}")
+    if kind == "embedding" and min_retrieval_agreement is not None:
+        out = manifest.postprocess.get("output", "embedding")
+        _retrieval(report, _concat(want[out]), _concat(got[out]), min_retrieval_agreement)
+    if not total and not cosines:
+        report.failures.append("no output to compare (a check with nothing to check)")
+    return report

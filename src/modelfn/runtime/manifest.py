@@ -12,14 +12,19 @@ The JSON layout::
      "inputs": [tensor], "outputs": [tensor],                the API's tensors
      "graph": {"inputs": [tensor], "outputs": [tensor]},     the ONNX graph's own
      "preprocess": {"kind", ...}, "postprocess": {"kind", ...},
-     "limits": {"max_batch"}, "files": {rel: {"sha256", "size"}},
-     "source": {...}, "training": {...}, "export": {...}, "quantization": {...},
+     "limits": {"max_batch"}, "session": {"graph_optimization_level"},
+     "files": {rel: {"sha256", "size"}},
+     "source": {...}, "training": {...}, "export": {...}, "optimization": {...},
      "evaluation": {...}}
 
 with a tensor ``{"name", "datatype", "shape"[, "shapes"][, "description"]}`` (-1: any
-size; ``shapes``: other accepted layouts). The last five sections are the build's
-records (provenance, parity figures, the int8 decision, the eval report on the
-model's ``eval`` rows): kept as they were written.
+size; ``shapes``: other accepted layouts). ``session`` says how the runtime creates
+the session: the build optimized the graph offline, so the runtime repeats only what
+must be done on the machine it runs on (absent: every optimization, at load). The
+last five sections are the build's records (provenance, parity figures, every
+optimization attempt and which shipped, the eval report on the model's ``eval``
+rows): kept as they were written. (Bundles built before the ``optimization``
+record have ``quantization`` instead; it is read for their precision.)
 """
 
 from __future__ import annotations
@@ -41,6 +46,21 @@ REQUIRED = ("name", "version", "task", "inputs", "outputs", "graph", "preprocess
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+GRAPH_LEVELS = ("disabled", "basic", "extended", "all")
+
+
+def _session(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _Invalid("'session' is not an object")
+    level = raw.get("graph_optimization_level", "all")
+    if level not in GRAPH_LEVELS:
+        raise _Invalid(f"session graph_optimization_level {level!r} is not one of "
+                       f"{', '.join(GRAPH_LEVELS)}")
+    return dict(raw)
 
 
 class _Invalid(ValueError):
@@ -132,6 +152,12 @@ class Manifest(NamedTuple):
     source: Mapping[str, Any] = _EMPTY
     training: Mapping[str, Any] = _EMPTY
     export: Mapping[str, Any] = _EMPTY
+    optimization: Mapping[str, Any] = _EMPTY
+    #: how the runtime creates the session: {"graph_optimization_level": "disabled" |
+    #: "basic" | "extended" | "all"}; empty: "all" (bundles built before offline
+    #: optimization)
+    session: Mapping[str, Any] = _EMPTY
+    #: an older bundle's int8 record (read for its precision only)
     quantization: Mapping[str, Any] = _EMPTY
     #: the eval report (modelfn.export.evaluate) on the project file's eval rows; empty
     #: where the model declares none
@@ -192,6 +218,8 @@ class Manifest(NamedTuple):
             max_batch=None if limit is None else int(limit),
             source=dict(doc.get("source") or {}), training=dict(doc.get("training") or {}),
             export=dict(doc.get("export") or {}),
+            optimization=dict(doc.get("optimization") or {}),
+            session=_session(doc.get("session")),
             quantization=dict(doc.get("quantization") or {}),
             evaluation=dict(doc.get("evaluation") or {}))
 
@@ -211,8 +239,10 @@ class Manifest(NamedTuple):
             "files": {rel: {"sha256": e.sha256, "size": e.size}
                       for rel, e in self.files.items()},
             "source": dict(self.source), "training": dict(self.training),
-            "export": dict(self.export), "quantization": dict(self.quantization),
+            "session": dict(self.session),
+            "export": dict(self.export), "optimization": dict(self.optimization),
             "evaluation": dict(self.evaluation),
+            **({"quantization": dict(self.quantization)} if self.quantization else {}),
         }
 
     def to_json(self) -> bytes:
@@ -227,7 +257,21 @@ class Manifest(NamedTuple):
 
     @property
     def precision(self) -> str:
+        """What shipped: ``fp32`` or the optimization candidate that won (e.g.
+        ``static-int8``, ``prune-0.5``)."""
+        if self.optimization:
+            return str(self.optimization.get("shipped", "fp32"))
         return "int8" if self.quantization.get("applied") else "fp32"
+
+    @property
+    def speedup(self) -> float | None:
+        """The shipped candidate's measured speed-up over fp32 at the typical batch."""
+        value = self.optimization.get("speedup")
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def graph_optimization_level(self) -> str:
+        return str(self.session.get("graph_optimization_level", "all"))
 
     @property
     def size(self) -> int:

@@ -43,17 +43,25 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(threads: int = 0) -> ort.SessionOptions:
+#: the manifest's ``session.graph_optimization_level`` → onnxruntime's
+GRAPH_LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def session_options(threads: int = 0, level: str = "all") -> ort.SessionOptions:
     """Sessions as served: ``threads`` intra-op threads (0: one per vCPU), sequential,
-    every graph optimization, no external data, and only fatal errors logged by
-    onnxruntime itself (a kernel's error becomes the request's 422, which says it; its
-    own coloured stderr line would say it again, unstructured)."""
+    the graph optimizations ``level`` names (the bundle's manifest says which: the
+    build already applied the portable ones), no external data, and only fatal errors
+    logged by onnxruntime itself (a kernel's error becomes the request's 422, which
+    says it; its own coloured stderr line would say it again, unstructured)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     opts.intra_op_num_threads = threads or cpu_count()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = GRAPH_LEVELS[level]
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                   NO_EXTERNAL_DATA)
     return opts
@@ -259,7 +267,8 @@ def from_files(manifest: Manifest, files: dict[str, bytes],
     too, so they test exactly what will be served."""
     source = str(model_path) if model_path is not None else files[manifest.model_file]
     try:
-        session = ort.InferenceSession(source, session_options(threads),
+        session = ort.InferenceSession(source, session_options(
+                                           threads, manifest.graph_optimization_level),
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ModelUnavailable(f"{manifest.name} version {manifest.version}: onnxruntime "

@@ -45,9 +45,16 @@ class Prepared:
     assets: dict[str, bytes]
     #: the fp32 gate on the served candidate: returns a report (the build decides)
     gate: Callable[[LoadedModel], GateReport]
-    #: int8 gate and calibration loss, given the fp32 served model (None: no int8)
-    int8: Callable[[LoadedModel], tuple[Callable[[LoadedModel], GateReport],
-                                        Callable[[LoadedModel], float]]] | None = None
+    #: the section's eval rows (None: it names none), and texts of random words for a
+    #: text model without them: what the optimization candidates are gated on
+    rows: list[dict[str, Any]] | None = None
+    texts: list[str] | None = None
+    #: structured pruning of the source module (torch only): given the fraction of
+    #: channels to remove, the candidate's table and the log, the pruned model's ONNX
+    #: export, the gate of that export against the pruned module, and what was done
+    prune: Callable[[float, dict[str, Any], Log],
+                    tuple[bytes, Callable[[LoadedModel], GateReport], dict[str, Any]]
+                    ] | None = None
 
 
 # --- user code ----------------------------------------------------------------------------
@@ -286,11 +293,13 @@ def random_texts(tokenizer_json: bytes, n: int, rng: np.random.Generator) -> lis
 
 
 def gate_batches(spec: ModelSpec, served: LoadedModel, rows: list[dict[str, Any]] | None,
-                 texts: list[str] | None = None) -> tuple[list[Arrays], Arrays | None]:
-    """(batches at the section's parity batch sizes, every eval row in served-sized
-    batches or None): from the eval rows when given, else seeded random inputs."""
-    rng = np.random.default_rng(spec.get("seed"))
-    sizes = spec.get("parity_batch_sizes")
+                 texts: list[str] | None = None, sizes: list[int] | None = None,
+                 seed: int = 0) -> tuple[list[Arrays], Arrays | None]:
+    """(batches at ``sizes`` (default: the section's parity batch sizes), every eval
+    row in one batch or None): from the eval rows when given, else seeded random
+    inputs (the section's seed, plus ``seed``)."""
+    rng = np.random.default_rng(spec.get("seed") + seed)
+    sizes = sizes or spec.get("parity_batch_sizes")
     manifest = served.manifest
     if rows:
         groups = stack(row_arrays(served, rows, spec.where("eval")))

@@ -154,4 +154,4 @@ def prepare(spec: ModelSpec, version: str, *, log: common.Log) -> Prepared:
 
     export = {"exporter": "none (an ONNX file, taken as it is)",
               "onnxruntime": ort.__version__, **checked}
-    return Prepared(data, manifest, export, assets, gate)
+    return Prepared(data, manifest, export, assets, gate, rows=rows, texts=texts)

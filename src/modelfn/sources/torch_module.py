@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,18 +203,7 @@ def prepare(spec: ModelSpec, version: str, *, store: Store, run_id: str | None,
         example = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     names = _outputs(spec, module, example)
     log(f"exporting {spec.name} to ONNX, opset {spec.get('opset')} ...")
-    onnx_bytes, failures = None, []
-    for shared in (False, True):  # inputs whose -1 axes must be equal (ids and mask) need
-        try:                      # one name: tried second, as torch.export asks
-            onnx_bytes = export_onnx(module, example, [t.name for t in spec.inputs], names,
-                                     spec.get("opset"), dynamic_axes(spec, shared))
-            break
-        except ExportError:
-            raise
-        except Exception as exc:  # torch.export's errors: many kinds, long texts
-            failures.append(exc)
-    if onnx_bytes is None:
-        raise spec.error("module", f"torch.onnx.export failed: {export_failure(failures[0])}")
+    onnx_bytes = _export(spec, module, example, names)
     proto = onnx.load_from_string(onnx_bytes)
     graph_inputs, graph_outputs = graph_tensors(proto, lambda m: spec.error("inputs", m))
     _check_outputs(spec, graph_outputs)
@@ -227,23 +217,60 @@ def prepare(spec: ModelSpec, version: str, *, store: Store, run_id: str | None,
         if common.TOKENIZER in assets else None
     input_names = [t.name for t in spec.inputs]
 
-    def reference(graph_feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            with torch.no_grad():
-                out = module(*(torch.from_numpy(np.ascontiguousarray(graph_feeds[n]))
-                               for n in input_names))
-        except Exception as exc:  # the user's forward, at another batch size or length
-            shapes = ", ".join(f"{n} {list(graph_feeds[n].shape)}" for n in input_names)
-            raise spec.error("inputs", f"the module fails on inputs of the declared shapes "
-                             f"({shapes}): {common.reason(exc)}") from None
-        return as_outputs(out, names)
+    def gate_of(net: torch.nn.Module, against: str) -> Callable[[LoadedModel],
+                                                                 parity.ParityReport]:
+        def reference(graph_feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            try:
+                with torch.no_grad():
+                    out = net(*(torch.from_numpy(np.ascontiguousarray(graph_feeds[n]))
+                                for n in input_names))
+            except Exception as exc:  # the user's forward, at another batch size or length
+                shapes = ", ".join(f"{n} {list(graph_feeds[n].shape)}" for n in input_names)
+                raise spec.error("inputs", f"the module fails on inputs of the declared "
+                                 f"shapes ({shapes}): {common.reason(exc)}") from None
+            return as_outputs(out, names)
 
-    def gate(served: LoadedModel) -> parity.ParityReport:
-        batches, holdout = common.gate_batches(spec, served, rows, texts)
-        return parity.check_parity(reference, served, batches, against="torch",
-                                   atol=spec.get("atol"), rtol=spec.get("rtol"),
-                                   holdout=holdout, min_agreement=spec.get("min_agreement"))
+        def gate(served: LoadedModel) -> parity.ParityReport:
+            batches, holdout = common.gate_batches(spec, served, rows, texts)
+            return parity.check_parity(reference, served, batches, against=against,
+                                       atol=spec.get("atol"), rtol=spec.get("rtol"),
+                                       holdout=holdout, min_agreement=spec.get("min_agreement"))
+
+        return gate
+
+    def prune(amount: float, candidate: dict[str, Any], say: common.Log
+              ) -> tuple[bytes, Callable[[LoadedModel], parity.ParityReport], dict[str, Any]]:
+        from modelfn.export import pruning
+
+        pruned, details = pruning.prune(module, example, amount)
+        say(f"  prune-{amount:g}: {details['params_before']} -> {details['params_after']} "
+            "parameters")
+        epochs = candidate["finetune_epochs"]
+        if epochs and spec.train is not None:
+            details["finetune"] = pruning.finetune(spec, pruned, module, epochs=epochs,
+                                                   lr=candidate["finetune_lr"], log=say)
+        else:
+            details["finetune"] = {"epochs": 0, "why": "finetune_epochs = 0" if not epochs
+                                   else "the section has no [train] table to fine-tune on"}
+        return (_export(spec, pruned, example, names), gate_of(pruned, "the pruned torch module"),
+                details)
 
     export = {"exporter": EXPORTER, "torch": torch.__version__,
               "onnxruntime": ort.__version__, **check_single_file(onnx_bytes)}
-    return Prepared(onnx_bytes, manifest, export, assets, gate)
+    return Prepared(onnx_bytes, manifest, export, assets, gate_of(module, "torch"), rows=rows,
+                    texts=texts, prune=prune)
+
+
+def _export(spec: ModelSpec, module: torch.nn.Module, example: tuple[torch.Tensor, ...],
+            names: list[str]) -> bytes:
+    """The module in ONNX, axes dynamic as the section declares them."""
+    failures = []
+    for shared in (False, True):  # inputs whose -1 axes must be equal (ids and mask) need
+        try:                      # one name: tried second, as torch.export asks
+            return export_onnx(module, example, [t.name for t in spec.inputs], names,
+                               spec.get("opset"), dynamic_axes(spec, shared))
+        except ExportError:
+            raise
+        except Exception as exc:  # torch.export's errors: many kinds, long texts
+            failures.append(exc)
+    raise spec.error("module", f"torch.onnx.export failed: {export_failure(failures[0])}")

@@ -215,13 +215,11 @@ def prepare(spec: ModelSpec, version: str, *, log: common.Log) -> Prepared:
             got, want, texts, _groups(groups, len(texts)), against=against,
             min_cosine=spec.get("min_cosine"), atol=spec.get("atol"))
 
-    int8 = None
-    if spec.get("quantize") != "none" and task == "sentence-embedding":
-        int8 = _int8(spec, texts, groups)
     export = {"exporter": EXPORTER, "torch": torch.__version__,
               "transformers": transformers.__version__, "onnxruntime": ort.__version__,
               **check_single_file(onnx_bytes)}
-    return Prepared(onnx_bytes, manifest, export, assets, gate, int8)
+    return Prepared(onnx_bytes, manifest, export, assets, gate, rows=rows,
+                    texts=None if rows else texts)
 
 
 def _package_version(path: Any) -> dict[str, str]:
@@ -263,46 +261,3 @@ def pooled(served: LoadedModel, texts: list[str],
             vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
         out.append(vec.astype(np.float32))
     return np.concatenate(out)
-
-
-def _int8(spec: ModelSpec, texts: list[str], groups: list[Any]) -> Callable[
-        [LoadedModel], tuple[Callable[[LoadedModel], Any], Callable[[LoadedModel], float]]]:
-    calibration = calibration_texts(spec)
-
-    def int8(fp32: LoadedModel) -> tuple[Callable[[LoadedModel], Any],
-                                         Callable[[LoadedModel], float]]:
-        base = parity.served_embeddings(fp32, texts)
-        calibration_base = parity.served_embeddings(fp32, calibration)
-
-        def int8_gate(served: LoadedModel) -> parity.EmbeddingReport:
-            return parity.compare_embeddings(
-                parity.served_embeddings(served, texts), base, texts,
-                _groups(groups, len(texts)), against="fp32",
-                min_cosine=spec.get("int8_min_cosine"),
-                min_retrieval_agreement=spec.get("int8_min_retrieval_agreement"))
-
-        def loss(served: LoadedModel) -> float:
-            got = parity.served_embeddings(served, calibration)
-            return float(1.0 - (got * calibration_base).sum(axis=1).min())
-
-        return int8_gate, loss
-
-    return int8
-
-
-def calibration_texts(spec: ModelSpec) -> list[str]:
-    """Texts for the int8 sensitivity measure, spread over the ``calibration`` file (rows
-    with ``inputs`` or ``text``), never the gate's rows."""
-    if spec.get("calibration") is None:
-        raise spec.error("calibration", "required with quantize: texts apart from the eval "
-                         "rows, to measure which MatMuls int8 hurts most")
-    path = spec.path("calibration")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-    found = [str(r.get("inputs", r.get("text"))) for r in rows
-             if isinstance(r, dict) and ("inputs" in r or "text" in r)]
-    if not found:
-        raise spec.error("calibration", f"{path.name} has no rows with 'inputs' or 'text'")
-    count = spec.get("calibration_size")
-    step = max(1, len(found) // count)
-    return found[::step][:count]

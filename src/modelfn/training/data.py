@@ -51,8 +51,11 @@ def eval_rows(split: Split) -> list[dict[str, Any]]:
     format): what an example writes as its ``eval.jsonl``."""
     rows = []
     for x, y in zip(split.x_holdout, split.y_holdout, strict=True):
-        value = x if isinstance(x, str) else np.asarray(x).tolist()
-        if isinstance(value, list) and all(float(v).is_integer() for v in value):
-            value = [int(v) for v in value]
+        if isinstance(x, str):
+            value: Any = x
+        else:  # integer-valued pixels as integers, at any rank
+            arr = np.asarray(x)
+            whole = arr.dtype.kind in "iu" or bool(np.all(np.mod(arr, 1) == 0))
+            value = arr.astype(np.int64).tolist() if whole else arr.tolist()
         rows.append({"inputs": value, "label": split.labels[int(y)]})
     return rows

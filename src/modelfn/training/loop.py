@@ -78,32 +78,9 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
     n_epochs = recipe.epochs if epochs is None else epochs
     if n_epochs < 1:
         raise TrainingError("--epochs must be at least 1")
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_epochs)
-    gen = torch.Generator().manual_seed(seed)
-    history = []
-    bar = tqdm(range(1, n_epochs + 1), desc=f"train {recipe.name} [{dev.type}]", unit="epoch",
-               disable=not progress)
-    for epoch in bar:
-        model.train()
-        order = torch.randperm(len(y_tr), generator=gen).to(dev)
-        total, correct, seen = 0.0, 0, 0
-        for i in range(0, len(order), recipe.batch_size):
-            idx = order[i:i + recipe.batch_size]
-            logits = model(*(t[idx] for t in x_tr))
-            loss = nn.functional.cross_entropy(logits, y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            correct += (logits.argmax(dim=1) == y_tr[idx]).sum().item()
-            seen += len(idx)
-        sched.step()
-        ho_loss, ho_acc = evaluate(model, x_ho, y_ho)
-        history.append({"epoch": epoch, "train_loss": total / seen,
-                        "train_accuracy": correct / seen, "holdout_loss": ho_loss,
-                        "holdout_accuracy": ho_acc})
-        bar.set_postfix(loss=f"{total / seen:.4f}", holdout_acc=f"{ho_acc:.4f}")
+    history = fit(model, x_tr, y_tr, x_ho, y_ho, epochs=n_epochs, lr=recipe.lr,
+                  weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, seed=seed,
+                  desc=f"train {recipe.name} [{dev.type}]", progress=progress)
 
     buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -111,7 +88,7 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
                 "labels": split.labels}, buf)
     checkpoint = buf.getvalue()
     run_id = run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    metrics = {
+    metrics: dict[str, Any] = {
         "recipe": recipe.name,
         "run_id": run_id,
         "seed": seed,
@@ -137,6 +114,49 @@ def train(recipe: Recipe, store: Store, *, device: str = "auto", epochs: int | N
                          training_curve(recipe.name, history, metrics["majority_baseline"]),
                          json_bytes(metrics))
     return metrics
+
+
+def fit(model: nn.Module, x_tr: Features, y_tr: torch.Tensor, x_ho: Features,
+        y_ho: torch.Tensor, *, epochs: int, lr: float, weight_decay: float, batch_size: int,
+        seed: int, desc: str, progress: bool = True, teacher: nn.Module | None = None,
+        ) -> list[dict[str, float]]:
+    """AdamW with a cosine schedule over ``epochs``; the history of each epoch. With a
+    ``teacher`` (e.g. the model a pruned one came from), the loss is half cross-entropy,
+    half the teacher's softened outputs (distillation, temperature 2)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    gen = torch.Generator().manual_seed(seed)
+    if teacher is not None:
+        teacher.eval()
+    history = []
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(y_tr), generator=gen).to(y_tr.device)
+        total, correct, seen = 0.0, 0, 0
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            logits = model(*(t[idx] for t in x_tr))
+            loss = nn.functional.cross_entropy(logits, y_tr[idx])
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = nn.functional.softmax(teacher(*(t[idx] for t in x_tr)) / 2, dim=1)
+                kl = nn.functional.kl_div(nn.functional.log_softmax(logits / 2, dim=1), soft,
+                                          reduction="batchmean")
+                loss = 0.5 * loss + 0.5 * 4 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            correct += (logits.argmax(dim=1) == y_tr[idx]).sum().item()
+            seen += len(idx)
+        sched.step()
+        ho_loss, ho_acc = evaluate(model, x_ho, y_ho)
+        history.append({"epoch": epoch, "train_loss": total / seen,
+                        "train_accuracy": correct / seen, "holdout_loss": ho_loss,
+                        "holdout_accuracy": ho_acc})
+        bar.set_postfix(loss=f"{total / seen:.4f}", holdout_acc=f"{ho_acc:.4f}")
+    return history
 
 
 def majority_baseline(y_train: np.ndarray, y_holdout: np.ndarray) -> float:
