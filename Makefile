@@ -63,9 +63,12 @@ deploy: setup
 	$(SAM_VENV)/bin/sam deploy --config-env $(ENV) --parameter-overrides $$params
 
 # the serving benchmarks (cold start, warm latency and cost, BentoML peer, sizes): about
-# 10 minutes; results and charts in bench/results/, summary in bench/results/serving.md
+# 10 minutes; results and charts in bench/results/, summary in bench/results/serving.md;
+# then the build's optimization report (every candidate of every example, session
+# creation and cold start before / after): about 8 minutes, bench/results/optimization.md
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench.serving
+	$(BIN)/python -m bench.optimization
 
 clean:
 	rm -rf .aws-sam .pytest_cache .ruff_cache

@@ -390,6 +390,6 @@ def test_models_command_shows_the_eval_report(tmp_path: Path,
     assert main(["models", "--store", str(store_dir)]) == 0
     header, *lines = capsys.readouterr().out.splitlines()
     column = header.index("eval")
-    assert header.split()[6:9] == ["gate", "eval", "created"]
+    assert header.split()[5:10] == ["precision", "speed-up", "gate", "eval", "created"]
     assert [line[column:column + 14].strip() for line in lines] == [
         "macro-F1 0.986", "-", "recall@1 0.950"]

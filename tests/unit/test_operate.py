@@ -16,6 +16,7 @@ from modelfn import registry
 from modelfn.cli import main
 from modelfn.local.lambda_context import LocalContext
 from modelfn.runtime import snapstart
+from modelfn.runtime.model import read_manifest
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
 from tests.conftest import ROOT, load_event
@@ -47,7 +48,11 @@ def test_promote_moves_an_alias_and_models_shows_it(two_versions: Path,
     assert header[:4] == ["model", "version", "aliases", "size"] and "gate" in header
     rows = {line.split()[1]: line for line in table[1:] if line.startswith("digits-cnn")}
     assert " live " in rows["1"] and " canary " in rows["2"]
-    assert "agreement 1.0000" in rows["2"] and "MiB" in rows["2"]
+    # the shipped model's gate: fp32's against torch, or a candidate's against fp32
+    shipped = read_manifest(open_store(store), "digits-cnn", "2")
+    attempts = [a for a in shipped.optimization["attempts"] if a["shipped"]]
+    agreement = (attempts[0]["quality"] if attempts else shipped.export["parity"])["agreement"]
+    assert f"agreement {agreement:.4f}" in rows["2"] and "MiB" in rows["2"]
     # rolling back is promoting the previous version
     assert main(["promote", "digits-cnn", "1", "--alias", "canary", "--store", store]) == 0
     assert "canary from 2 → 1" in capsys.readouterr().out

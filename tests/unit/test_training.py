@@ -12,6 +12,7 @@ import torch
 from modelfn import registry
 from modelfn.cli import main
 from modelfn.errors import TrainingError
+from modelfn.runtime.model import read_manifest
 from modelfn.store import open_store
 from modelfn.training import data, loop, recipes
 from tests.conftest import example, example_rows, example_split
@@ -115,7 +116,10 @@ def test_models_command_lists_versions_and_parity(store_copy: Path,
     by_name = {row.split()[0]: row for row in rows}
     assert sorted(by_name) == ["digits-cnn", "minilm", "textcls"]
     assert by_name["digits-cnn"].split()[:3] == ["digits-cnn", "1", "live"]
-    assert "fp32" in by_name["digits-cnn"] and "agreement 1.0000" in by_name["digits-cnn"]
+    shipped = read_manifest(store, "digits-cnn", "1")  # what its gates chose
+    cells = by_name["digits-cnn"].split()
+    assert shipped.precision in cells and "agreement" in cells
+    assert (f"{shipped.speedup:.2f}x@32" if shipped.speedup else "-") in cells
     assert "sentence-embedding" in by_name["minilm"] and "min cos 0.9" in by_name["minilm"]
 
 

@@ -249,7 +249,10 @@ class Optimizer:
             min_cosine=spec.get("optimized_min_cosine"),
             min_retrieval_agreement=spec.get("optimized_min_retrieval_agreement"),
             expected=self.expected)
-        metric = self._metric(served) if self.fp32_metric is not None else None
+        # the eval metric costs a second pass over the rows: not for a candidate that
+        # failed already
+        metric = self._metric(served) if self.fp32_metric is not None and report.passed \
+            else None
         if metric is not None and self.fp32_metric is not None:
             report.add_metric(metric[0], self.fp32_metric[1], metric[1],
                               spec.get("max_metric_drop"))
