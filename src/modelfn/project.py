@@ -144,6 +144,7 @@ COMMON: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "optimized_min_agreement": ((int, float), 0.99),
     "optimized_min_cosine": ((int, float), 0.98),
     "optimized_min_retrieval_agreement": ((int, float), 0.95),
+    "optimized_max_relative_error": ((int, float), 0.1),
     "max_metric_drop": ((int, float), 0.01),
     "min_speedup": ((int, float), 1.1),
     "min_speedup_batch1": ((int, float), 0.95),
@@ -152,6 +153,9 @@ COMMON: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "calibration": (str, None),
     "calibration_size": (int, 64),
 }
+#: what ``--precision`` takes: auto, fp32, a candidate kind, or int8 (the int8 kinds the
+#: section lists, else the one its graph's content suggests)
+PRECISIONS = ("auto", "fp32", "int8", "dynamic-int8", "static-int8", "prune")
 #: keys an earlier modelfn took, and what replaced them
 RENAMED = {
     "quantize": 'optimize, a list of candidates (e.g. optimize = ["dynamic-int8"])',
@@ -459,7 +463,8 @@ def _check_numbers(keys: dict[str, Any], where: Callable[[str], str]) -> None:
                 "max_metric_drop"):
         if not 0 <= keys[key] <= 1:
             raise ConfigError(f"{where(key)}: must lie in [0, 1]")
-    for key in ("min_speedup", "min_speedup_batch1", "speed_seconds"):
+    for key in ("min_speedup", "min_speedup_batch1", "speed_seconds",
+                "optimized_max_relative_error"):
         if keys[key] <= 0:
             raise ConfigError(f"{where(key)}: must be more than 0")
     for key in ("max_batch", "export_batch", "opset", "calibration_size", "typical_batch"):
@@ -483,6 +488,11 @@ def _train(train: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]
         raise ConfigError(f"{where('train.data')}: required: \"file.py:callable\" "
                           "returning the data split")
     return train
+
+
+def candidate_defaults(kind: str) -> dict[str, Any]:
+    """A candidate of ``kind`` with every key at its default."""
+    return {"kind": kind, **{k: copy.deepcopy(d) for k, (_, d) in CANDIDATES[kind].items()}}
 
 
 def _optimize(items: list[Any], source: str, where: Callable[[str], str]
@@ -515,8 +525,7 @@ def _optimize(items: list[Any], source: str, where: Callable[[str], str]
                                   f"{_did_you_mean(key, schema)} ({kind} takes: "
                                   f"{', '.join(['kind', *schema])})")
             _typed(_under(where, at), key, value, schema[key][0])
-        candidate = {"kind": kind, **{k: copy.deepcopy(d) for k, (_, d) in schema.items()},
-                     **table}
+        candidate = {**candidate_defaults(kind), **table}
         _check_candidate(candidate, at, where)
         out.append(candidate)
     return out

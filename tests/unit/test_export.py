@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -123,3 +124,26 @@ def test_export_refuses_external_data() -> None:
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
     with pytest.raises(Exception, match="external|outside|location"):
         check_single_file(model.SerializeToString())
+
+
+def test_digits_cnn_candidates_are_faithful_and_the_fastest_ships(store_copy: Path) -> None:
+    """The shipped example's candidates on its own training run: static int8 and both
+    pruned models pass their quality gates (agreement with fp32 at least 0.99 on the
+    eval rows apart from the calibration's); with every one timed 2x, the first listed
+    ships. (Which one ships on a machine is its own speed gate's call.)"""
+    from modelfn.export.build import build
+
+    def twice(fp32: Any, cand: Any, feeds: dict[int, Any], seconds: float) -> Any:
+        return {b: {"fp32_ms": 2.0, "candidate_ms": 1.0, "speedup": 2.0, "rounds": 0}
+                for b in feeds}
+
+    manifest = build("digits-cnn", open_store(str(store_copy)), measure=twice,
+                     log=lambda *_: None)
+    attempts = manifest.optimization["attempts"]
+    assert [a["candidate"] for a in attempts] == ["static-int8", "prune-0.25", "prune-0.5"]
+    for a in attempts:
+        assert a["faithful"], a["reason"]
+        assert a["quality"]["agreement"] >= 0.99 and a["quality"]["rows"] == 296
+    assert manifest.precision == "static-int8" and manifest.speedup == 2.0
+    assert attempts[2]["params_after"] < attempts[1]["params_after"] < attempts[1][
+        "params_before"]

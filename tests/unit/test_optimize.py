@@ -245,8 +245,16 @@ def test_candidates_follow_the_graphs_content(project: Any, tmp_path: Path) -> N
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     from modelfn.export.onnx_export import export_onnx
 
-    exported = export_onnx(mlp, (torch.zeros(2, 4),), ["x"], ["y"], 18)
-    assert [c["kind"] for c in optimize.graph_content(exported)[0]] == ["dynamic-int8"]
+    # over a sequence, Linear is a MatMul: what dynamic int8 quantizes
+    tokens = export_onnx(mlp, (torch.zeros(2, 5, 4),), ["x"], ["y"], 18)
+    assert [c["kind"] for c in optimize.graph_content(tokens)[0]] == ["dynamic-int8"]
+    # over rows it is a Gemm, which onnxruntime's dynamic quantizer leaves as it is
+    rows = export_onnx(mlp, (torch.zeros(2, 4),), ["x"], ["y"], 18)
+    assert optimize.graph_content(rows) == ([], (
+        "the graph's content: no convolution or MatMul takes a stored weight (a Gemm is "
+        "not what onnxruntime's dynamic int8 quantizes)"))
+    assert "nothing for dynamic-int8 to quantize" in str(optimize.inapplicable(
+        "dynamic-int8", rows))
     assert optimize.graph_content(own_models.masked_sum_graph())[0] == []
 
 
@@ -314,3 +322,76 @@ def test_pruning_an_onnx_file_is_refused(tmp_path: Path) -> None:
                "optimize": [{"kind": "prune", "amounts": [0.5]}]}
     with pytest.raises(ConfigError, match="source = 'onnx' has no module to prune"):
         load_project(write_project(tmp_path, {"m": section}))
+
+
+# --- failures inside a candidate, forced kinds that cannot apply, records ---------------
+
+def test_a_candidate_that_fails_is_recorded_and_fp32_ships(project: Any, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    def broken(model: bytes, calibration: list[Any]) -> bytes:
+        raise RuntimeError("the quantizer met an op it does not know\nand a second line")
+
+    monkeypatch.setattr(quantize, "static_int8", broken)
+    store = store_of(tmp_path)
+    spec = project(optimize=["static-int8"])
+    manifest = build(NAME, store, project=spec, measure=timed(2.0), log=quiet)
+    (attempt,) = manifest.optimization["attempts"]
+    assert manifest.precision == "fp32"
+    assert attempt["reason"] == "failed: RuntimeError: the quantizer met an op it does not know"
+    with pytest.raises(ExportParityError, match="static-int8: failed: RuntimeError"):
+        build(NAME, store, project=spec, precision="static-int8", log=quiet)
+    assert registry.versions(store, NAME) == ["1"]
+
+
+def test_a_forced_kind_that_cannot_change_the_graph_is_refused(tmp_path: Path) -> None:
+    """An MLP over rows is all Gemm: dynamic int8 has nothing to quantize."""
+    own_models.iris_mlp(tmp_path)
+    section = {"source": "torch", "module": "mlp.py:build", "checkpoint": "weights.pt",
+               "args": {"hidden": 16},
+               "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]}
+    config = write_project(tmp_path, {"iris": section})
+    assert main(["build", "iris", "--config", str(config), "--store", str(tmp_path / "s"),
+                 "--precision", "dynamic-int8"]) == 2
+    assert registry.versions(open_store(str(tmp_path / "s")), "iris") == []
+    manifest = build("iris", open_store(str(tmp_path / "s")), project=load_project(config),
+                     log=quiet)  # auto: no candidate, and the record says why
+    assert manifest.optimization["reason"].startswith("no candidates (the graph's content")
+
+
+def test_the_eval_metric_may_drop_only_as_far_as_declared() -> None:
+    from modelfn.export.parity import CandidateReport
+
+    report = CandidateReport(kind="classification")
+    report.add_metric("macro-F1", 0.95, 0.945, 0.01)
+    assert report.passed
+    report.add_metric("macro-F1", 0.95, 0.93, 0.01)
+    assert report.failures == ["macro-F1 0.9300 is more than 0.01 below fp32's 0.9500"]
+
+
+def test_a_raw_output_scaled_is_not_faithful() -> None:
+    """Cosine cannot see a row scaled (nor judge a one-value row); relative error can."""
+    from modelfn.export.parity import CandidateReport, _compare
+
+    want = {"y": [np.array([[1.0], [2.0], [-3.0]], np.float32)]}
+    got = {"y": [2 * want["y"][0]]}
+    report = CandidateReport(kind="none")
+    _, _, cosines = _compare(report, [type("T", (), {"name": "y"})()], want, got)
+    assert np.allclose(np.concatenate(cosines), 1.0)
+    assert report.max_relative_error == pytest.approx(1.0, rel=1e-5)
+
+
+def test_the_runtime_keeps_to_the_level_only_with_the_builds_onnxruntime() -> None:
+    import onnxruntime as ort
+
+    base = {"name": "m", "version": "1", "task": "t", "inputs": [], "outputs": [],
+            "graph_inputs": [], "graph_outputs": [], "preprocess": {"kind": "none"},
+            "postprocess": {"kind": "none"}}
+    old = Manifest(**base)  # a bundle built before offline optimization
+    assert old.load_level(ort.__version__, "x86_64") == "all"
+    session = {"graph_optimization_level": "disabled", "onnxruntime": ort.__version__,
+               "machine": "x86_64"}
+    new = Manifest(**base, session=session)
+    assert new.load_level(ort.__version__, "x86_64") == "disabled"
+    assert new.load_level(ort.__version__, "aarch64") == "all"
+    assert new.load_level("1.0.0", "x86_64") == "all"

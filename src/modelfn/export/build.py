@@ -17,9 +17,9 @@ from typing import Any
 
 from modelfn import registry
 from modelfn.config import DEFAULT_MAX_BATCH
-from modelfn.errors import ExportParityError, UsageError
+from modelfn.errors import ExportParityError
 from modelfn.export import graph
-from modelfn.export.optimize import PRECISIONS, SpeedMeasure, optimize
+from modelfn.export.optimize import SpeedMeasure, check_precision, optimize
 from modelfn.packaging.limits import mib
 from modelfn.project import ModelSpec, Project, load_project
 from modelfn.runtime.manifest import Manifest
@@ -53,24 +53,19 @@ def build(model: str | ModelSpec, store: Store, *, version: str | None = None,
     """
     from modelfn import sources
 
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     spec = model if isinstance(model, ModelSpec) else (project or load_project()).get(model)
     name = spec.name
-    if precision == "prune" and spec.source != "torch":
-        raise UsageError(f"{name}: --precision prune removes channels from a torch module; "
-                         f"this model's source is {spec.source!r}")
+    check_precision(spec, precision)
     version = version or registry.next_version(store, name)
     registry.check_new_version(store, name, version)
     started = time.perf_counter()
     prepared = sources.prepare(spec, version, store=store, run_id=run_id, log=log)
     optimized, graph_record = graph.offline(prepared.onnx)
-    session = {"graph_optimization_level": graph_record["runtime_level"]}
-    manifest = prepared.manifest._replace(session=session)
+    manifest = prepared.manifest._replace(session=graph.session(graph_record))
     log(f"graph optimized offline ({graph_record['offline_level']} level): "
         f"{graph_record['nodes_before']} -> {graph_record['nodes_after']} nodes; at load: "
-        + ("layout only (needs the machine it runs on)" if graph_record["layout_at_load"]
-           else "nothing left to do"))
+        + ("the steps specific to the machine it runs on (layout, int8 kernels)"
+           if graph_record["machine_specific_at_load"] else "nothing left to do"))
     log("parity gate (fp32) ...")
     served = _served(manifest, optimized, prepared.assets)
     report = prepared.gate(served)

@@ -29,6 +29,7 @@ speed (its figures are still recorded), or the build fails. The manifest's
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -40,18 +41,15 @@ import onnx
 import onnxruntime as ort
 
 from modelfn.config import DEFAULT_MAX_BATCH
-from modelfn.errors import ExportError, ExportParityError, ModelfnError, UsageError
+from modelfn.errors import ExportParityError, ModelfnError, UsageError
 from modelfn.export import graph, parity, quantize
 from modelfn.packaging.limits import mib
-from modelfn.project import CANDIDATES, ModelSpec
+from modelfn.project import PRECISIONS, ModelSpec, candidate_defaults
 from modelfn.runtime.manifest import Manifest
 from modelfn.runtime.model import LoadedModel, from_files
 from modelfn.sources import common
 from modelfn.sources.common import Arrays, Log, Prepared
 
-#: what ``--precision`` takes: auto, fp32, a candidate kind, or int8 (the int8 kinds the
-#: section lists, else the one its graph's content suggests)
-PRECISIONS = ("auto", "fp32", "int8", *CANDIDATES)
 INT8 = (quantize.DYNAMIC, quantize.STATIC)
 #: interleaved rounds of the speed gate, per batch size: at least, at most
 MIN_ROUNDS, MAX_ROUNDS = 15, 2000
@@ -124,19 +122,37 @@ def graph_content(model: bytes) -> tuple[list[dict[str, Any]], str]:
     """The default candidates for a graph, and why: its weighted ops decide."""
     proto = onnx.load_from_string(model)
     convs = quantize.weighted(proto, ("Conv", "ConvTranspose"))
-    matmuls = quantize.weighted(proto, ("MatMul", "Gemm"))
+    matmuls = quantize.weighted(proto, ("MatMul",))
     if convs:
-        return ([{"kind": quantize.STATIC}],
+        return ([candidate_defaults(quantize.STATIC)],
                 f"the graph's content: {len(convs)} convolutions with weights (static int8)")
     if matmuls:
-        return ([{"kind": quantize.DYNAMIC, "fallback_steps": []}],
-                f"the graph's content: {len(matmuls)} MatMul/Gemm with weights, no "
-                "convolutions (dynamic int8)")
-    return [], "the graph's content: no convolution, MatMul or Gemm takes a stored weight"
+        return ([candidate_defaults(quantize.DYNAMIC)],
+                f"the graph's content: {len(matmuls)} MatMuls with weights, no convolutions "
+                "(dynamic int8)")
+    return [], ("the graph's content: no convolution or MatMul takes a stored weight (a "
+                "Gemm is not what onnxruntime's dynamic int8 quantizes)")
 
 
-def _defaults(kind: str) -> dict[str, Any]:
-    return {"kind": kind, **{k: d for k, (_, d) in CANDIDATES[kind].items()}}
+def inapplicable(kind: str, model: bytes) -> str | None:
+    """Why ``kind`` cannot change this graph (None: it can): no op with a stored weight
+    among those its quantizer quantizes."""
+    if kind not in INT8:
+        return None
+    ops = quantize.quantized_ops(kind)
+    if quantize.weighted(model, ops):
+        return None
+    return (f"nothing for {kind} to quantize: none of its ops ({', '.join(ops)}) takes a "
+            "stored weight in this graph")
+
+
+def check_precision(spec: ModelSpec, precision: str) -> None:
+    """``precision`` is one this model can be built at (before any work is done)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision == "prune" and spec.source != "torch":
+        raise UsageError(f"{spec.name}: --precision prune removes channels from a torch "
+                         f"module; this model's source is {spec.source!r}")
 
 
 def candidates(spec: ModelSpec, model: bytes, precision: str) -> tuple[list[dict[str, Any]], str]:
@@ -153,10 +169,12 @@ def candidates(spec: ModelSpec, model: bytes, precision: str) -> tuple[list[dict
             c["kind"] for c in graph_content(model)[0]] or [quantize.DYNAMIC]
     else:
         kinds = [precision]
-    if precision == "prune" and spec.source != "torch":
-        raise UsageError(f"{spec.name}: --precision prune needs a torch source; this one is "
-                         f"{spec.source!r}")
-    chosen = [next((c for c in configured if c["kind"] == k), _defaults(k)) for k in kinds]
+    for kind in kinds:
+        why = inapplicable(kind, model)
+        if why is not None:
+            raise UsageError(f"{spec.name}: --precision {precision}: {why}")
+    chosen = [next((c for c in configured if c["kind"] == k), candidate_defaults(k))
+              for k in kinds]
     return chosen, f"--precision {precision}"
 
 
@@ -192,23 +210,45 @@ class Optimizer:
         spec, rows, size = self.spec, self.prepared.rows, self.spec.get("calibration_size")
         if spec.get("calibration") is not None:
             found = calibration_rows(spec)
-            step = max(1, len(found) // size)
-            arrays = common.row_arrays(self.fp32, found[::step][:size],
+            gated = {_key(r["inputs"]) for r in rows or []}
+            apart = [r for r in found if _key(r["inputs"]) not in gated]
+            if not apart:
+                raise spec.error("calibration", "every row is one of the eval rows: "
+                                 "calibration rows must be apart from the gate's")
+            step = max(1, len(apart) // size)
+            arrays = common.row_arrays(self.fp32, apart[::step][:size],
                                        spec.where("calibration"))
+            dropped = len(found) - len(apart)
             return (self._chunks(arrays), rows,
-                    f"{spec.get('calibration')} ({min(size, len(found))} rows)")
+                    f"{spec.get('calibration')} ({min(size, len(apart))} rows"
+                    + (f"; {dropped} that are eval rows left out)" if dropped else ")"))
         if rows and len(rows) >= 8:
-            n = min(size, len(rows) // 4)
-            order = np.random.default_rng(spec.get("seed") + 1).permutation(len(rows))
-            apart = set(order[:n].tolist())
-            held = [r for i, r in enumerate(rows) if i in apart]
-            rest = [r for i, r in enumerate(rows) if i not in apart]
+            held, rest = self._hold_apart(rows, min(size, len(rows) // 4))
             return (self._chunks(common.row_arrays(self.fp32, held, spec.where("eval"))), rest,
-                    f"{n} of the {len(rows)} eval rows, held apart from the gate's {len(rest)}")
+                    f"{len(held)} of the {len(rows)} eval rows, held apart from the gate's "
+                    f"{len(rest)}")
         batches, _ = common.gate_batches(spec, self.fp32, None, self.prepared.texts,
                                          sizes=[CALIBRATION_BATCH] * 4, seed=1)
         return (batches, rows, "seeded random inputs (the section names no calibration "
                 "file and too few eval rows to hold some apart)")
+
+    def _hold_apart(self, rows: list[dict[str, Any]], n: int
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(about ``n`` rows for calibration, the rest), seeded; for embeddings whole
+        groups (a paraphrase and its pair stay together: recall@1 needs both)."""
+        rng = np.random.default_rng(self.spec.get("seed") + 1)
+        if self.fp32.manifest.postprocess["kind"] == "embedding":
+            groups = sorted({str(r.get("label")) for r in rows})
+            chosen: set[str] = set()
+            for g in rng.permutation(groups):
+                if sum(str(r.get("label")) in chosen for r in rows) >= n:
+                    break
+                chosen.add(str(g))
+            apart = {i for i, r in enumerate(rows) if str(r.get("label")) in chosen}
+        else:
+            apart = set(rng.permutation(len(rows))[:n].tolist())
+        return ([r for i, r in enumerate(rows) if i in apart],
+                [r for i, r in enumerate(rows) if i not in apart])
 
     def _chunks(self, arrays: list[Arrays]) -> list[Arrays]:
         out = []
@@ -224,9 +264,10 @@ class Optimizer:
 
     # --- serving and gating a candidate ----------------------------------------------
 
-    def serve(self, model: bytes, level: str = "all") -> LoadedModel:
-        manifest: Manifest = self.fp32.manifest._replace(
-            session={"graph_optimization_level": level})
+    def serve(self, model: bytes, session: dict[str, Any] | None = None) -> LoadedModel:
+        """``model`` served as the runtime serves it (``session``: the manifest's, from
+        :func:`graph.session`; None: every level at load)."""
+        manifest: Manifest = self.fp32.manifest._replace(session=session or {})
         return from_files(manifest, {manifest.model_file: model, **self.prepared.assets},
                           max_batch=manifest.max_batch or DEFAULT_MAX_BATCH)
 
@@ -248,6 +289,7 @@ class Optimizer:
             self.fp32, served, self.batches, min_agreement=spec.get("optimized_min_agreement"),
             min_cosine=spec.get("optimized_min_cosine"),
             min_retrieval_agreement=spec.get("optimized_min_retrieval_agreement"),
+            max_relative_error=spec.get("optimized_max_relative_error"),
             expected=self.expected)
         # the eval metric costs a second pass over the rows: not for a candidate that
         # failed already
@@ -271,18 +313,20 @@ class Optimizer:
                     worst = max(worst, float(1.0 - parity.row_cosines(b[n], a[n]).min()))
         return worst
 
-    def offline(self, model: bytes) -> tuple[bytes, LoadedModel]:
-        """``model`` optimized offline, and served as the runtime will serve it."""
+    def offline(self, model: bytes) -> tuple[bytes, LoadedModel, dict[str, Any]]:
+        """``model`` optimized offline, served as the runtime will serve it, and the
+        record of the offline optimization."""
         optimized, record = graph.offline(model)
-        return optimized, self.serve(optimized, record["runtime_level"])
+        return optimized, self.serve(optimized, graph.session(record)), record
 
-    def finish(self, attempt: Attempt, made: tuple[bytes, LoadedModel],
+    def finish(self, attempt: Attempt, made: tuple[bytes, LoadedModel, dict[str, Any]],
                extra_gate: Callable[[LoadedModel], parity.GateReport] | None = None,
                report: parity.CandidateReport | None = None) -> None:
         """Gate a candidate (optimized offline, and served) for quality, unless
         ``report`` is its gate's already, and time it against fp32."""
-        optimized, served = made
+        optimized, served, record = made
         attempt.model, attempt.session = optimized, dict(served.manifest.session)
+        attempt.details["graph_optimization"] = record
         report = report or self.quality(served)
         attempt.quality = report.as_dict()
         failures = list(report.failures)
@@ -312,13 +356,9 @@ class Optimizer:
 
     # --- the candidates ----------------------------------------------------------------
 
-    def dynamic_int8(self, candidate: dict[str, Any]) -> list[Attempt]:
-        attempt = Attempt(quantize.DYNAMIC, quantize.DYNAMIC,
-                          {"fallback_steps": candidate["fallback_steps"]})
+    def dynamic_int8(self, attempt: Attempt, candidate: dict[str, Any]) -> None:
+        attempt.params = {"fallback_steps": candidate["fallback_steps"]}
         raw = self.prepared.onnx
-        if not quantize.weighted(raw, ("MatMul", "Gemm")):
-            attempt.reason = "nothing to quantize: no MatMul or Gemm takes a stored weight"
-            return [attempt]
         last: dict[str, Any] = {}
 
         def gate(model: bytes) -> parity.CandidateReport:
@@ -329,44 +369,50 @@ class Optimizer:
         result = quantize.quantize_with_fallback(raw, gate, self.loss,
                                                  fallback_steps=candidate["fallback_steps"],
                                                  log=self.log)
-        attempt.details = {"steps": result.attempts, "kept_fp32": result.kept_fp32,
+        attempt.details = {"steps": result.attempts, "kept_fp32": result.measured_kept,
                            "sensitivity": result.sensitivity[:12]}
         self.finish(attempt, last["made"], report=last["report"])
-        return [attempt]
 
-    def static_int8(self, candidate: dict[str, Any]) -> list[Attempt]:
-        attempt = Attempt(quantize.STATIC, quantize.STATIC,
-                          {"calibration": self.calibration_source})
+    def static_int8(self, attempt: Attempt, candidate: dict[str, Any]) -> None:
+        attempt.params = {"calibration": self.calibration_source}
         feeds = [self._graph_feeds(b) for b in self.calibration]
-        try:
-            model = quantize.static_int8(self.prepared.onnx, feeds)
-        except Exception as exc:  # onnxruntime's quantizer, on a graph it cannot follow
-            attempt.reason = f"onnxruntime's static quantization failed: {common.reason(exc)}"
-            self.log(f"  {attempt.name}: {attempt.reason}")
-            return [attempt]
-        self.finish(attempt, self.offline(model))
-        return [attempt]
+        self.finish(attempt, self.offline(quantize.static_int8(self.prepared.onnx, feeds)))
 
     def prune(self, candidate: dict[str, Any]) -> list[Attempt]:
+        """One attempt per amount, each on its own."""
         out = []
         for amount in candidate["amounts"]:
             attempt = Attempt(f"prune-{amount:g}", "prune", {
                 "amount": amount, "finetune_epochs": candidate["finetune_epochs"]})
+            out.append(attempt)
             if self.prepared.prune is None:
                 attempt.reason = "pruning needs the torch module"
-                out.append(attempt)
                 continue
-            try:
-                model, export_gate, details = self.prepared.prune(amount, candidate, self.log)
-            except ModelfnError as exc:
-                attempt.reason = exc.message
-                self.log(f"  {attempt.name}: {attempt.reason}")
-                out.append(attempt)
-                continue
-            attempt.details = details
-            self.finish(attempt, self.offline(model), export_gate)
-            out.append(attempt)
+            prune = self.prepared.prune
+
+            def one(a: Attempt = attempt, amount: float = amount, prune: Any = prune) -> None:
+                model, export_gate, details = prune(amount, candidate, self.log)
+                a.details = details
+                self.finish(a, self.offline(model), export_gate)
+
+            self.attempt(attempt, one)
         return out
+
+    def attempt(self, attempt: Attempt, work: Callable[[], None]) -> None:
+        """Run one candidate's ``work``; whatever fails in it (a quantizer, torch-pruning
+        or onnxruntime on a graph they cannot follow) is that candidate's reason, in one
+        line: the build goes on with the others."""
+        started = time.perf_counter()
+        try:
+            work()
+        except ModelfnError as exc:
+            attempt.reason = f"failed: {exc.message}"
+        except Exception as exc:  # someone else's code: one line
+            attempt.reason = f"failed: {common.reason(exc)}"
+        if attempt.reason.startswith("failed: "):
+            attempt.faithful = attempt.faster = False
+            self.log(f"  {attempt.name}: {attempt.reason}")
+        attempt.seconds += time.perf_counter() - started
 
 
 def optimize(spec: ModelSpec, prepared: Prepared, fp32: LoadedModel, fp32_bytes: bytes,
@@ -393,20 +439,23 @@ def optimize(spec: ModelSpec, prepared: Prepared, fp32: LoadedModel, fp32_bytes:
                       [("metric", opt.fp32_metric[0]), ("value", opt.fp32_metric[1])]),
                   gates={k: spec.get(k) for k in (
                       "optimized_min_agreement", "optimized_min_cosine",
-                      "optimized_min_retrieval_agreement", "max_metric_drop", "min_speedup",
+                      "optimized_min_retrieval_agreement", "optimized_max_relative_error",
+                      "max_metric_drop", "min_speedup",
                       "min_speedup_batch1")})
     attempts: list[Attempt] = []
     for candidate in todo:
-        begun = time.perf_counter()
-        step = {quantize.DYNAMIC: opt.dynamic_int8, quantize.STATIC: opt.static_int8,
-                "prune": opt.prune}[candidate["kind"]]
-        try:
-            made = step(candidate)
-        except (ExportError, ExportParityError) as exc:
-            made = [Attempt(candidate["kind"], candidate["kind"], {}, reason=exc.message)]
-        for a in made:
-            a.seconds = time.perf_counter() - begun
-        attempts += made
+        kind = candidate["kind"]
+        if kind == "prune":
+            attempts += opt.prune(candidate)
+            continue
+        attempt = Attempt(kind, kind, {})
+        attempts.append(attempt)
+        why = inapplicable(kind, prepared.onnx)
+        if why is not None:
+            attempt.reason = why
+            continue
+        step = opt.dynamic_int8 if kind == quantize.DYNAMIC else opt.static_int8
+        opt.attempt(attempt, functools.partial(step, attempt, candidate))
     forced = precision not in ("auto", "fp32")
     eligible = [a for a in attempts if a.faithful and (a.faster or forced)]
     best = max(eligible, key=lambda a: (a.speed or {}).get(opt.typical, {}).get("speedup", 0),
@@ -430,10 +479,18 @@ def optimize(spec: ModelSpec, prepared: Prepared, fp32: LoadedModel, fp32_bytes:
     assert best.model is not None and best.speed is not None
     record.update(shipped=best.name, speedup=best.speed[opt.typical]["speedup"],
                   speedup_batch1=best.speed[1]["speedup"], size=len(best.model),
-                  reason=best.reason)
+                  reason=best.reason, weights=(
+                      "the source's, with channels removed and fine-tuned (see the attempt)"
+                      if best.kind == "prune" else "the source's, quantized"))
     log(f"{best.name} ships: {mib(len(best.model))} instead of {mib(len(fp32_bytes))}, "
         f"{best.speed[opt.typical]['speedup']:.2f}x at batch {opt.typical}")
     return best.model, best.session, record
+
+
+def _key(inputs: Any) -> str:
+    import json
+
+    return json.dumps(inputs, sort_keys=True)
 
 
 def calibration_rows(spec: ModelSpec) -> list[dict[str, Any]]:

@@ -252,6 +252,10 @@ class CandidateReport(GateReport):
     min_retrieval_agreement: float | None = None
     retrieval_agreement: float | None = None
     max_abs_diff: float = 0.0
+    #: raw float outputs: the worst row's ||candidate - fp32|| / ||fp32|| (cosine alone
+    #: cannot see a row scaled, nor judge a row of one value)
+    max_relative_error_allowed: float | None = None
+    max_relative_error: float | None = None
     metric: str | None = None
     fp32_metric: float | None = None
     candidate_metric: float | None = None
@@ -267,6 +271,8 @@ class CandidateReport(GateReport):
             parts.append(f"cosine min {self.min_cosine:.6f}")
         if self.retrieval_agreement is not None:
             parts.append(f"top-1 retrieval agreement {self.retrieval_agreement:.4f}")
+        if self.max_relative_error is not None:
+            parts.append(f"relative error {self.max_relative_error:.3g}")
         if self.metric is not None and self.candidate_metric is not None:
             parts.append(f"{self.metric} {self.candidate_metric:.4f} (fp32 "
                          f"{self.fp32_metric:.4f})")
@@ -331,16 +337,27 @@ def _retrieval(report: CandidateReport, want: np.ndarray, got: np.ndarray,
                                f"with fp32 is below {minimum}")
 
 
+def row_relative_errors(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Each row's ||got - want|| / ||want|| (a row flattened)."""
+    g = got.reshape(len(got), -1).astype(np.float64)
+    w = want.reshape(len(want), -1).astype(np.float64)
+    return np.linalg.norm(g - w, axis=1) / (np.linalg.norm(w, axis=1) + 1e-6)
+
+
 def _compare(report: CandidateReport, outputs: list[Any], want: dict[str, list[np.ndarray]],
              got: dict[str, list[np.ndarray]]) -> tuple[int, int, list[np.ndarray]]:
     """(rows that agree, rows compared, row cosines) over the outputs: labels and
-    integers row by row, floats by cosine (a classifier's floats only by max |diff|)."""
+    integers row by row, floats by cosine and, raw ones, relative error (a classifier's
+    floats only by max |diff|: it is judged by its labels)."""
     same, total, cosines = 0, 0, []
     for t in outputs:
         for w, g in zip(want[t.name], got[t.name], strict=True):
             if w.dtype.kind == "f":
-                if report.kind != "classification":  # a classifier is judged by its labels
+                if report.kind != "classification":
                     cosines.append(row_cosines(g, w))
+                if report.kind == "none" and len(w):
+                    worst = float(row_relative_errors(g, w).max())
+                    report.max_relative_error = max(report.max_relative_error or 0.0, worst)
                 report.max_abs_diff = max(report.max_abs_diff,
                                           float(np.abs(g.astype(np.float64) - w).max()))
             elif t.name != "truncated":
@@ -352,6 +369,7 @@ def _compare(report: CandidateReport, outputs: list[Any], want: dict[str, list[n
 def check_candidate(fp32: LoadedModel, candidate: LoadedModel, batches: Sequence[Arrays], *,
                     min_agreement: float, min_cosine: float,
                     min_retrieval_agreement: float | None = None,
+                    max_relative_error: float | None = None,
                     expected: Sequence[Arrays] | None = None) -> CandidateReport:
     """The candidate's API outputs against fp32's on the same API inputs (``batches``;
     ``expected``: fp32's outputs on them, when known already); failures are listed, not
@@ -383,6 +401,11 @@ def check_candidate(fp32: LoadedModel, candidate: LoadedModel, batches: Sequence
         if report.min_cosine < min_cosine:
             report.failures.append(f"min cosine {report.min_cosine:.6f} against fp32 is "
                                    f"below {min_cosine}")
+    if report.max_relative_error is not None and max_relative_error is not None:
+        report.max_relative_error_allowed = max_relative_error
+        if report.max_relative_error > max_relative_error:
+            report.failures.append(f"relative error {report.max_relative_error:.4g} against "
+                                   f"fp32 exceeds {max_relative_error:g} (the worst row)")
     if kind == "embedding" and min_retrieval_agreement is not None:
         out = manifest.postprocess.get("output", "embedding")
         _retrieval(report, _concat(want[out]), _concat(got[out]), min_retrieval_agreement)

@@ -66,11 +66,12 @@ def prune(module: nn.Module, example: tuple[torch.Tensor, ...], amount: float
             pruned, example, importance=tp.importance.MagnitudeImportance(p=2),
             pruning_ratio=amount, ignored_layers=ignored)
         pruner.step()
-    except Exception as exc:  # torch-pruning cannot trace every module
+        with torch.no_grad():
+            got = pruned(*example)
+    except Exception as exc:  # torch-pruning cannot follow every module (a hard-coded
+        # reshape, a recurrent layer): the candidate fails, in one line
         raise ExportError(f"torch-pruning cannot prune this module: {common.reason(exc)}"
                           ) from None
-    with torch.no_grad():
-        got = pruned(*example)
     shapes = [tuple(t.shape) for t in (want if isinstance(want, tuple | list) else [want])]
     if shapes != [tuple(t.shape) for t in (got if isinstance(got, tuple | list) else [got])]:
         raise ExportError("pruning changed the shapes of the module's outputs")

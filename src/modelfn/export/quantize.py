@@ -30,6 +30,14 @@ DYNAMIC = "dynamic-int8"
 STATIC = "static-int8"
 
 
+def quantized_ops(kind: str) -> tuple[str, ...]:
+    """The ops the quantizer of ``kind`` quantizes (onnxruntime's own registries: Gemm,
+    for one, is not among the dynamic quantizer's)."""
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
+
+    return tuple(sorted(IntegerOpsRegistry if kind == DYNAMIC else QDQRegistry))
+
+
 class _quiet:
     """onnxruntime's quantizers log hints ("consider pre-processing") on every call."""
 
@@ -102,6 +110,8 @@ def weighted(model: bytes | onnx.ModelProto, ops: tuple[str, ...] = ("MatMul",))
 class QuantizeResult:
     model: bytes | None
     kept_fp32: list[str] = field(default_factory=list)
+    #: the MatMuls kept in fp32 in the last model tried (passed or not)
+    measured_kept: list[str] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
 
@@ -137,6 +147,7 @@ def quantize_with_fallback(model: bytes, gate: Callable[[bytes], Any],
     for k in fallback_steps:
         keep = [n for _, n in ranked[:k]]
         candidate = quantize_int8(model, exclude=keep)
+        result.measured_kept = keep
         report = gate(candidate)
         result.attempts.append({**report.as_dict(), "kept_fp32": k,
                                 "model_bytes": len(candidate)})

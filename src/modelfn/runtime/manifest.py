@@ -271,7 +271,16 @@ class Manifest(NamedTuple):
 
     @property
     def graph_optimization_level(self) -> str:
+        """The levels the build left for onnxruntime to apply at load."""
         return str(self.session.get("graph_optimization_level", "all"))
+
+    def load_level(self, onnxruntime: str, machine: str) -> str:
+        """The levels to apply at load by a runtime with ``onnxruntime`` on ``machine``:
+        what the manifest says if the build optimized the graph with the same, else
+        every level (the graph is valid either way, only slower to start)."""
+        level = self.graph_optimization_level
+        built = (self.session.get("onnxruntime"), self.session.get("machine"))
+        return level if level == "all" or built == (onnxruntime, machine) else "all"
 
     @property
     def size(self) -> int:

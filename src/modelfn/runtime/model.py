@@ -8,6 +8,7 @@ check and compute.
 from __future__ import annotations
 
 import os
+import platform
 import re
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 from modelfn.config import DEFAULT_MAX_BATCH
 from modelfn.errors import InvalidInput, ModelUnavailable
 from modelfn.runtime import processing
+from modelfn.runtime.manifest import GRAPH_LEVELS as manifest_levels
 from modelfn.runtime.manifest import Manifest, Tensor
 from modelfn.runtime.protocol import DATATYPES, InferRequest, RequestInput, to_array, to_strings
 from modelfn.store import Store
@@ -44,10 +46,10 @@ def cpu_count() -> int:
 
 
 #: the manifest's ``session.graph_optimization_level`` → onnxruntime's
-GRAPH_LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+GRAPH_LEVELS = dict(zip(manifest_levels, (
+    ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+    strict=True))
 
 
 def session_options(threads: int = 0, level: str = "all") -> ort.SessionOptions:
@@ -267,8 +269,8 @@ def from_files(manifest: Manifest, files: dict[str, bytes],
     too, so they test exactly what will be served."""
     source = str(model_path) if model_path is not None else files[manifest.model_file]
     try:
-        session = ort.InferenceSession(source, session_options(
-                                           threads, manifest.graph_optimization_level),
+        level = manifest.load_level(ort.__version__, platform.machine())
+        session = ort.InferenceSession(source, session_options(threads, level),
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ModelUnavailable(f"{manifest.name} version {manifest.version}: onnxruntime "

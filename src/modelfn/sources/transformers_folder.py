@@ -219,7 +219,7 @@ def prepare(spec: ModelSpec, version: str, *, log: common.Log) -> Prepared:
               "transformers": transformers.__version__, "onnxruntime": ort.__version__,
               **check_single_file(onnx_bytes)}
     return Prepared(onnx_bytes, manifest, export, assets, gate, rows=rows,
-                    texts=None if rows else texts)
+                    texts=texts if rows is None else common.random_texts(tokenizer_json, 64, rng))
 
 
 def _package_version(path: Any) -> dict[str, str]:
