@@ -139,8 +139,11 @@ def cold_starts(store_path: Path, name: str, versions: dict[str, str], rounds: i
     import json
 
     from bench.cold_start import CHILD, TASK_ROOT, env_for, one
+    from modelfn.runtime.model import read_manifest
+    from modelfn.store import open_store
 
-    text = example(name).preprocess["kind"] == "text"
+    # the bundle's own preprocessing (a transformers source declares none in its section)
+    text = read_manifest(open_store(str(store_path)), name, "1").preprocess["kind"] == "text"
     sample = "api-infer-minilm.json" if text else "api-infer.json"
     py = python312()
     argv = {}

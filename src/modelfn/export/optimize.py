@@ -46,7 +46,7 @@ from modelfn.export import graph, parity, quantize
 from modelfn.packaging.limits import mib
 from modelfn.project import PRECISIONS, ModelSpec, candidate_defaults
 from modelfn.runtime.manifest import Manifest
-from modelfn.runtime.model import LoadedModel, from_files
+from modelfn.runtime.model import LoadedModel, cpu_count, from_files
 from modelfn.sources import common
 from modelfn.sources.common import Arrays, Log, Prepared
 
@@ -434,6 +434,7 @@ def optimize(spec: ModelSpec, prepared: Prepared, fp32: LoadedModel, fp32_bytes:
     log(f"optimization candidates ({', '.join(c['kind'] for c in todo)}; from {origin}); "
         f"calibration: {opt.calibration_source}")
     record.update(calibration=opt.calibration_source, typical_batch=opt.typical,
+                  speed_threads=cpu_count(),
                   gate_rows=len(opt.gate_rows) if opt.gate_rows else 0,
                   fp32_metric=None if opt.fp32_metric is None else dict(
                       [("metric", opt.fp32_metric[0]), ("value", opt.fp32_metric[1])]),
