@@ -64,8 +64,9 @@ def build(model: str | ModelSpec, store: Store, *, version: str | None = None,
     manifest = prepared.manifest._replace(session=graph.session(graph_record))
     log(f"graph optimized offline ({graph_record['offline_level']} level): "
         f"{graph_record['nodes_before']} -> {graph_record['nodes_after']} nodes; at load: "
-        + ("the steps specific to the machine it runs on (layout, int8 kernels)"
-           if graph_record["machine_specific_at_load"] else "nothing left to do"))
+        + {"all": "the layout level, for the machine it runs on",
+           "extended": "the int8 rewrites for the CPU it runs on",
+           "disabled": "nothing left to do"}[graph_record["runtime_level"]])
     log("parity gate (fp32) ...")
     served = _served(manifest, optimized, prepared.assets)
     report = prepared.gate(served)

@@ -3,19 +3,25 @@
 onnxruntime's optimizations come in levels (basic, extended, layout). Basic rewrites
 are plain ONNX that every execution provider runs. Extended ones fuse for onnxruntime's
 CPU execution provider (Conv+activation, Gemm+activation, attention, skip-layer-norm,
-int8 MatMuls): contrib ops its CPU kernels run on x86_64 and arm64 alike. Two kinds of
-rewrite depend on the machine and must run where the model runs: the layout level
-(NCHWc fp32 convolutions, NHWC int8 ones; 2.4x at batch 32 for digits-cnn here), and
-the extended level's handling of QDQ int8 graphs (x86 turns signed int8 activations
-into unsigned ones; arm64 keeps them).
+int8 MatMuls): contrib ops its CPU kernels run on x86_64 and arm64 alike. The build
+saves the graph optimized at the extended level (never the layout level: its NCHWc ops
+are specific to the instruction set of the machine that ran it, and are refused).
 
-So the build saves the graph optimized at the extended level, or at the basic level
-for a QDQ graph, and the manifest's ``session`` tells the runtime what is left to do at
-load: ``all`` for a graph with convolutions or QDQ nodes (the machine-specific steps;
-the levels already applied find nothing left), else nothing (``disabled``). It records
-the onnxruntime version and the machine the graph was optimized by: a runtime with
-another version or on another architecture applies every level at load (correct
-either way, only slower to start).
+Some rewrites must still run where the model runs, and the manifest's ``session``
+tells the runtime which level to apply at load:
+
+- ``all`` for a graph with convolutions: the layout level turns fp32 convolutions into
+  NCHWc and int8 ones into NHWC for the machine at hand (2.4x at batch 32 for
+  digits-cnn here);
+- ``extended`` for an int8 graph: onnxruntime rewrites int8 weights and activations for
+  the CPU it runs on (signed to unsigned on x86 without VNNI, where signed int8 would
+  overflow), which only a run on the target can decide; on a graph fused already, the
+  rest of the level finds nothing to do;
+- ``disabled`` otherwise: nothing is left.
+
+It records the onnxruntime version and the machine architecture the graph was
+optimized with: a runtime with another version or on another architecture applies
+every level at load (correct either way, only slower to start).
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from modelfn.runtime.model import session_options
 OFFLINE_LEVEL = "extended"
 #: the domain of onnxruntime's layout (NCHWc) ops: specific to the building machine
 LAYOUT_DOMAIN = "com.microsoft.nchwc"
-#: ops whose best form depends on the machine that runs them (layout, int8 kernels)
-MACHINE_SPECIFIC = {"Conv", "ConvTranspose", "FusedConv", "QLinearConv", "ConvInteger",
-                    "QuantizeLinear", "DequantizeLinear"}
-QDQ = {"QuantizeLinear", "DequantizeLinear"}
+#: ops the layout level rewrites for the machine's instruction set
+CONVOLUTIONS = {"Conv", "ConvTranspose", "FusedConv", "QLinearConv", "ConvInteger"}
+#: int8 ops, whose weights and activations onnxruntime adapts to the CPU at load
+INT8 = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+        "ConvInteger", "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLSTM", "QGemm"}
 
 
 def _optimized(model: bytes, level: str) -> bytes:
@@ -63,18 +71,16 @@ def _ops(model: bytes) -> set[str]:
 
 def offline(model: bytes) -> tuple[bytes, dict[str, Any]]:
     """(the graph optimized at the portable level, the record: levels, node counts,
-    sizes, the build's onnxruntime and machine, and the level left for the runtime)."""
-    ops = _ops(model)
-    level = "basic" if ops & QDQ else OFFLINE_LEVEL
-    optimized = _optimized(model, level)
+    sizes, the build's onnxruntime and machine, and the level left for the load)."""
+    optimized = _optimized(model, OFFLINE_LEVEL)
     proto = onnx.load_from_string(optimized)
     if any(n.domain == LAYOUT_DOMAIN for n in proto.graph.node):
-        raise ExportError(f"the {level} optimization level produced layout ops "
+        raise ExportError(f"the {OFFLINE_LEVEL} optimization level produced layout ops "
                           f"({LAYOUT_DOMAIN}), which are specific to this machine")
-    at_load = bool((ops | {n.op_type for n in proto.graph.node}) & MACHINE_SPECIFIC)
+    ops = _ops(model) | {n.op_type for n in proto.graph.node}
+    at_load = "all" if ops & CONVOLUTIONS else "extended" if ops & INT8 else "disabled"
     return optimized, {
-        "offline_level": level, "runtime_level": "all" if at_load else "disabled",
-        "machine_specific_at_load": at_load,
+        "offline_level": OFFLINE_LEVEL, "runtime_level": at_load,
         "nodes_before": len(onnx.load_from_string(model).graph.node),
         "nodes_after": len(proto.graph.node), "size_before": len(model),
         "size_after": len(optimized), **built_by()}
