@@ -63,9 +63,11 @@ TASK_ROOT = str(ROOT / "functions" / "api")
 TARGETS = {"floor_ratio_max": 1.5, "torch_speedup_min": 5.0}
 
 
-def _event(model: str, version: str, tmp: Path) -> Path:
-    """The repository's sample API event for the model, aimed at one version."""
-    sample = "api-infer-minilm.json" if model == "minilm" else "api-infer.json"
+def _event(model: str, version: str, tmp: Path, text: bool | None = None) -> Path:
+    """The repository's sample API event for the model (``text``: a text model's; by
+    default minilm's is), aimed at one version."""
+    text = model == "minilm" if text is None else text
+    sample = "api-infer-minilm.json" if text else "api-infer.json"
     event = json.loads((ROOT / "events" / sample).read_text())
     path = f"/v2/models/{model}/versions/{version}/infer"
     event["rawPath"] = event["requestContext"]["http"]["path"] = path
