@@ -144,7 +144,8 @@ def test_digits_cnn_candidates_are_faithful_and_the_fastest_ships(store_copy: Pa
     assert [a["candidate"] for a in attempts] == ["static-int8", "prune-0.25", "prune-0.5"]
     for a in attempts:
         assert a["quality"]["rows"] == 296
-        assert a["faithful"] == (a["quality"]["agreement"] >= 0.99), a["reason"]
+        if a["quality"]["agreement"] < 0.99:  # below the bar: never faithful
+            assert not a["faithful"] and "agreement" in a["reason"], a
     assert attempts[0]["faithful"] and attempts[1]["faithful"], attempts[:2]
     assert manifest.precision == "static-int8" and manifest.speedup == 2.0
     assert attempts[2]["params_after"] < attempts[1]["params_after"] < attempts[1][
