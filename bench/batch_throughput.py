@@ -54,10 +54,10 @@ print(json.dumps({"peak_rss_mb": hwm / 1024,
 
 
 def digit_lines(n: int) -> list[bytes]:
-    from modelfn.training import recipes
+    from modelfn.export.evaluate import read_rows
 
-    x = recipes.from_spec(example("digits-cnn")).load_data().x_holdout
-    return [json.dumps({"id": i, "inputs": x[i % len(x)].tolist()}).encode() for i in range(n)]
+    x = [r["inputs"] for r in read_rows(example("digits-cnn").path("eval"))]  # the holdout
+    return [json.dumps({"id": i, "inputs": x[i % len(x)]}).encode() for i in range(n)]
 
 
 def text_lines(n: int) -> list[bytes]:
@@ -145,13 +145,13 @@ def main() -> None:
     if args.store is None:
         from modelfn.export.build import build
         from modelfn.store import open_store
-        from modelfn.training import loop, recipes
+        from modelfn.training import run
 
         tmp = tempfile.TemporaryDirectory()
         args.store = tmp.name
         print("training and building digits-cnn and textcls, building minilm ...")
         for name in ("digits-cnn", "textcls"):
-            loop.train(recipes.from_spec(example(name)), open_store(tmp.name), progress=False)
+            run.train(example(name), open_store(tmp.name), progress=None)
             build(name, open_store(tmp.name), log=lambda *_: None)
         build("minilm", open_store(tmp.name), log=lambda *_: None)
 

@@ -152,7 +152,7 @@ def bench_store(path: Path = CACHE / "store") -> Path:
     from modelfn.registry import resolve_version
     from modelfn.runtime.model import read_manifest
     from modelfn.store import open_store
-    from modelfn.training import loop, recipes
+    from modelfn.training import run
 
     store = open_store(str(path))
 
@@ -166,7 +166,7 @@ def bench_store(path: Path = CACHE / "store") -> Path:
     if not have("digits-cnn", "1"):
         print("bench store: training and building digits-cnn ...", flush=True)
         if not store.children("runs/digits-cnn"):
-            loop.train(recipes.from_spec(example("digits-cnn")), store, progress=False)
+            run.train(example("digits-cnn"), store, progress=None)
         build("digits-cnn", store, version="1", **quiet)
     if not have("minilm", "1"):
         print("bench store: building minilm --precision dynamic-int8 ...", flush=True)

@@ -58,7 +58,7 @@ def build_all(store_path: Path, seconds: float) -> dict[str, Any]:
     from modelfn.export import graph, optimize
     from modelfn.export.build import build
     from modelfn.store import open_store
-    from modelfn.training import loop, recipes
+    from modelfn.training import run
 
     if store_path.exists():
         shutil.rmtree(store_path)
@@ -66,9 +66,9 @@ def build_all(store_path: Path, seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in MODELS:
         spec = example(name)
-        if spec.train is not None:
+        if spec.get("train") is not None:
             print(f"training {name} ...", flush=True)
-            loop.train(recipes.from_spec(spec), store, progress=False)
+            run.train(spec, store, progress=None)
 
         def measure(fp32: Any, cand: Any, feeds: Any, _budget: float) -> Any:
             return optimize.measure_speed(fp32, cand, feeds, seconds)

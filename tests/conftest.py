@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from functools import cache
@@ -24,6 +25,8 @@ from modelfn.training.data import Split
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# training runs' work folders (unpublished checkpoints) stay out of the home folder
+os.environ.setdefault("MODELFN_WORKDIR", tempfile.mkdtemp(prefix="modelfn-work-"))
 os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
 
@@ -76,10 +79,20 @@ def example(name: str) -> ModelSpec:
 
 @cache
 def example_split(name: str) -> Split:
-    """The data split an example trains on (its ``[train]`` table's ``data``)."""
-    from modelfn.training import recipes
+    """The data split an example trains on (what its data.py's ``load`` returns)."""
+    from modelfn.sources.common import load_callable
 
-    return recipes.from_spec(example(name)).load_data()
+    split = load_callable(example(name), "train", "data.py:load")()
+    assert isinstance(split, Split)
+    return split
+
+
+def example_context(name: str) -> Any:
+    """A training context for an example (CPU, nothing written): its network
+    (``build_model``) and the served preprocessing (``features``), as training sees them."""
+    from modelfn.training.context import Context
+
+    return Context(example(name), device="cpu", seed=0, params={}, workdir=None)
 
 
 @cache
@@ -115,9 +128,10 @@ def example_section(name: str) -> dict[str, Any]:
             section[key] = absolute(section[key])
     if isinstance(section.get("module"), str):
         section["module"] = absolute(section["module"], callable_ref=True)
-    for key in ("data", "init"):
-        if isinstance(section.get("train", {}).get(key), str):
-            section["train"][key] = absolute(section["train"][key], callable_ref=True)
+    if isinstance(section.get("train"), str):
+        section["train"] = absolute(section["train"], callable_ref=True)
+    for key, value in (section.get("data") or {}).items():
+        section["data"][key] = absolute(value)
     if isinstance(section.get("preprocess", {}).get("tokenizer"), str):
         section["preprocess"]["tokenizer"] = absolute(section["preprocess"]["tokenizer"])
     return section
@@ -150,17 +164,17 @@ BUILD_LOG: list[str] = []
 @pytest.fixture(scope="session")
 def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local store with every shipped example built as version 1 from its project
-    file: digits-cnn and textcls trained by their [train] tables (seed 0), and minilm
+    file: digits-cnn and textcls trained by their training callables (seed 0), and minilm
     (each with the optimization its gates chose). The build's log lines are kept in BUILD_LOG."""
     from modelfn.export.build import build
     from modelfn.store import open_store
-    from modelfn.training import loop, recipes
+    from modelfn.training import run
 
     root = tmp_path_factory.mktemp("store")
     store = open_store(str(root))
     project = load_project()
     for name in ("digits-cnn", "textcls"):
-        loop.train(recipes.from_spec(project.get(name)), store, seed=0, progress=False)
+        run.train(project.get(name), store, seed=0, progress=None)
         build(name, store, project=project, log=BUILD_LOG.append)
     build("minilm", store, project=project, log=BUILD_LOG.append)
     return root

@@ -215,6 +215,13 @@ def load() -> Split:
     x = patterns[np.arange(n), y] + rng.normal(0, 0.6, (n, 8, 8))
     return stratified(x[:, None].astype(np.float32), y.astype(np.int64),
                       ["rows", "columns", "checks"], "stripes")
+
+
+def train(ctx):
+    """The training callable (what the pruning fine-tune runs again)."""
+    from modelfn.training.loop import fit_classifier
+
+    fit_classifier(ctx, load())
 '''
 
 
@@ -248,4 +255,4 @@ def stripes_cnn(folder: Path) -> dict[str, object]:
             "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
             "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}],
             "postprocess": {"kind": "classification", "labels": STRIPE_LABELS},
-            "eval": "eval.jsonl", "train": {"data": "cnn.py:load", "batch_size": 32}}
+            "eval": "eval.jsonl", "train": "cnn.py:train", "params": {"batch_size": 32}}

@@ -13,8 +13,8 @@ from modelfn.training.data import Split, stratified
 HERE = Path(__file__).resolve().parent
 
 
-def load() -> Split:
-    rows = [json.loads(line) for line in (HERE / "tickets.jsonl").read_text(
+def load(path: Path = HERE / "tickets.jsonl") -> Split:
+    rows = [json.loads(line) for line in Path(path).read_text(
         encoding="utf-8").splitlines() if line.strip()]
     labels = sorted({str(r["label"]) for r in rows})
     x = np.empty(len(rows), dtype=object)

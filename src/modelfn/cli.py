@@ -57,19 +57,32 @@ def _port(value: int) -> int:
     return value
 
 
+def _trained(metrics: dict[str, Any]) -> str:
+    """One phrase of what a run reached: its final accuracies (else its last metrics)."""
+    final = metrics.get("final") or {}
+    shown = {k: v for k, v in final.items() if "accuracy" in k} or dict(list(final.items())[-2:])
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in sorted(shown.items())) or "nothing logged"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.remote == "sagemaker":
         return cmd_train_remote(args)
     from modelfn.project import load_project
-    from modelfn.training import loop, recipes
+    from modelfn.training import run
 
-    recipe = recipes.from_spec(load_project(args.config).get(args.name))
+    spec = load_project(args.config).get(args.name)
     store, new = writing(args.store)
-    metrics = loop.train(recipe, store, device=args.device, epochs=args.epochs,
-                         seed=args.seed, progress=not args.quiet,
-                         run_id=args.run_id)
-    print(f"trained {args.name} on {metrics['device']} in {metrics['duration_seconds']:.1f}s: "
-          f"holdout accuracy {metrics['holdout_accuracy']:.4f}; "
+    metrics = run.train(spec, store, device=args.device, epochs=args.epochs, seed=args.seed,
+                        overrides=args.set, run_id=args.run_id, resume=args.resume,
+                        nproc=args.nproc,
+                        progress=None if args.quiet else lambda line: print(line, flush=True))
+    if not metrics:  # one worker of a launcher's run, not its rank 0
+        return 0
+    procs = metrics["world_size"]
+    print(f"trained {args.name} on {metrics['device']}"
+          f"{f' ({procs} processes)' if procs > 1 else ''} in "
+          f"{metrics['duration_seconds']:.1f}s: {_trained(metrics)}; "
           f"run {metrics['run_id']} in {store.uri}/{k.run_prefix(args.name, metrics['run_id'])}"
           f"/{f' (a new store, created at {store.uri})' if new else ''}")
     return 0
@@ -85,18 +98,24 @@ def cmd_train_remote(args: argparse.Namespace) -> int:
         raise UsageError("--remote sagemaker needs --role ARN (or $MODELFN_SAGEMAKER_ROLE): "
                            "the IAM role the training job runs as")
     store = open_store(args.store)
+    if args.resume or args.nproc != 1:
+        raise UsageError("--resume and --nproc run here: with --remote sagemaker, "
+                         "--instance-count N runs N instances (torch_distributed)")
     job = remote.submit(store, args.name, role=role, instance_type=args.instance_type,
-                        config=args.config,
-                        image=args.image, epochs=args.epochs, seed=args.seed)
-    print(f"submitted SageMaker training job {job.name} on {args.instance_type}: its run will "
+                        instance_count=args.instance_count, config=args.config,
+                        image=args.image, epochs=args.epochs, seed=args.seed,
+                        overrides=args.set)
+    count = f"{args.instance_count} x " if args.instance_count > 1 else ""
+    print(f"submitted SageMaker training job {job.name} on {count}{args.instance_type}: its "
+          "run will "
           f"be {store.uri}/{k.run_prefix(args.name, job.run_id)}/", flush=True)
     if not args.wait:
         print(job.name)
         return 0
     metrics = remote.wait(store, job, poll_s=args.poll_seconds)
     print(f"trained {args.name} on {metrics['device']} ({metrics.get('device_name')}) in "
-          f"{metrics['duration_seconds']:.1f}s: holdout accuracy "
-          f"{metrics['holdout_accuracy']:.4f}; run {metrics['run_id']} in {store.uri}/"
+          f"{metrics['duration_seconds']:.1f}s: {_trained(metrics)}; "
+          f"run {metrics['run_id']} in {store.uri}/"
           f"{k.run_prefix(args.name, metrics['run_id'])}/")
     return 0
 
@@ -175,7 +194,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from modelfn import registry
     from modelfn.export.build import build, needs_training
     from modelfn.project import load_project
-    from modelfn.training import loop, recipes
+    from modelfn.training import run
 
     _port(args.port)
     project = load_project(args.config)
@@ -189,8 +208,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     for spec in specs:
         if needs_training(spec) and registry.latest_run(store, spec.name) is None:
             print(f"no training run of {spec.name} in {store.uri}: training one", flush=True)
-            metrics = loop.train(recipes.from_spec(spec), store)
-            print(f"trained {spec.name}: holdout accuracy {metrics['holdout_accuracy']:.4f}")
+            metrics = run.train(spec, store)
+            print(f"trained {spec.name}: {_trained(metrics)}")
         if not registry.versions(store, spec.name):
             print(f"no built version of {spec.name} in {store.uri}: building one", flush=True)
             build(spec, store)
@@ -434,14 +453,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"modelfn {modelfn.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="run the training job for a model")
-    t.add_argument("name", help="a model of the project file with a [train] table "
+    t = sub.add_parser("train", help="run a model's training callable, publish its run")
+    t.add_argument("name", help='a model of the project file with train = "file.py:fn" '
                                 "(the examples: digits-cnn, textcls)")
     _config_arg(t)
     _store_arg(t)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when a GPU is present, else cpu")
-    t.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
+    t.add_argument("--epochs", type=int, help="sets params epochs (default: the file's)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a hyperparameter over the section's params (repeatable; the value "
+                        "read as TOML: 3, 0.1, true, or a string)")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine, under torch.distributed (gloo on CPUs, "
+                        "nccl on GPUs); default 1")
+    t.add_argument("--resume", metavar="RUN_ID",
+                   help="continue an interrupted run from its last checkpoint")
     t.add_argument("--seed", type=int, default=0, help="the training seed (default: 0)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--run-id", help="name the run (default: the UTC time)")
@@ -452,6 +479,8 @@ def parser() -> argparse.ArgumentParser:
                                   "(default: $MODELFN_SAGEMAKER_ROLE)")
     t.add_argument("--instance-type", default="ml.g5.xlarge",
                    help="with --remote: the instance (default: ml.g5.xlarge, one A10G GPU)")
+    t.add_argument("--instance-count", type=int, default=1,
+                   help="with --remote: instances; more than 1 runs torch_distributed")
     t.add_argument("--image", help="with --remote: a PyTorch training image with the "
                                    "SageMaker toolkit (default: AWS's PyTorch 2.8 GPU image)")
     t.add_argument("--no-wait", dest="wait", action="store_false",
@@ -587,8 +616,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModelfnError as exc:
+        details = getattr(exc, "details", None)  # the user's own code's traceback
+        if details:
+            print(details.rstrip(), file=sys.stderr)
         print(f"modelfn: error: {exc.message}", file=sys.stderr)
-        return 2
+        return 1 if details else 2
     except ModuleNotFoundError as exc:
         top = (exc.name or "").split(".")[0]
         if top not in EXTRAS:

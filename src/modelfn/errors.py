@@ -107,7 +107,8 @@ class AlreadyExists(ModelfnError):
 
 
 class TrainingError(ModelfnError):
-    """The training job cannot run as asked (a model with no [train] table, no CUDA, ...)."""
+    """The training job cannot run as asked (a model with no training callable, no CUDA,
+    a callable that saves nothing, ...)."""
 
 
 class PackagingError(ModelfnError):

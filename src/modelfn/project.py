@@ -177,15 +177,12 @@ EXPORT: dict[str, tuple[type | tuple[type, ...], Any]] = {"opset": (int, 18),
 #: the keys of each source
 SOURCE_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "torch": {"module": (str, None), "args": (dict, {}), "checkpoint": (str, None),
-              "inputs": (list, None), "outputs": (list, None), "train": (dict, None),
-              **EXPORT},
+              "inputs": (list, None), "outputs": (list, None), "train": (str, None),
+              "params": (dict, {}), "data": (dict, {}), **EXPORT},
     "onnx": {"path": (str, None)},
     "transformers": {"path": (str, None), "max_length": (int, None),
                      "max_chars": (int, 10000), **EXPORT},
 }
-TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
-    "data": (str, None), "init": (str, None), "epochs": (int, 30), "batch_size": (int, 64),
-    "lr": ((int, float), 2e-3), "weight_decay": ((int, float), 1e-4)}
 TENSOR_KEYS = ("name", "datatype", "shape", "range", "description")
 #: the keys of each processing kind
 PRE_KEYS = {"none": {"kind"},
@@ -267,7 +264,8 @@ class ModelSpec:
         return dict(self.keys.get("postprocess") or {"kind": "none"})
 
     @property
-    def train(self) -> dict[str, Any] | None:
+    def train(self) -> str | None:
+        """The training callable (``"train.py:main"``), if the section names one."""
         return self.keys.get("train")
 
 
@@ -396,6 +394,13 @@ def parse_model(name: str, section: dict[str, Any], file: Path,
     for key, value in section.items():
         if key in RENAMED:
             raise ConfigError(f"{where(key)}: no longer a key; it is now {RENAMED[key]}")
+        if key == "train" and isinstance(value, dict):
+            raise ConfigError(
+                f"{where('train')}: a [train] table is no longer how modelfn trains a model: "
+                'name your training callable, train = "train.py:main" (a function taking '
+                "one context, ctx), with its hyperparameters in params = { ... } (the "
+                "examples' train.py files show one; modelfn.training.loop.fit_classifier "
+                "is the loop the table ran)")
         if key not in schema:
             raise ConfigError(f"{where(key)}: unknown key{_did_you_mean(key, schema)} (" +
                               ("an" if source == "onnx" else "a") + f" {source} model takes: "
@@ -412,8 +417,7 @@ def parse_model(name: str, section: dict[str, Any], file: Path,
     outputs = tuple(_tensors(where, "outputs", keys.get("outputs") or []))
     _check_processing(spec, where)
     _check_numbers(keys, where)
-    if keys.get("train") is not None:
-        keys["train"] = _train(keys["train"], where)
+    _check_training(spec, where)
     if keys["optimize"] is not None:
         keys["optimize"] = _optimize(keys["optimize"], source, where)
     return ModelSpec(name, source, file, keys, inputs, outputs, obj)
@@ -451,7 +455,19 @@ def _check_source(spec: ModelSpec, where: Callable[[str], str]) -> None:
                               'write "file.py:build" or "package.module:build"')
         if keys["checkpoint"] is None and keys["train"] is None and spec.obj is None:
             raise ConfigError(f"{where('checkpoint')}: required (a state_dict saved with "
-                              "torch.save), unless a [train] table makes the model's runs")
+                              'torch.save), unless train = "train.py:main" makes its runs')
+
+
+def _check_training(spec: ModelSpec, where: Callable[[str], str]) -> None:
+    """The training callable names one; every file the ``data`` table names exists."""
+    train = spec.keys.get("train")
+    if train is not None and ":" not in train:
+        raise ConfigError(f"{where('train')}: {train!r} names no callable: write "
+                          '"train.py:main" or "package.module:main"')
+    for key, value in spec.keys.get("data", {}).items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{where(f'data.{key}')}: must be a path (a string)")
+        spec.path(f"data.{key}", value)
 
 
 def _check_numbers(keys: dict[str, Any], where: Callable[[str], str]) -> None:
@@ -474,20 +490,6 @@ def _check_numbers(keys: dict[str, Any], where: Callable[[str], str]) -> None:
     if not sizes or not all(isinstance(n, int) and n >= 1 for n in sizes):
         raise ConfigError(f"{where('parity_batch_sizes')}: must be a list of batch sizes "
                           "(integers of at least 1)")
-
-
-def _train(train: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
-    """A torch section's [train] table (only torch sections take one), defaults filled."""
-    for key, value in train.items():
-        if key not in TRAIN_KEYS:
-            raise ConfigError(f"{where('train')}: unknown key {key!r} (it takes: "
-                              f"{', '.join(TRAIN_KEYS)})")
-        _typed(lambda k: where(f"train.{k}"), key, value, TRAIN_KEYS[key][0])
-    train = {**{k: v for k, (_, v) in TRAIN_KEYS.items()}, **train}
-    if train["data"] is None or ":" not in train["data"]:
-        raise ConfigError(f"{where('train.data')}: required: \"file.py:callable\" "
-                          "returning the data split")
-    return train
 
 
 def candidate_defaults(kind: str) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def test_e2e_up_trains_builds_and_serves_an_empty_store(tmp_path: Path) -> None:
         assert [(m["name"], m["versions"]) for m in meta["models"]] == [
             ("digits-cnn", ["1"]), ("textcls", ["1"])]
         manifest = json.loads((tmp_path / "fresh/models/digits-cnn/1/manifest.json").read_text())
-        assert manifest["training"]["holdout_accuracy"] >= 0.97
+        assert manifest["training"]["final"]["holdout_accuracy"] >= 0.97
         body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
                             "data": ["where is my package? the tracking is stuck"]}]}
         resp = requests.post(f"http://127.0.0.1:{port}/v2/models/textcls/infer", json=body,

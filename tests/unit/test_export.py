@@ -20,10 +20,10 @@ from modelfn.runtime.manifest import sha256
 from modelfn.runtime.model import from_files, read_manifest
 from modelfn.sources import torch_module
 from modelfn.store import open_store
-from modelfn.training import loop, recipes
-from tests.conftest import example, example_split
+from modelfn.training import loop
+from tests.conftest import example, example_context, example_split
 
-DIGITS = recipes.from_spec(example("digits-cnn"))
+DIGITS = example_context("digits-cnn")
 
 
 def trained_module(store_root: Path) -> torch.nn.Module:
@@ -46,7 +46,7 @@ def test_build_publishes_a_complete_manifest(built_store: Path) -> None:
     assert parity["against"] == "torch" and parity["atol"] == example("digits-cnn").get("atol")
     assert parity["agreement"] >= 0.999 and parity["holdout_size"] == 360
     assert set(parity["batch_sizes"]).isdisjoint({2})  # not the export example's batch
-    assert manifest["training"]["holdout_accuracy"] >= 0.97
+    assert manifest["training"]["final"]["holdout_accuracy"] >= 0.97
     assert manifest["source"]["data_fingerprint"] == example_split("digits-cnn").fingerprint
     assert manifest["postprocess"]["labels"] == [str(i) for i in range(10)]
     assert manifest["inputs"][0]["shapes"] == [[-1, 64], [-1, 8, 8]]

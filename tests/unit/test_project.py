@@ -82,6 +82,11 @@ def build(folder: Path, text: str, capsys: pytest.CaptureFixture[str],
     (GOOD_MLP + 'eval = "none.jsonl"\n',
      "[models.m] eval: none.jsonl: no such file"),
     (GOOD_MLP + "max_batch = 0\n", "[models.m] max_batch: must be at least 1"),
+    (GOOD_MLP + 'train = "train.py"\n', "[models.m] train: 'train.py' names no callable"),
+    (GOOD_MLP + '[models.m.train]\ndata = "data.py:load"\n',
+     '[models.m] train: a [train] table is no longer how modelfn trains a model: name '
+     'your training callable, train = "train.py:main"'),
+    (GOOD_MLP + 'data = { wine = "wine.csv" }\n', "[models.m] data.wine: wine.csv: no such"),
     (GOOD_MLP + 'atol = "small"\n',
      "[models.m] atol: must be an integer or a number, not 'small'"),
 ])

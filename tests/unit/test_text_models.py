@@ -26,9 +26,10 @@ from modelfn.runtime.model import from_files, read_manifest
 from modelfn.runtime.repository import Repository
 from modelfn.sources import common, transformers_folder
 from modelfn.store import open_store
-from modelfn.training import loop, recipes
+from modelfn.training import loop
 from tests.conftest import (
     example,
+    example_context,
     example_rows,
     example_section,
     example_split,
@@ -270,9 +271,9 @@ def test_textcls_beats_the_majority_baseline(built_store: Path) -> None:
     training = manifest["training"]
     split = example_split("textcls")
     assert len(split.labels) == 5 and len(split.y_holdout) == 70
-    assert training["majority_baseline"] == pytest.approx(
-        np.bincount(split.y_holdout).max() / len(split.y_holdout))
-    assert training["holdout_accuracy"] >= training["majority_baseline"] + 0.4
+    baseline = training["data"]["majority_baseline"]
+    assert baseline == pytest.approx(np.bincount(split.y_holdout).max() / len(split.y_holdout))
+    assert training["final"]["holdout_accuracy"] >= baseline + 0.4
 
 
 def test_textcls_bundle_is_gated_with_dynamic_batch_and_sequence(built_store: Path) -> None:
@@ -289,19 +290,19 @@ def test_textcls_bundle_is_gated_with_dynamic_batch_and_sequence(built_store: Pa
 def test_textcls_served_predictions_are_the_trained_models(built_store: Path) -> None:
     """The served path on the holdout texts reproduces torch's predictions and accuracy."""
     store = open_store(str(built_store))
-    recipe = recipes.from_spec(example("textcls"))
+    ctx = example_context("textcls")
     ckpt, metrics, _ = loop.load_checkpoint(store, "textcls",
                                             registry.latest_run(store, "textcls"))
-    module = recipe.build_model()
+    module = ctx.build_model()
     module.load_state_dict(ckpt["state_dict"])
-    split = recipe.load_data()
+    split = example_split("textcls")
     with torch.no_grad():
-        expected = module.eval()(*loop.features(recipe, split.x_holdout, recipe.assets))
+        expected = module.eval()(*ctx.features(split.x_holdout))
     served = Repository(store).get("textcls").run({"text": split.x_holdout})
     labels = np.array(split.labels, dtype=object)
     assert served["label"].tolist() == labels[expected.argmax(dim=1).numpy()].tolist()
     accuracy = (served["label"] == labels[split.y_holdout]).mean()
-    assert accuracy == pytest.approx(metrics["holdout_accuracy"], abs=1e-6)
+    assert accuracy == pytest.approx(metrics["final"]["holdout_accuracy"], abs=1e-6)
 
 
 def test_textcls_answer_does_not_depend_on_batch_mates(built_store: Path) -> None:

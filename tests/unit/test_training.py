@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,19 +15,23 @@ from modelfn.cli import main
 from modelfn.errors import TrainingError
 from modelfn.runtime.model import read_manifest
 from modelfn.store import open_store
-from modelfn.training import data, loop, recipes
-from tests.conftest import example, example_rows, example_split
+from modelfn.training import data, loop
+from modelfn.training.context import Context
+from tests.conftest import example, example_context, example_rows, example_split
 
 
-def test_training_default_recipe_reaches_097(built_store: Path) -> None:
-    """The session store was trained by the example's [train] table (30 epochs, seed 0)."""
+def test_training_example_callable_reaches_097(built_store: Path) -> None:
+    """The session store was trained by the example's train.py (30 epochs, seed 0)."""
     store = open_store(str(built_store))
     run = registry.latest_run(store, "digits-cnn")
     metrics = store.read_json(f"runs/digits-cnn/{run}/metrics.json")
-    assert metrics["holdout_accuracy"] >= 0.97
-    assert len(metrics["epochs"]) == 30
+    assert metrics["final"]["holdout_accuracy"] >= 0.97
+    assert [m["step"] for m in metrics["metrics"]] == list(range(1, 31))
     assert {"train_loss", "train_accuracy", "holdout_loss", "holdout_accuracy"} <= set(
-        metrics["epochs"][0])
+        metrics["metrics"][0])
+    assert metrics["train"] == "train.py:main" and metrics["world_size"] == 1
+    assert metrics["params"] == {"epochs": 30, "batch_size": 64, "lr": 2e-3,
+                                 "weight_decay": 1e-4}
     assert metrics["data"]["fingerprint"] == example_split("digits-cnn").fingerprint
     assert metrics["data"]["n_holdout"] == 360 and metrics["data"]["n_train"] == 1437
     assert metrics["device"] == "cpu" and metrics["seed"] == 0
@@ -37,10 +42,11 @@ def test_training_writes_loadable_weights_only_checkpoint(built_store: Path) -> 
     store = open_store(str(built_store))
     run = registry.latest_run(store, "digits-cnn")
     ckpt, metrics, raw = loop.load_checkpoint(store, "digits-cnn", run)
-    assert ckpt["n_classes"] == 10
-    model = recipes.from_spec(example("digits-cnn")).build_model()
+    assert ckpt["meta"] == {"epoch": 30, "labels": [str(i) for i in range(10)]}
+    model = example_context("digits-cnn").build_model()
     model.load_state_dict(ckpt["state_dict"])  # strict: every weight present
     assert ckpt["labels"] == [str(i) for i in range(10)]
+    assert "optimizer" not in ckpt  # the resume state stays in the work folder
     # weights_only=True refuses pickled code: the file holds tensors and plain data only
     torch.load(io.BytesIO(raw), weights_only=True)
     png = store.read_bytes(f"runs/digits-cnn/{run}/training_curve.png")
@@ -48,8 +54,7 @@ def test_training_writes_loadable_weights_only_checkpoint(built_store: Path) -> 
 
 
 def test_training_split_is_fixed_and_stratified() -> None:
-    recipe = recipes.from_spec(example("digits-cnn"))
-    a, b = recipe.load_data(), recipe.load_data()
+    a, b = example_split("digits-cnn"), example_split("digits-cnn")
     assert a.fingerprint == b.fingerprint
     counts = torch.bincount(torch.from_numpy(a.y_holdout))
     assert counts.min() >= 35  # every class in the holdout set
@@ -89,14 +94,17 @@ def test_train_command_writes_to_s3(s3_bucket: str, capsys: pytest.CaptureFixtur
     for name in ("checkpoint.pt", "metrics.json", "training_curve.png"):
         assert store.exists(f"runs/digits-cnn/{run}/{name}")
     metrics = json.loads(store.read_bytes(f"runs/digits-cnn/{run}/metrics.json"))
-    assert len(metrics["epochs"]) == 1
-    assert "holdout accuracy" in capsys.readouterr().out
+    assert len(metrics["metrics"]) == 1 and metrics["params"]["epochs"] == 1
+    assert "holdout_accuracy" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "no-such-model", "--epochs", "1"], "no model 'no-such-model'"),
-    (["train", "minilm", "--epochs", "1"], "has no [models.minilm.train] table"),
+    (["train", "minilm", "--epochs", "1"], "names no training callable"),
     (["train", "digits-cnn", "--epochs", "0"], "at least 1"),
+    (["train", "digits-cnn", "--nproc", "0"], "--nproc must be at least 1"),
+    (["train", "digits-cnn", "--set", "lr"], "write key=value"),
+    (["train", "digits-cnn", "--resume", "nope"], "no checkpoint of an unfinished run"),
     (["build", "digits-cnn"], "no training run"),
 ])
 def test_cli_user_errors_are_one_line(argv: list[str], message: str, tmp_path: Path,
@@ -134,3 +142,44 @@ def test_serve_on_a_busy_port_is_one_line(built_store: Path,
         code = main(["serve", "--store", str(built_store), "--port", str(port)])
     err = capsys.readouterr().err
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def context(world_size: int = 1, rank: int = 0, tmp: Path | None = None) -> Context:
+    return Context(example("digits-cnn"), device="cpu", seed=0, params={}, workdir=tmp,
+                   rank=rank, world_size=world_size)
+
+
+@pytest.mark.parametrize("n, world", [(10, 2), (11, 2), (7, 3), (1, 2)])
+def test_shard_gives_every_process_an_equal_share_covering_all(n: int, world: int) -> None:
+    """Equal shares (padded from the start, as DistributedSampler does: DDP needs the
+    same number of steps on every process) that together cover every index."""
+    shares = [context(world, r).shard(list(range(n))) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == -(-n // world)
+    assert set().union(*map(set, shares)) == set(range(n))
+    tensor = [context(world, r).shard(torch.arange(n)).tolist() for r in range(world)]
+    assert tensor == shares
+    assert context().shard(5) == range(5)  # one process: everything, as given
+
+
+def test_log_and_save_checkpoint_refuse_what_cannot_be_recorded(tmp_path: Path) -> None:
+    ctx = context(tmp=tmp_path)
+    with pytest.raises(TrainingError, match="ctx.log takes numbers: note"):
+        ctx.log(step=1, note="text")
+    with pytest.raises(TrainingError, match="a torch.nn.Module or its state_dict"):
+        ctx.save_checkpoint([1, 2])
+    with pytest.raises(TrainingError, match="plain data"):
+        ctx.save_checkpoint(torch.nn.Linear(2, 2), when=object())
+    ctx.log(step=1, loss=torch.tensor(0.5), acc=np.float32(0.25))
+    assert ctx.history == [{"step": 1, "loss": 0.5, "acc": 0.25}]
+    ctx.save_checkpoint(torch.nn.Linear(2, 2), epoch=1)
+    assert (tmp_path / "checkpoint.pt").is_file() and ctx.saves == 1
+    other = context(world_size=2, rank=1, tmp=tmp_path / "r1")
+    other.save_checkpoint(torch.nn.Linear(2, 2))  # only rank 0 saves
+    assert other.checkpoint is None and not (tmp_path / "r1").exists()
+
+
+def test_data_path_names_what_the_section_names() -> None:
+    ctx = Context(example("textcls"), device="cpu", seed=0, params={}, workdir=None)
+    assert ctx.data_path("tickets") == example("textcls").base / "tickets.jsonl"
+    with pytest.raises(TrainingError, match=r"names no such file \(it names: tickets\)"):
+        ctx.data_path("wine")

@@ -31,9 +31,9 @@ Log = Callable[[str], None]
 
 
 def needs_training(spec: ModelSpec) -> bool:
-    """Whether the model is built from a training run modelfn makes (a [train] table and
-    no checkpoint file)."""
-    return spec.train is not None and spec.get("checkpoint") is None
+    """Whether the model is built from a training run modelfn makes (a training callable
+    and no checkpoint file)."""
+    return spec.get("train") is not None and spec.get("checkpoint") is None
 
 
 def build(model: str | ModelSpec, store: Store, *, version: str | None = None,

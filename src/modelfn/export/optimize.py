@@ -11,8 +11,8 @@ since it changes the weights):
   gate's (the ``calibration`` file, else a held-apart slice of the ``eval`` rows, else
   seeded random inputs);
 - ``prune``: structured pruning of a torch module at each of its ``amounts`` (channels
-  and features really removed, so the dense graph shrinks), fine-tuned on the model's
-  training data where the section has a ``[train]`` table (:mod:`modelfn.export.pruning`).
+  and features really removed, so the dense graph shrinks), fine-tuned by the model's
+  training callable where the section names one (:mod:`modelfn.export.pruning`).
 
 Every candidate is optimized offline like the fp32 model (:mod:`modelfn.export.graph`)
 and passes two gates. Quality: the same kind of gate as fp32's, against fp32 through the

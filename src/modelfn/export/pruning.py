@@ -5,8 +5,9 @@ layer that depends on them: the dense graph really shrinks, so onnxruntime's CPU
 kernels do less work. (Zeroed weights would make nothing faster.) Which channels go is
 decided per layer group by the L2 norm of their weights; the layers whose outputs are
 the model's outputs keep theirs, so its outputs keep their shapes. Where the section
-has a ``[train]`` table, the pruned module is fine-tuned for a few epochs on the same
-data, distilled from the module it came from.
+names a training callable, the pruned module is fine-tuned by it for a few epochs
+(``ctx.build_model()`` returns the pruned network and ``ctx.teacher`` the one it came
+from, to distil).
 """
 
 from __future__ import annotations
@@ -94,28 +95,33 @@ def weight_shapes(module: nn.Module) -> dict[str, list[int]]:
 
 def finetune(spec: ModelSpec, pruned: nn.Module, teacher: nn.Module, *, epochs: int,
              lr: float | None, log: common.Log) -> dict[str, Any]:
-    """A few epochs on the section's training data (its ``[train]`` table), distilled
-    from ``teacher``; the pruned module is left in eval mode on the CPU."""
-    from modelfn.training import loop, recipes
+    """The section's own training callable run once more on the pruned network (what
+    ``ctx.build_model()`` returns to it now), with ``ctx.teacher`` the network it came
+    from, ``params["epochs"] = epochs`` and ``lr`` (default: a third of its own): a
+    short fine-tune on its training data. The pruned module takes the weights it saved
+    and is left in eval mode on the CPU."""
+    from modelfn.training import run
 
-    recipe = recipes.from_spec(spec)
     started = time.perf_counter()
-    dev = loop.pick_device("auto")
-    split = recipe.load_data()
-    x_tr = tuple(t.to(dev) for t in loop.features(recipe, split.x_train, recipe.assets))
-    x_ho = tuple(t.to(dev) for t in loop.features(recipe, split.x_holdout, recipe.assets))
-    y_tr = torch.from_numpy(split.y_train).to(dev)
-    y_ho = torch.from_numpy(split.y_holdout).to(dev)
-    rate = lr if lr is not None else recipe.lr / 3
-    _, before = loop.evaluate(pruned.to(dev), x_ho, y_ho)
-    history = loop.fit(pruned, x_tr, y_tr, x_ho, y_ho, epochs=epochs, lr=rate,
-                       weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
-                       seed=spec.get("seed"), desc=f"  fine-tune [{dev.type}]",
-                       progress=False, teacher=copy.deepcopy(teacher).to(dev))
+    params = run.params_of(spec, epochs, None)
+    if lr is not None or isinstance(params.get("lr"), int | float):
+        params["lr"] = lr if lr is not None else params["lr"] / 3
+    ctx = run.in_memory(spec, params, start_from=pruned, teacher=copy.deepcopy(teacher))
+    if ctx.checkpoint is None:
+        raise ExportError(f"the fine-tune ran {spec.get('train')}, which saved no checkpoint")
+    try:
+        pruned.load_state_dict(ctx.checkpoint.state_dict)
+    except RuntimeError:
+        raise ExportError(f"{spec.get('train')} did not fine-tune the network ctx.build_model() "
+                          "gave it (the checkpoint it saved does not fit the pruned network)"
+                          ) from None
     pruned.to("cpu").eval()
-    after = history[-1]["holdout_accuracy"]
-    log(f"    fine-tuned {epochs} epochs on {dev.type}: holdout accuracy {before:.4f} -> "
-        f"{after:.4f}")
-    return {"epochs": epochs, "lr": rate, "device": dev.type, "distilled": True,
-            "holdout_accuracy_before": round(before, 4), "holdout_accuracy_after": round(after, 4),
+    accuracy = [h["holdout_accuracy"] for h in ctx.history if "holdout_accuracy" in h]
+    final = {k: v for h in ctx.history for k, v in h.items() if k != "step"}
+    log(f"    fine-tuned ({len(ctx.history)} steps logged on {ctx.device})"
+        + (f": holdout accuracy {accuracy[0]:.4f} after its first step, {accuracy[-1]:.4f} "
+           "after its last" if accuracy else ""))
+    return {"epochs": epochs, "lr": params.get("lr"), "device": ctx.device,
+            "distilled": True, "callable": spec.get("train"),
+            "final": {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()},
             "seconds": round(time.perf_counter() - started, 2)}

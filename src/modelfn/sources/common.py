@@ -81,7 +81,11 @@ def load_callable(spec: ModelSpec, key: str, ref: str) -> Callable[..., Any]:
         if target.endswith(".py"):
             path = spec.path(key, target)
             mod_name = f"modelfn_user.{spec.name}.{path.stem}".replace("-", "_")
-            module = sys.modules.get(mod_name)
+            # the module as the user's own code imported it (a training file's `from
+            # model import ...`), so that its classes are the ones the build uses
+            module = sys.modules.get(path.stem)
+            if module is None or getattr(module, "__file__", None) != str(path):
+                module = sys.modules.get(mod_name)
             if module is None or getattr(module, "__file__", None) != str(path):
                 loader = importlib.util.spec_from_file_location(mod_name, path)
                 assert loader is not None and loader.loader is not None

@@ -2,11 +2,12 @@
 
 ``module = "file.py:build"`` (or ``package.module:build``) is called with the section's
 ``args`` and must return an ``nn.Module``; its weights are ``checkpoint`` (a state_dict,
-loaded with ``weights_only=True``), or, for a model with a ``[train]`` table, the newest
-training run modelfn made of it (``--run`` picks another). ``inputs`` declares the
-module's positional inputs in order (-1 or a name for a dynamic axis), ``outputs``
-optionally names what it returns, in order. The export is ``torch.onnx.export``
-(dynamo); the gate holds the served graph to the module itself.
+loaded with ``weights_only=True``), or, for a model with a training callable
+(``train = "train.py:main"``), the newest training run modelfn made of it (``--run``
+picks another). ``inputs`` declares the module's positional inputs in order (-1 or a
+name for a dynamic axis), ``outputs`` optionally names what it returns, in order. The
+export is ``torch.onnx.export`` (dynamo); the gate holds the served graph to the module
+itself.
 """
 
 from __future__ import annotations
@@ -106,15 +107,20 @@ def _weights(spec: ModelSpec, module: torch.nn.Module, store: Store, run_id: str
                             f"`modelfn train {spec.name}` first")
     ckpt, metrics, raw = loop.load_checkpoint(store, spec.name, run_id)
     load_state(spec, module, ckpt, f"run {run_id}")
-    log(f"{spec.name}: run {run_id} (holdout accuracy {metrics['holdout_accuracy']:.4f})")
+    final = metrics.get("final") or {}
+    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in final.items() if "accuracy" in k) or "no accuracy logged"
+    log(f"{spec.name}: run {run_id} ({shown})")
+    data = metrics.get("data") or {}
     source = {"kind": "torch", "module": spec.get("module"), "args": spec.get("args"),
               "run": run_id, "checkpoint": k.run_file(spec.name, run_id, k.CHECKPOINT),
-              "checkpoint_sha256": sha256(raw), "data_source": metrics["data"]["source"],
-              "data_fingerprint": metrics["data"]["fingerprint"]}
+              "checkpoint_sha256": sha256(raw), "data_source": data.get("source"),
+              "data_fingerprint": data.get("fingerprint")}
     training = {key: metrics.get(key) for key in (
-        "holdout_accuracy", "holdout_loss", "majority_baseline", "seed", "device",
-        "duration_seconds", "hyperparameters", "training_job")}
-    return source, training, list(ckpt.get("labels") or []) or None
+        "final", "seed", "device", "world_size", "duration_seconds", "params", "train",
+        "training_job", "data")}
+    labels = ckpt.get("labels") or (ckpt.get("meta") or {}).get("labels") or []
+    return source, training, [str(label) for label in labels] or None
 
 
 def _outputs(spec: ModelSpec, module: torch.nn.Module, example: tuple[torch.Tensor, ...]
@@ -246,12 +252,12 @@ def prepare(spec: ModelSpec, version: str, *, store: Store, run_id: str | None,
         say(f"  prune-{amount:g}: {details['params_before']} -> {details['params_after']} "
             "parameters")
         epochs = candidate["finetune_epochs"]
-        if epochs and spec.train is not None:
+        if epochs and spec.get("train") is not None:
             details["finetune"] = pruning.finetune(spec, pruned, module, epochs=epochs,
                                                    lr=candidate["finetune_lr"], log=say)
         else:
             details["finetune"] = {"epochs": 0, "why": "finetune_epochs = 0" if not epochs
-                                   else "the section has no [train] table to fine-tune on"}
+                                   else "the section names no training callable to fine-tune with"}
         return (_export(spec, pruned, example, names), gate_of(pruned, "the pruned torch module"),
                 details)
 

@@ -1,5 +1,5 @@
-"""The data split a training run uses: what a ``[train]`` table's ``data`` callable
-returns, and the fixed, stratified split the examples make."""
+"""The data split the examples' training uses (what their ``data.py`` returns, and
+what :func:`modelfn.training.loop.fit_classifier` takes): the fixed, stratified split."""
 
 from __future__ import annotations
 

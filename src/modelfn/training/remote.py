@@ -8,7 +8,10 @@ PyTorch training image (its "script mode": ``sagemaker_program`` and
 ``sagemaker_submit_directory``; the toolkit installs ``requirements.txt`` first).
 The entry point, :data:`ENTRY`, calls ``modelfn train`` on ``cuda`` with
 ``--store`` set to the store and ``--run-id`` fixed at submission, so the run lands in
-``runs/<name>/<run_id>/`` and the caller knows where before the job starts. The job's
+``runs/<name>/<run_id>/`` and the caller knows where before the job starts. With more
+than one instance the job asks for the toolkit's ``torch_distributed`` launch (torchrun
+on every instance): each process runs the entry point, ``modelfn train`` sees the
+launcher's ``RANK``/``WORLD_SIZE`` and runs as that rank, and rank 0 publishes. The job's
 role needs s3:GetObject on the source and s3:PutObject on ``runs/``.
 
 ``submit`` returns at once with the job name; ``wait`` polls until the job ends,
@@ -54,11 +57,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src
 from modelfn.cli import main  # noqa: E402
 
 parser = argparse.ArgumentParser()
-for name in ("model", "store", "run-id", "device", "epochs", "seed", "config"):
+for name in ("model", "store", "run-id", "device", "epochs", "seed", "config", "set"):
     parser.add_argument(f"--{name}")
 args, _ = parser.parse_known_args()
 argv = ["train", args.model, "--store", args.store, "--run-id", args.run_id,
-        "--device", args.device or "auto", "--seed", args.seed or "0", "--quiet"]
+        "--device", args.device or "auto", "--seed", args.seed or "0"]
+for item in json.loads(args.set or "[]"):  # the --set hyperparameters, as submitted
+    argv += ["--set", item]
 if args.config:  # the model's project folder, shipped beside the package
     argv += ["--config", os.path.join(os.path.dirname(os.path.abspath(__file__)), args.config)]
 if args.epochs:
@@ -67,6 +72,8 @@ print(json.dumps({"modelfn_job": argv}), flush=True)
 sys.exit(main(argv))
 '''
 TERMINAL = {"Completed", "Failed", "Stopped"}
+#: logged metrics a job's log lines are scanned for
+METRICS = ("train_loss", "holdout_loss", "holdout_accuracy", "accuracy", "loss")
 
 
 @dataclass(frozen=True)
@@ -113,15 +120,15 @@ def job_name(model: str, run_id: str) -> str:
 
 
 def submit(store: Store, model: str, *, role: str, instance_type: str = DEFAULT_INSTANCE,
-           image: str | None = None, epochs: int | None = None, seed: int = 0,
-           max_runtime_s: int = 3 * 3600, package: Path | None = None,
-           config: str | None = None) -> Job:
+           instance_count: int = 1, image: str | None = None, epochs: int | None = None,
+           seed: int = 0, overrides: list[str] | None = None, max_runtime_s: int = 3 * 3600,
+           package: Path | None = None, config: str | None = None) -> Job:
     """Create the training job; return at once."""
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
     from modelfn.project import load_project
-    from modelfn.training import recipes
+    from modelfn.training import run
 
     if not isinstance(store, S3Store):
         raise UsageError(f"--remote sagemaker needs an S3 store (--store s3://bucket/prefix): "
@@ -129,8 +136,11 @@ def submit(store: Store, model: str, *, role: str, instance_type: str = DEFAULT_
     if not role.startswith("arn:"):
         raise UsageError(f"--role must be an IAM role ARN that SageMaker can assume, "
                          f"not {role!r}")
+    if instance_count < 1:
+        raise UsageError("--instance-count must be at least 1")
     spec = load_project(config).get(model)
-    recipes.from_spec(spec)  # a model modelfn cannot train fails here, not on a GPU
+    run.training_callable(spec)  # a model modelfn cannot train fails here, not on a GPU
+    run.params_of(spec, epochs, overrides)  # and a bad --set
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     job = Job(job_name(model, run_id), run_id, model, store.uri)
     source_key = k.job_source_key(job.name)
@@ -141,7 +151,9 @@ def submit(store: Store, model: str, *, role: str, instance_type: str = DEFAULT_
         "model": model, "store": store.uri, "run-id": run_id, "device": "cuda",
         "seed": str(seed), **({"epochs": str(epochs)} if epochs else {}),
         "config": f"project/{spec.file.name}",
+        **({"set": json.dumps(overrides)} if overrides else {}),
         "sagemaker_program": ENTRY,
+        **({"sagemaker_torch_distributed_enabled": True} if instance_count > 1 else {}),
         "sagemaker_submit_directory": f"{store.uri}/{source_key}",
         "sagemaker_region": region,
     }
@@ -151,14 +163,15 @@ def submit(store: Store, model: str, *, role: str, instance_type: str = DEFAULT_
             AlgorithmSpecification={
                 "TrainingImage": image or DEFAULT_IMAGE.format(region=region),
                 "TrainingInputMode": "File",
-                # the training loop's per-epoch holdout accuracy, as SageMaker metrics
-                "MetricDefinitions": [{"Name": "holdout_accuracy",
-                                       "Regex": r"holdout_acc=([0-9.]+)"}]},
+                # what ctx.log prints ("  step 3  holdout_accuracy 0.95  ..."), as
+                # SageMaker metrics
+                "MetricDefinitions": [{"Name": name, "Regex": rf" {name} ([-0-9.e]+)"}
+                                      for name in METRICS]},
             RoleArn=role,
             HyperParameters={k: json.dumps(v) if k.startswith("sagemaker_") else v
                              for k, v in hyperparameters.items()},
             OutputDataConfig={"S3OutputPath": f"{store.uri}/{k.jobs_prefix()}"},
-            ResourceConfig={"InstanceType": instance_type, "InstanceCount": 1,
+            ResourceConfig={"InstanceType": instance_type, "InstanceCount": instance_count,
                             "VolumeSizeInGB": 30},
             StoppingCondition={"MaxRuntimeInSeconds": max_runtime_s},
             Environment={"MODELFN_STORE": store.uri, "HF_HUB_OFFLINE": "1"},
