@@ -91,8 +91,8 @@ def digits_request() -> dict:
 
 #: what each example's folder holds (examples/<name>/ in the checkout)
 EXAMPLE_FILES = {
-    "digits-cnn": {"modelfn.toml", "model.py", "data.py", "eval.jsonl"},
-    "textcls": {"modelfn.toml", "model.py", "data.py", "eval.jsonl", "tickets.jsonl",
+    "digits-cnn": {"modelfn.toml", "model.py", "data.py", "train.py", "eval.jsonl"},
+    "textcls": {"modelfn.toml", "model.py", "data.py", "train.py", "eval.jsonl", "tickets.jsonl",
                 "requirements.txt"},
     "minilm": {"modelfn.toml", "eval.jsonl"},
 }

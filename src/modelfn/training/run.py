@@ -332,6 +332,8 @@ def train(spec: ModelSpec, store: Store, *, device: str = "auto", epochs: int | 
           resume: str | None = None, nproc: int = 1, progress: Callable[[str], None] | None
           = print) -> dict[str, Any]:
     """Train ``spec`` with its callable; publish ``runs/<name>/<run_id>/``; its metrics."""
+    import torch  # noqa: F401  (without it, one line naming the extra, before anything)
+
     training_callable(spec)  # no callable, or one that cannot load: now, in one line
     params = params_of(spec, epochs, overrides)
     if resume is not None and run_id is not None and resume != run_id:
