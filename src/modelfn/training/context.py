@@ -42,7 +42,7 @@ from modelfn.errors import TrainingError
 from modelfn.project import ModelSpec
 
 CHECKPOINT = "checkpoint.pt"
-#: what the run's metrics.json contract needs from each ``ctx.log`` call
+#: what a checkpoint's metadata may hold (it is loaded with ``weights_only=True``)
 PLAIN = (bool, int, float, str, type(None))
 
 
@@ -102,8 +102,8 @@ class Context:
         self.saves = 0
         #: what ``describe_data`` declared
         self.data: dict[str, Any] = {}
-        self.on_save: Callable[[Context], None] | None = None
         self._started = time.monotonic()
+        self._preprocess: tuple[str, Callable[..., Any]] | None = None
 
     # --- what the run records ---------------------------------------------------------
 
@@ -148,8 +148,6 @@ class Context:
         self.saves += 1
         if self.workdir is not None:
             write_checkpoint(self.workdir / CHECKPOINT, self.checkpoint)
-        if self.on_save is not None:
-            self.on_save(self)
 
     def describe_data(self, source: str | None = None, fingerprint: str | None = None,
                       **extra: Any) -> None:
@@ -186,13 +184,16 @@ class Context:
         """Raw inputs (what a client sends: pixels, texts) through the section's
         preprocessing, the runtime's own code with the files it ships: the network's
         inputs in the order it takes them, on ``ctx.device``."""
-        from modelfn.runtime import processing
-        from modelfn.sources import common
-
-        pre, _, assets = common.processing(self.spec)
         names = [t.name for t in self.spec.inputs]
-        feeds = processing.PREPROCESS[pre["kind"]](pre, assets)({pre.get("input", names[0]):
-                                                                 np.asarray(x)})
+        if self._preprocess is None:  # built once: the spec's files read once
+            from modelfn.runtime import processing
+            from modelfn.sources import common
+
+            pre, _, assets = common.processing(self.spec)
+            self._preprocess = (pre.get("input", names[0]),
+                                processing.PREPROCESS[pre["kind"]](pre, assets))
+        name, preprocess = self._preprocess
+        feeds = preprocess({name: np.asarray(x)})
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
                      for n in names)
 

@@ -244,7 +244,7 @@ def run_process(spec: ModelSpec, store: Store, *, run_id: str, device: str, seed
     ctx.barrier()  # every process finished: only then is the run whole
     if rank != 0:
         return None
-    if ctx.checkpoint is None or (ctx.saves == 0 and resumed is None):
+    if ctx.checkpoint is None:  # neither saved nor resumed from one
         raise TrainingError(f"{spec.get('train')} returned without saving a checkpoint: the "
                             "training contract is to call ctx.save_checkpoint(model) with the "
                             "weights to publish; the run was not published")
