@@ -65,10 +65,12 @@ deploy: setup
 # the serving benchmarks (cold start, warm latency and cost, BentoML peer, sizes): about
 # 10 minutes; results and charts in bench/results/, summary in bench/results/serving.md;
 # then the build's optimization report (every candidate of every example, session
-# creation and cold start before / after): about 8 minutes, bench/results/optimization.md
+# creation and cold start before / after): about 8 minutes, bench/results/optimization.md;
+# then asynchronous inference in serve --with-s3: about 3 minutes, bench/results/async-jobs.md
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench.serving
 	$(BIN)/python -m bench.optimization
+	$(BIN)/python -m bench.async_jobs
 
 clean:
 	rm -rf .aws-sam .pytest_cache .ruff_cache

@@ -1,10 +1,12 @@
-"""Batch function: S3 ObjectCreated (inputs/*.jsonl) → SQS → here → outputs/ in S3.
+"""Batch function: S3 ObjectCreated (inputs/*.jsonl) → SQS → here → outputs/ in S3;
+and asynchronous jobs (async/<owner>/<job>/request.json) → their result and state.
 
 Thin: Powertools' BatchProcessor reports failed SQS records (ReportBatchItemFailures)
 so that only they are retried (and dead-lettered after maxReceiveCount); each record's
 S3 notification is read with Powertools' event classes (keys arrive URL-encoded and are
 decoded here); Powertools' idempotency (DynamoDB) makes a redelivered event return the
-first run's summary instead of running again. The work is modelfn.runtime.batch.process_object.
+first run's summary instead of running again. The work is modelfn.runtime.batch.process_object
+and modelfn.runtime.jobs.Jobs.run.
 """
 
 import os
@@ -30,8 +32,10 @@ from modelfn.config import Settings
 from modelfn.errors import ConfigError
 from modelfn.runtime import batch
 from modelfn.runtime import metrics as emf
+from modelfn.runtime.jobs import Jobs
 from modelfn.runtime.repository import Repository
 from modelfn.store import S3Store
+from modelfn.store.keys import job_from_key
 
 warnings.filterwarnings("ignore", "No application metrics to publish")  # s3:TestEvent
 logger = Logger(service=emf.BATCH_SERVICE)
@@ -45,6 +49,7 @@ if not settings.idempotency_table:  # fail the init, not every record at its fir
 limits = settings.batch
 repo = Repository.from_settings(settings)
 _buckets: dict[str, S3Store] = {}
+_jobs: dict[str, Jobs] = {}  # per bucket: the webhook secret is read once per process
 idempotency = IdempotencyConfig(
     event_key_jmespath="[bucket, key, etag]",
     raise_on_no_idempotency_key=True,
@@ -55,10 +60,15 @@ persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
 
 @idempotent_function(data_keyword_argument="obj", config=idempotency,
                      persistence_store=persistence)
-def process(obj: dict[str, Any]) -> dict[str, Any]:
+def process(obj: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
     store = _buckets.get(obj["bucket"])
     if store is None:
         store = _buckets[obj["bucket"]] = S3Store(f"s3://{obj['bucket']}")
+    if job_from_key(obj["key"]) is not None:
+        jobs = _jobs.get(obj["bucket"])
+        if jobs is None:
+            jobs = _jobs[obj["bucket"]] = Jobs(settings.jobs, store)
+        return jobs.run(obj["key"], repo, limits, attempt)
     return batch.process_object(store, obj["key"], repo, limits)
 
 
@@ -74,15 +84,22 @@ def record_handler(record: SQSRecord) -> None:
             continue
         obj = s3.s3.get_object
         key = unquote_plus(obj.key)  # keys arrive URL-encoded (spaces as '+')
-        if not (key.startswith(batch.INPUT_PREFIX) and key.endswith(".jsonl")):
-            logger.warning("ignoring a key outside inputs/*.jsonl", extra={"key": key})
+        is_job = job_from_key(key) is not None
+        if not (is_job or key.startswith(batch.INPUT_PREFIX) and key.endswith(".jsonl")):
+            logger.warning("ignoring a key outside inputs/*.jsonl and async/*/request.json",
+                           extra={"key": key})
             continue
         try:
             summary = process(obj={"bucket": s3.s3.bucket.name, "key": key,
-                                   "etag": obj.etag or obj.version_id or ""})
+                                   "etag": obj.etag or obj.version_id or ""},
+                              attempt=int(record.attributes.approximate_receive_count or 1))
         except Exception:
             emf.batch_file_failed(metrics)
             raise  # the record fails: retried, then dead-lettered
+        if is_job:
+            emf.job(metrics, summary["status"])
+            logger.info("job done", extra=summary)
+            continue
         emf.batch_file(metrics, summary)
         logger.info("batch file done", extra={k: summary[k] for k in (
             "input", "output", "status", "lines", "predictions", "errors")})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -172,7 +173,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"JSONL uploaded under inputs/<model>/ gets its predictions under outputs/. "
               f"From another shell:\n  export "
               + " ".join(f"{k}={v}" for k, v in env.items())
-              + f"\n  aws s3 cp f.jsonl s3://{deployment.bucket}/inputs/<model>/f.jsonl",
+              + f"\n  aws s3 cp f.jsonl s3://{deployment.bucket}/inputs/<model>/f.jsonl"
+              + "\nAsynchronous inference (Prefer: respond-async, /v2/uploads, /v2/jobs/ID) "
+              f"is on; webhooks may go to {os.environ['MODELFN_WEBHOOK_HOSTS']} over http, "
+              f"signed with MODELFN_WEBHOOK_SECRET={os.environ['MODELFN_WEBHOOK_SECRET']}",
               flush=True)
 
     def announce(server: object) -> None:

@@ -14,6 +14,15 @@ process into one object that both Lambda functions (and ``modelfn serve``) use.
 | ``MODELFN_BATCH_MICRO_BATCH`` | 32 | rows per onnxruntime call in a batch file |
 | ``MODELFN_IDEMPOTENCY_TABLE`` | empty | the batch function's DynamoDB table |
 | ``MODELFN_IDEMPOTENCY_TTL_SECONDS`` | 7 days | how long a batch file's run is remembered |
+| ``MODELFN_JOBS_STORE`` | empty | ``s3://bucket``: asynchronous jobs and uploads (off if empty) |
+| ``MODELFN_JOB_RETENTION_DAYS`` | 7 | a job is 404 after it (the bucket's lifecycle deletes it) |
+| ``MODELFN_MAX_UPLOAD_BYTES`` | 512 MiB | the largest upload ``POST /v2/uploads`` signs for |
+| ``MODELFN_PRESIGN_SECONDS`` | 900 | how long a presigned upload or result URL is valid |
+| ``MODELFN_JOB_ATTEMPTS`` | 5 | deliveries before a job is failed (the queue's maxReceiveCount) |
+| ``MODELFN_WEBHOOK_HOSTS`` | empty | webhook hosts (``*.example.com`` too); none: off |
+| ``MODELFN_WEBHOOK_SECRET`` | empty | the webhooks' HMAC key (``whsec_`` + base64, or text) |
+| ``MODELFN_WEBHOOK_SECRET_ARN`` | empty | or: a Secrets Manager secret holding it |
+| ``MODELFN_WEBHOOK_LOOPBACK`` | false | local emulation only: http to 127.0.0.1/localhost allowed |
 """
 
 from __future__ import annotations
@@ -59,6 +68,39 @@ class BatchLimits(NamedTuple):
     micro_batch: int = 32
 
 
+class JobSettings(NamedTuple):
+    """Asynchronous inference: where jobs and uploads live, and what a webhook may reach."""
+
+    #: ``s3://bucket[/prefix]`` (the model bucket when deployed); empty: no async
+    store: str = ""
+    retention_days: int = 7
+    max_upload_bytes: int = 512 << 20
+    presign_seconds: int = 900
+    attempts: int = 5
+    webhook_hosts: tuple[str, ...] = ()
+    webhook_secret: str = ""
+    webhook_secret_arn: str = ""
+    #: plain http to loopback receivers (``modelfn serve --with-s3`` only)
+    webhook_loopback: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> JobSettings:
+        d = cls()
+        hosts = env.get("MODELFN_WEBHOOK_HOSTS", "")
+        return cls(
+            store=env.get("MODELFN_JOBS_STORE", "").strip(),
+            retention_days=_int(env, "MODELFN_JOB_RETENTION_DAYS", d.retention_days, 1),
+            max_upload_bytes=_int(env, "MODELFN_MAX_UPLOAD_BYTES", d.max_upload_bytes, 1),
+            presign_seconds=_int(env, "MODELFN_PRESIGN_SECONDS", d.presign_seconds, 1),
+            attempts=_int(env, "MODELFN_JOB_ATTEMPTS", d.attempts, 1),
+            webhook_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
+            webhook_secret=env.get("MODELFN_WEBHOOK_SECRET", ""),
+            webhook_secret_arn=env.get("MODELFN_WEBHOOK_SECRET_ARN", "").strip(),
+            webhook_loopback=env.get("MODELFN_WEBHOOK_LOOPBACK", "").lower() in {
+                "1", "true", "yes"},
+        )
+
+
 class Settings(NamedTuple):
     store: str = DEFAULT_STORE
     max_body_bytes: int = DEFAULT_MAX_BODY
@@ -72,6 +114,7 @@ class Settings(NamedTuple):
     batch: BatchLimits = BatchLimits()
     idempotency_table: str = ""
     idempotency_ttl_seconds: int = 7 * 86400
+    jobs: JobSettings = JobSettings()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -92,4 +135,5 @@ class Settings(NamedTuple):
                                  1)),
             idempotency_table=env.get("MODELFN_IDEMPOTENCY_TABLE", ""),
             idempotency_ttl_seconds=_int(env, "MODELFN_IDEMPOTENCY_TTL_SECONDS", 7 * 86400, 1),
+            jobs=JobSettings.from_env(env),
         )

@@ -31,6 +31,20 @@ class ModelNotFound(ModelfnError):
     status = 404
 
 
+class JobNotFound(ModelfnError):
+    """No such asynchronous job or upload for this caller, or one that has expired
+    (HTTP 404)."""
+
+    status = 404
+
+
+class NotConfigured(ModelfnError):
+    """A route this deployment does not offer: asynchronous inference without a jobs
+    bucket (HTTP 501)."""
+
+    status = 501
+
+
 class PayloadTooLarge(ModelfnError):
     """The request body is over the configured limit, or the response would be over
     what Lambda returns from a synchronous invocation (HTTP 413)."""

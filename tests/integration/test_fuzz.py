@@ -1,6 +1,7 @@
-"""Schemathesis against `modelfn serve`: cases generated from the served OpenAPI
-document for every operation, every check on (tests/schemathesis.toml), a fixed seed so
-that CI reruns the same cases. Zero failures; at least 500 cases."""
+"""Schemathesis against `modelfn serve --with-s3` (the asynchronous routes on): cases
+generated from the served OpenAPI document for every operation, every check on
+(tests/schemathesis.toml), a fixed seed so that CI reruns the same cases. Zero failures;
+at least 500 cases."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.conftest import ROOT, free_port, start, stop
 @pytest.fixture(scope="module")
 def server(built_store: Path) -> Iterator[str]:
     port = free_port()
-    proc = start(["serve", "--store", str(built_store), "--quiet"], port)
+    proc = start(["serve", "--store", str(built_store), "--quiet", "--with-s3"], port)
     yield f"http://127.0.0.1:{port}"
     stop(proc)
 

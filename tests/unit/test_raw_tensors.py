@@ -336,8 +336,8 @@ def test_a_response_over_6_mib_gets_413_saying_what_to_do(
     assert status == 413, doc
     assert doc["error"].startswith("the response would be ")
     assert "Lambda returns at most 6 MiB from a synchronous invocation" in doc["error"]
-    assert '("outputs"), use binary_data_output, or send the rows through the batch path' \
-        in doc["error"]
+    assert '("outputs"), use binary_data_output, or send the request with ' \
+        "'Prefer: respond-async'" in doc["error"]
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()
                if line.startswith('{"_aws"')]
     assert [r.get("kind") for r in records if "RequestErrors" in r] == ["PayloadTooLarge"]

@@ -65,21 +65,32 @@ def test_model_bucket_is_encrypted_private_and_tls_only() -> None:
 
 
 @pytest.mark.parametrize("function", ["ApiFunction", "ImageApiFunction"])
-def test_api_function_can_only_read_models(function: str) -> None:
-    props = resources("AWS::Serverless::Function")[function]["Properties"]
-    statements = [s for p in props["Policies"] for s in p["Statement"]]
-    actions = sorted(a for s in statements for a in
-                     ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
-    assert actions == ["s3:GetObject", "s3:ListBucket"]
-    for s in statements:
-        assert s["Effect"] == "Allow"
-        assert "*" not in json.dumps(s["Action"])
-        resource = json.dumps(s["Resource"])
-        assert resource != '"*"'
-        if s["Action"] == "s3:GetObject":
-            assert "/models/*" in resource
-        else:
-            assert s["Condition"]["StringLike"]["s3:prefix"] == ["models", "models/*"]
+def test_api_function_reads_models_writes_job_requests_and_reads_job_results_only(
+        function: str) -> None:
+    by_sid = {s["Sid"]: s for s in _statements(function)}
+    assert set(by_sid) == {"ReadModels", "ListModels", "WriteJobRequests", "ReadJobResults",
+                           "SignUploads", "ListJobsAndUploads"}
+    for s in by_sid.values():  # every listing is held to its prefixes
+        assert s["Effect"] == "Allow" and (s["Action"] != "s3:ListBucket" or "Condition" in s)
+    bucket = "${ModelBucket.Arn}"
+    assert by_sid["ReadModels"] == {"Sid": "ReadModels", "Effect": "Allow",
+                                    "Action": "s3:GetObject",
+                                    "Resource": {"Fn::Sub": f"{bucket}/models/*"}}
+    assert by_sid["ListModels"]["Condition"]["StringLike"]["s3:prefix"] == ["models",
+                                                                           "models/*"]
+    # it may write a job's request only: never its state or result, never a model
+    assert by_sid["WriteJobRequests"]["Action"] == "s3:PutObject"
+    assert by_sid["WriteJobRequests"]["Resource"] == {
+        "Fn::Sub": f"{bucket}/async/*/request.json"}
+    assert by_sid["ReadJobResults"]["Action"] == "s3:GetObject"
+    assert by_sid["ReadJobResults"]["Resource"] == [
+        {"Fn::Sub": f"{bucket}/async/*/status.json"},
+        {"Fn::Sub": f"{bucket}/async/*/result.*"}]  # not the requests, nor uploads
+    # a presigned PUT acts with the signer's rights: uploads/ only
+    assert by_sid["SignUploads"]["Action"] == "s3:PutObject"
+    assert by_sid["SignUploads"]["Resource"] == {"Fn::Sub": f"{bucket}/uploads/*"}
+    assert by_sid["ListJobsAndUploads"]["Condition"]["StringLike"]["s3:prefix"] == [
+        "async/*", "uploads/*"]
 
 
 def test_every_function_has_a_log_group_with_retention() -> None:
@@ -100,7 +111,7 @@ def deployed_api(**parameters: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def test_every_route_requires_iam_auth_by_default() -> None:
     body, deployed = deployed_api()
     operations = [op for item in body["paths"].values() for op in item.values()]
-    assert len(operations) == len(openapi_document()["paths"]) == 11
+    assert len(operations) == len(openapi_document()["paths"]) == 13
     (scheme_name,) = body["components"]["securitySchemes"]
     for op in operations:  # no route without the scheme, none opting out
         assert op["security"] == [{scheme_name: []}]
@@ -179,11 +190,13 @@ def test_no_allow_statement_has_a_wildcard_action_or_resource() -> None:
         res = s.get("Resource", [])
         for r in res if isinstance(res, list) else [res]:
             text = r.get("Fn::Sub", "") if isinstance(r, dict) else r
-            # a key prefix such as "${ModelBucket.Arn}/models/*" is scoped; "*" alone or
-            # a wildcard in a service, region, account or bucket part is not
+            # a key pattern such as "${ModelBucket.Arn}/models/*" or
+            # ".../async/*/request.json" is scoped; "*" alone or a wildcard in a service,
+            # region, account or bucket part is not
             assert isinstance(text, str) and r != "*", s
-            assert "*" not in text or (text.count("*") == 1 and text.endswith("/*")
-                                       and text.startswith("${")), s
+            assert "*" not in text or (text.startswith("${")
+                                       and "*" not in text.split("}/", 1)[0]
+                                       and "}/" in text), s
 
 
 def test_api_stage_is_throttled() -> None:
@@ -219,23 +232,63 @@ def _param_default(name: str) -> Any:
 
 def _statements(function: str) -> list[dict[str, Any]]:
     props = template()["Resources"][function]["Properties"]
-    return [s for policy in props["Policies"] for s in policy["Statement"]]
+    return [s for policy in props["Policies"] for s in policy.get("Statement", [])]
 
 
-def test_uploads_under_inputs_notify_the_batch_queue_only() -> None:
+def test_batch_files_and_job_requests_notify_the_batch_queue_only() -> None:
     bucket = template()["Resources"]["ModelBucket"]
-    (config,) = bucket["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
-    assert config["Event"] == "s3:ObjectCreated:*"
-    assert config["Queue"] == {"Fn::GetAtt": ["BatchQueue", "Arn"]}
-    rules = {r["Name"]: r["Value"] for r in config["Filter"]["S3Key"]["Rules"]}
-    assert rules == {"prefix": "inputs/", "suffix": ".jsonl"}
-    assert not "outputs/".startswith(rules["prefix"])  # outputs can never re-trigger
+    configs = bucket["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
+    filters = []
+    for config in configs:
+        assert config["Event"] == "s3:ObjectCreated:*"
+        assert config["Queue"] == {"Fn::GetAtt": ["BatchQueue", "Arn"]}
+        filters.append({r["Name"]: r["Value"] for r in config["Filter"]["S3Key"]["Rules"]})
+    assert filters == [{"prefix": "inputs/", "suffix": ".jsonl"},
+                       {"prefix": "async/", "suffix": "/request.json"}]
+    # what the functions write can never trigger them again
+    for written in ("outputs/a.jsonl", "async/o/j/status.json", "async/o/j/result.json",
+                    "async/o/j/result.jsonl", "uploads/o/u.jsonl", "models/m/1/x.jsonl"):
+        assert not any(written.startswith(f["prefix"]) and written.endswith(f["suffix"])
+                       for f in filters), written
     assert bucket["DependsOn"] == "BatchQueuePolicy"
     (stmt,) = template()["Resources"]["BatchQueuePolicy"]["Properties"]["PolicyDocument"][
         "Statement"]
     assert stmt["Principal"] == {"Service": "s3.amazonaws.com"}
     assert stmt["Action"] == "sqs:SendMessage"
     assert stmt["Condition"]["StringEquals"]["aws:SourceAccount"] == {"Ref": "AWS::AccountId"}
+
+
+def test_jobs_and_uploads_expire_by_lifecycle_after_the_retention_parameter() -> None:
+    rules = {r["Id"]: r for r in resolved(JobRetentionDays="3")["ModelBucket"]["Properties"][
+        "LifecycleConfiguration"]["Rules"]}
+    assert {rules["ExpireJobs"]["Prefix"], rules["ExpireUploads"]["Prefix"]} == {
+        "async/", "uploads/"}
+    for rule in (rules["ExpireJobs"], rules["ExpireUploads"]):
+        assert rule["Status"] == "Enabled" and int(rule["ExpirationInDays"]) == 3
+        assert rule["NoncurrentVersionExpiration"] == {"NoncurrentDays": 1}
+    assert _param_default("JobRetentionDays") == 7
+    env = resolved()["ApiFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["MODELFN_JOB_RETENTION_DAYS"] == "7"  # GET answers 404 from the same day
+
+
+def test_the_webhook_secret_is_no_echo_and_only_its_arn_is_readable() -> None:
+    params = template()["Parameters"]
+    assert params["WebhookSecret"]["NoEcho"] is True
+    arn = "arn:aws:secretsmanager:us-east-1:111122223333:secret:hooks-AbCdEf"
+
+    def secret_statements(deployed: dict[str, Any]) -> list[dict[str, Any]]:
+        return [s for s in allow_statements(deployed) if "secretsmanager" in json.dumps(
+            s["Action"])]
+
+    assert secret_statements(resolved()) == []
+    deployed = resolved(WebhookSecretArn=arn, WebhookHosts="hooks.example.com")
+    (stmt,) = secret_statements(deployed)
+    assert stmt["Action"] == "secretsmanager:GetSecretValue" and stmt["Resource"] == arn
+    env = deployed["BatchFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["MODELFN_WEBHOOK_SECRET_ARN"] == arn
+    assert env["MODELFN_WEBHOOK_HOSTS"] == "hooks.example.com"
+    rule = template()["Rules"]["WebhooksNeedASecret"]
+    assert "WebhookSecretArn" in json.dumps(rule) and "WebhookSecret" in json.dumps(rule)
 
 
 def test_batch_queue_has_dead_letters_and_a_long_enough_visibility_timeout() -> None:
@@ -261,13 +314,20 @@ def test_batch_queue_has_dead_letters_and_a_long_enough_visibility_timeout() -> 
 def test_batch_function_reads_inputs_writes_outputs_reads_models_only() -> None:
     by_sid = {s["Sid"]: s for s in _statements("BatchFunction")}
     assert set(by_sid) == {"ReadInputs", "WriteOutputs", "ReadModels", "ListModels",
-                           "Idempotency"}
+                           "Idempotency", "ReadJobs", "WriteJobResults", "ListJobs"}
     assert by_sid["ReadInputs"]["Action"] == "s3:GetObject"
     assert by_sid["ReadInputs"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/inputs/*"}
     assert by_sid["WriteOutputs"]["Action"] == ["s3:PutObject", "s3:AbortMultipartUpload"]
     assert by_sid["WriteOutputs"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/outputs/*"}
     assert by_sid["ReadModels"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/models/*"}
     assert by_sid["Idempotency"]["Resource"] == {"Fn::GetAtt": ["IdempotencyTable", "Arn"]}
+    # jobs: it reads requests and uploads, and writes states and results, never requests
+    assert by_sid["ReadJobs"]["Resource"] == [{"Fn::Sub": "${ModelBucket.Arn}/async/*"},
+                                              {"Fn::Sub": "${ModelBucket.Arn}/uploads/*"}]
+    assert by_sid["WriteJobResults"]["Resource"] == [
+        {"Fn::Sub": "${ModelBucket.Arn}/async/*/status.json"},
+        {"Fn::Sub": "${ModelBucket.Arn}/async/*/result.*"}]
+    assert by_sid["ListJobs"]["Condition"]["StringLike"]["s3:prefix"] == ["async/*"]
     for stmt in by_sid.values():
         actions = stmt["Action"] if isinstance(stmt["Action"], list) else [stmt["Action"]]
         assert all("*" not in a for a in actions) and stmt["Resource"] != "*"

@@ -8,9 +8,11 @@ Used by ``modelfn serve --with-s3`` and by the tests. Needs the dev extras (moto
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import uuid
@@ -54,16 +56,18 @@ class BatchDeployment:
                          KeySchema=table["KeySchema"])
         ddb.update_time_to_live(TableName=self.table,
                                 TimeToLiveSpecification=table["TimeToLiveSpecification"])
-        (notify,) = res["ModelBucket"]["Properties"]["NotificationConfiguration"][
-            "QueueConfigurations"]
+        notifications = res["ModelBucket"]["Properties"]["NotificationConfiguration"][
+            "QueueConfigurations"]  # batch files, and asynchronous jobs
         self.s3.put_bucket_notification_configuration(
             Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [{
                 "QueueArn": self._arn(self.queue), "Events": [notify["Event"]],
-                "Filter": {"Key": {"FilterRules": notify["Filter"]["S3Key"]["Rules"]}}}]})
+                "Filter": {"Key": {"FilterRules": notify["Filter"]["S3Key"]["Rules"]}}}
+                for notify in notifications]})
         # S3 sends an s3:TestEvent once the notification is set up
         self.setup_messages = self.receive()
         os.environ["MODELFN_STORE"] = models
         os.environ["MODELFN_IDEMPOTENCY_TABLE"] = self.table
+        os.environ["MODELFN_JOBS_STORE"] = f"s3://{bucket}"  # as the template sets it
         self.app = load_function("batch", f"modelfn_batch_{suffix}")
 
     def _arn(self, queue_url: str) -> str:
@@ -145,6 +149,12 @@ def start_trigger(models: str, bucket: str = "modelfn-local", port: int = 0,
                            "endpoint would shadow a real one")
     local = LocalS3(port, verbose)
     boto3.client("s3").create_bucket(Bucket=bucket)
+    # webhooks to a receiver on this machine: plain http to loopback, here only
+    os.environ.setdefault("MODELFN_WEBHOOK_HOSTS", "localhost,127.0.0.1")
+    os.environ.setdefault("MODELFN_WEBHOOK_LOOPBACK", "true")
+    if not os.environ.get("MODELFN_WEBHOOK_SECRET"):
+        os.environ["MODELFN_WEBHOOK_SECRET"] = "whsec_" + base64.b64encode(
+            secrets.token_bytes(24)).decode()
     deployment = BatchDeployment(bucket, models)
     stop = threading.Event()
 

@@ -99,8 +99,11 @@ class BatchRun:
 
     def __init__(self, repo: Models, write: Callable[[bytes], Any], *,
                  default_model: str | None, limits: BatchLimits,
-                 summary: Summary, no_model_hint: str = NO_MODEL_HINT) -> None:
+                 summary: Summary, no_model_hint: str = NO_MODEL_HINT,
+                 default_version: str | None = None) -> None:
         self.repo, self.write, self.default_model = repo, write, default_model
+        #: the version a line of the default model without a version of its own runs
+        self.default_version = default_version
         self.limits, self.summary = limits, summary
         self.no_model_hint = no_model_hint
         self._rows: list[_Row] = []
@@ -145,6 +148,8 @@ class BatchRun:
             version = doc.get("version")
             if version is not None and not isinstance(version, str | int):
                 raise InvalidInput("'version' must be a string")
+            if version is None and name == self.default_model:
+                version = self.default_version
             if "inputs" not in doc:
                 raise InvalidInput("'inputs' is required")
             model = self.repo.get(name, None if version is None else str(version))
@@ -268,15 +273,17 @@ def _request(model: LoadedModel, inputs: Any) -> InferRequest:
     return InferRequest(tensors)
 
 
-def run_lines(lines: Iterable[bytes], repo: Repository, write: Callable[[bytes], Any], *,
+def run_lines(lines: Iterable[bytes], repo: Models, write: Callable[[bytes], Any], *,
               summary: Summary, default_model: str | None = None,
               limits: BatchLimits | None = None,
               progress: Callable[[int], Any] | None = None,
-              no_model_hint: str = NO_MODEL_HINT) -> Summary:
+              no_model_hint: str = NO_MODEL_HINT,
+              default_version: str | None = None) -> Summary:
     """Run every line; write output lines through ``write``; return the summary."""
     started = time.perf_counter()
     BatchRun(repo, write, default_model=default_model, limits=limits or BatchLimits(),
-             summary=summary, no_model_hint=no_model_hint).feed(lines, progress)
+             summary=summary, no_model_hint=no_model_hint,
+             default_version=default_version).feed(lines, progress)
     summary.seconds = time.perf_counter() - started
     return summary
 

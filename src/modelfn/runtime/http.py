@@ -32,6 +32,7 @@ from modelfn import registry
 from modelfn.config import RESPONSE_ENVELOPE_BYTES, RESPONSE_LIMIT_BYTES, Settings
 from modelfn.errors import MalformedRequest, ModelfnError, PayloadTooLarge
 from modelfn.runtime import metrics as emf
+from modelfn.runtime.jobs import Jobs, owner_of, prefers_async
 from modelfn.runtime.model import model_metadata as describe
 from modelfn.runtime.protocol import (
     HEADER_LENGTH,
@@ -40,6 +41,7 @@ from modelfn.runtime.protocol import (
     decode_infer_request,
     dumps,
     encode_infer_response,
+    parse_json,
     split_body,
 )
 from modelfn.runtime.repository import Repository
@@ -99,7 +101,8 @@ def check_response_size(body: bytes, binary: bool, all_binary: bool) -> None:
         hints += ", use binary_data_output"
     raise PayloadTooLarge(f"the response would be {size / mib:.1f} MiB; Lambda returns at most "
                           f"{RESPONSE_LIMIT_BYTES / mib:g} MiB from a synchronous invocation: "
-                          f"{hints}, or send the rows through the batch path")
+                          f"{hints}, or send the request with 'Prefer: respond-async' (the "
+                          "result is then kept in S3 and fetched from a presigned URL)")
 
 
 def request_id(event: Any) -> str | None:
@@ -121,6 +124,8 @@ class Request:
     body: str | None
     is_base64_encoded: bool
     headers: dict[str, str] = field(default_factory=dict)  # names lower-case
+    #: who API Gateway's authorizer let in ("" without one): jobs are kept per caller
+    principal: str = ""
 
     @classmethod
     def from_event(cls, event: Any) -> Request:
@@ -137,7 +142,31 @@ class Request:
         return cls(method=method.upper(), path=path, body=body,
                    is_base64_encoded=bool(event.get("isBase64Encoded")),
                    headers={str(k).lower(): str(v) for k, v in headers.items()}
-                   if isinstance(headers, dict) else {})
+                   if isinstance(headers, dict) else {},
+                   principal=principal(event))
+
+
+def principal(event: Any) -> str:
+    """The caller as the authorizer identified it: an IAM principal's ARN (SigV4), a
+    JWT's issuer and subject, or a Lambda authorizer's context; "" when there is none."""
+    try:
+        auth = event["requestContext"].get("authorizer") or {}
+    except (KeyError, TypeError, AttributeError):
+        return ""
+    if not isinstance(auth, dict):
+        return ""
+    iam, jwt = auth.get("iam"), auth.get("jwt")
+    if isinstance(iam, dict) and (iam.get("userArn") or iam.get("callerId")):
+        arn, caller = str(iam.get("userArn") or ""), str(iam.get("callerId") or "")
+        if ":assumed-role/" in arn:  # the role, not the session: sessions come and go
+            arn, caller = arn.rsplit("/", 1)[0], caller.split(":", 1)[0]
+        return f"iam:{arn}:{caller}"
+    if isinstance(jwt, dict) and isinstance(jwt.get("claims"), dict):
+        claims = jwt["claims"]
+        return f"jwt:{claims.get('iss', '')}:{claims.get('sub', '')}"
+    if auth.get("lambda") is not None:
+        return "lambda:" + json.dumps(auth["lambda"], sort_keys=True, default=str)
+    return ""
 
 
 Route = Callable[..., Response]
@@ -224,9 +253,40 @@ def preload(repo: Repository, settings: Settings, logger: Logger) -> dict[str, s
     return failed
 
 
+def job_routes(app: Api, repo: Repository, settings: Settings, logger: Logger,
+               jobs: Jobs) -> Callable[[Request, str, str, bytes], Response] | None:
+    """``POST /v2/uploads`` and ``GET /v2/jobs/{id}``; returns what the infer route calls
+    for ``Prefer: respond-async`` (None without a jobs store: the request then runs
+    synchronously, as RFC 7240 lets a server do with a preference it does not apply)."""
+    def submit(req: Request, name: str, version: str, raw: bytes) -> Response:
+        """``Prefer: respond-async``: checked as the synchronous route checks, stored, 202."""
+        accepted = jobs.accept(owner_of(req.principal), repo, name, version, raw,
+                               req.headers.get(HEADER_LENGTH.lower()))
+        logger.info("job accepted", extra={"model": name, "version": version,
+                                           "job": accepted["id"]})
+        return Response(202, accepted, {"Location": accepted["location"],
+                                        "Preference-Applied": "respond-async",
+                                        "Retry-After": "1"})
+
+    @app.route("POST", "/v2/uploads")
+    def create_upload(req: Request) -> Response:
+        raw = body_bytes(req.body, req.is_base64_encoded, settings.max_body_bytes)
+        check_media_type(req.headers.get("content-type"))
+        doc = parse_json(raw) if raw.strip() else None
+        upload = jobs.create_upload(owner_of(req.principal), doc)
+        return Response(201, upload)
+
+    @app.route("GET", "/v2/jobs/<job>")
+    def job_state(req: Request, job: str) -> Response:
+        return json_response(200, jobs.describe(owner_of(req.principal), job))
+
+    return submit if jobs.enabled else None
+
+
 def create_app(repo: Repository, settings: Settings, logger: Logger,
-               metrics: Metrics) -> Api:
+               metrics: Metrics, jobs: Jobs | None = None) -> Api:
     app = Api(logger, metrics)
+    submit = job_routes(app, repo, settings, logger, jobs or Jobs(settings.jobs))
     preload_errors = preload(repo, settings, logger)  # the cold start pays, not a request
 
     @app.route("GET", "/v2")
@@ -267,6 +327,8 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         raw = body_bytes(req.body, req.is_base64_encoded, settings.max_body_bytes)
         check_media_type(req.headers.get("content-type"))
         concrete = repo.resolve(name, version)
+        if submit is not None and prefers_async(req.headers.get("prefer")):
+            return submit(req, name, concrete, raw)
         request = decode_infer_request(*split_body(raw, req.headers.get(HEADER_LENGTH.lower())))
         model = repo.get(name, concrete)
         arrays, batch = model.validate(request)

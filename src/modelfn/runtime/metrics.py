@@ -6,7 +6,7 @@ API: ``Inferences``, ``InferenceLatency`` and ``BatchSize`` by model and version
 ``RequestErrors`` by ``kind`` (the error's class); ``ServerErrors`` (any 5xx);
 ``SnapStartRestores``. Batch: ``BatchFiles``, ``BatchRejectedFiles``,
 ``BatchFailedFiles``, ``BatchLines``, ``BatchPredictions``, ``BatchLineErrors``,
-``BatchFileSeconds``.
+``BatchFileSeconds``; ``Jobs`` by ``status`` (succeeded, failed) and ``FailedJobs``.
 """
 
 from __future__ import annotations
@@ -70,3 +70,14 @@ def batch_file(metrics: Metrics, summary: dict[str, Any]) -> None:
 def batch_file_failed(metrics: Metrics) -> None:
     """A batch file that failed (its record is retried, then dead-lettered)."""
     metrics.add_metric(name="BatchFailedFiles", unit=MetricUnit.Count, value=1)
+
+
+def job(metrics: Metrics, status: str) -> None:
+    """An asynchronous job reached its final state (FailedJobs: one that failed), in an
+    EMF record of its own: jobs of one invocation may end in different states."""
+    with single_metric(name="Jobs", unit=MetricUnit.Count, value=1,
+                       namespace=metrics.namespace,
+                       default_dimensions={"service": str(metrics.service), "status": status}):
+        pass
+    if status == "failed":
+        count_once(metrics, "FailedJobs")

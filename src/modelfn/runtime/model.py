@@ -106,8 +106,11 @@ class LoadedModel:
         self._mask_feed = token_feeds.get("attention_mask")
         self._seq_arrays = set(token_feeds.values())
 
-    def validate(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
-        """Check the request against the manifest's inputs; return arrays and batch size."""
+    def validate(self, request: InferRequest, max_batch: int | None = None
+                 ) -> tuple[dict[str, np.ndarray], int]:
+        """Check the request against the manifest's inputs; return arrays and batch size.
+        ``max_batch``: the most rows taken (the model's own limit by default; an
+        asynchronous job runs a larger request in slices of that limit)."""
         given = {t.name: t for t in request.inputs}
         arrays: dict[str, np.ndarray] = {}
         batch = None
@@ -115,7 +118,7 @@ class LoadedModel:
             tensor = given.pop(spec.name, None)
             if tensor is None:
                 raise InvalidInput(f"missing input {spec.name!r}")
-            arrays[spec.name] = self._input_array(spec, tensor)
+            arrays[spec.name] = self._input_array(spec, tensor, max_batch or self.max_batch)
             if batch is not None and tensor.shape[0] != batch:
                 raise InvalidInput(f"input {spec.name!r}: batch size {tensor.shape[0]} "
                                    f"differs from the other inputs' ({batch}); every input "
@@ -127,7 +130,7 @@ class LoadedModel:
         assert batch is not None
         return arrays, batch
 
-    def _input_array(self, spec: Tensor, tensor: RequestInput) -> np.ndarray:
+    def _input_array(self, spec: Tensor, tensor: RequestInput, max_batch: int) -> np.ndarray:
         where = f"input {spec.name!r}"
         if tensor.datatype != spec.datatype:
             raise InvalidInput(f"{where}: datatype must be {spec.datatype}, "
@@ -140,8 +143,8 @@ class LoadedModel:
             raise InvalidInput(f"{where}: shape [] has no batch axis; every input is a "
                                "batch of rows, [batch, ...]")
         batch = tensor.shape[0]
-        if not 1 <= batch <= self.max_batch:
-            raise InvalidInput(f"{where}: batch size {batch} is outside 1..{self.max_batch}")
+        if not 1 <= batch <= max_batch:
+            raise InvalidInput(f"{where}: batch size {batch} is outside 1..{max_batch}")
         if spec.datatype == "BYTES":
             return to_strings(tensor)
         array = to_array(tensor, DATATYPES[spec.datatype])

@@ -12,6 +12,14 @@ and for ``s3://bucket/prefix``::
     runs/<name>/<run_id>/training_curve.png
     jobs/<job>/source.tar.gz                what a SageMaker training job ran
     inputs/...jsonl → outputs/...jsonl      batch inference, with outputs/....summary.json
+    async/<owner>/<job>/request.json        an asynchronous job as the API accepted it
+                                            (written once: it triggers the batch function)
+    async/<owner>/<job>/status.json         its state, written by the batch function
+    async/<owner>/<job>/result.json|.jsonl  its result, written whole before the state says so
+    uploads/<owner>/<upload>.json|.jsonl    what a client PUT through a presigned URL
+
+``<owner>`` is a digest of the caller's identity as the API's authorizer gave it, so a
+caller's job and upload ids name nothing under anyone else's prefix.
 """
 
 from __future__ import annotations
@@ -29,8 +37,14 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 CURVE = "training_curve.png"
 INPUT_PREFIX = "inputs/"
+ASYNC_PREFIX = "async/"
+UPLOAD_PREFIX = "uploads/"
+JOB_REQUEST = "request.json"
+JOB_STATUS = "status.json"
 OUTPUT_PREFIX = "outputs/"
 
+#: job and upload ids: 128 random bits in hex (secrets.token_hex(16))
+_TOKEN = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -107,3 +121,27 @@ def model_from_key(key: str) -> str | None:
     rest = key[len(INPUT_PREFIX):] if key.startswith(INPUT_PREFIX) else ""
     folder, sep, _ = rest.partition("/")
     return folder if sep and folder else None
+
+
+# --- asynchronous jobs and uploads ------------------------------------------------------------
+
+def is_token(value: str) -> bool:
+    """Whether ``value`` can be a job or upload id (anything else names nothing)."""
+    return isinstance(value, str) and _TOKEN.match(value) is not None
+
+
+def job_file(owner: str, job: str, file: str) -> str:
+    return f"{ASYNC_PREFIX}{owner}/{job}/{file}"
+
+
+def job_from_key(key: str) -> tuple[str, str] | None:
+    """(owner, job) of ``async/<owner>/<job>/request.json``; None for any other key."""
+    parts = key.split("/")
+    if len(parts) == 4 and parts[0] + "/" == ASYNC_PREFIX and parts[3] == JOB_REQUEST \
+            and is_token(parts[2]) and _NAME.match(parts[1]):
+        return parts[1], parts[2]
+    return None
+
+
+def upload_prefix(owner: str, upload: str) -> str:
+    return f"{UPLOAD_PREFIX}{owner}/{upload}"

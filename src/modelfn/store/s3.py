@@ -19,8 +19,6 @@ class S3Store(Store):
     (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``), which is how tests reach moto."""
 
     def __init__(self, uri: str) -> None:
-        import boto3  # only here: boto3 is a large share of a cold start
-
         rest = uri[len("s3://") :]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
@@ -28,12 +26,10 @@ class S3Store(Store):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self._s3 = boto3.client("s3")
+        self._s3 = _client()
 
     def reconnect(self) -> None:
-        import boto3
-
-        self._s3 = boto3.client("s3")
+        self._s3 = _client()
 
     def _key(self, key: str) -> str:
         return "/".join(part for part in (self.prefix, key.strip("/")) if part)
@@ -138,6 +134,36 @@ class S3Store(Store):
             if not token:
                 return pages
 
+    def objects(self, prefix: str) -> list[dict[str, Any]]:
+        """The objects whose keys start with ``prefix`` (no ``/`` added): each as
+        ``{"key", "size", "modified"}``, ``key`` relative to the store. A listing reads
+        no object's contents (``s3:ListBucket`` is all it needs)."""
+        found, token = [], None
+        base, skip = self._key(prefix), len(self._key("")) + (1 if self.prefix else 0)
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": base}
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._call("list", self._s3.list_objects_v2, **kwargs)
+            found += [{"key": o["Key"][skip:], "size": int(o["Size"]),
+                       "modified": o["LastModified"]} for o in resp.get("Contents", [])]
+            token = resp.get("NextContinuationToken")
+            if not token:
+                return found
+
+    def presign(self, method: str, key: str, expires: int, **params: Any) -> str:
+        """A presigned URL for ``method`` (``get_object``, ``put_object``) on ``key``,
+        valid ``expires`` seconds; ``params`` (ContentType, ContentLength) are signed
+        into it, so that S3 refuses a request that sends others."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return str(self._s3.generate_presigned_url(
+                method, Params={"Bucket": self.bucket, "Key": self._key(key), **params},
+                ExpiresIn=expires))
+        except (BotoCoreError, ClientError) as exc:
+            raise StoreError(f"S3 presign failed on {self.uri}: {exc}") from exc
+
     def children(self, prefix: str) -> list[str]:
         names = set()
         for page in self._list(prefix, "/"):
@@ -145,6 +171,14 @@ class S3Store(Store):
                 names.add(cp["Prefix"].rstrip("/").rsplit("/", 1)[-1])
         return sorted(n for n in names if not n.startswith("."))
 
+
+
+def _client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # SigV4 everywhere: presigned URLs then sign Content-Type and Content-Length too
+    return boto3.client("s3", config=Config(signature_version="s3v4"))
 
 
 class _PartWriter:
