@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import requests
 
+from bench import warm_latency
 from bench.common import (
     HOST,
     bench_store,
-    example,
     free_port,
     headroom,
     label_bars,
@@ -39,12 +39,8 @@ UPLOAD_MB = (1, 10, 50, 200)
 
 
 def digits_rows(rows: int) -> dict[str, Any]:
-    from modelfn.sources.common import load_callable
-    from modelfn.training.data import Split
-
-    split = load_callable(example("digits-cnn"), "train", "data.py:load")()
-    assert isinstance(split, Split)
-    x = split.x_holdout
+    """A v2 request of ``rows`` digits images (the data set's 1,797, repeated)."""
+    x = warm_latency.digits_rows(1797)
     data = x[np.arange(rows) % len(x)].astype(float).tolist()
     return {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [rows, 64],
                         "data": data}]}

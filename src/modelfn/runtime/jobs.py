@@ -175,10 +175,7 @@ class Jobs:
         request = decode_infer_request(*split_body(raw, header))
         model = models.get(name, version)
         model.validate(request)
-        known = model.manifest.output_names()
-        unknown = [n for n in request.outputs or () if n not in known]
-        if unknown:
-            raise InvalidInput(f"unknown output(s) {unknown}; this model returns {known}")
+        model.check_outputs(request.outputs)
         return self.submit(owner, name, version, raw,
                            None if header is None else int(header), request)
 
@@ -189,10 +186,9 @@ class Jobs:
         return self._write_request(owner, name, version, hook, {
             "base64": base64.b64encode(body).decode(), "header_length": header_length})
 
-    def submit_upload(self, owner: str, name: str, version: str, doc: Any) -> dict[str, Any]:
+    def submit_upload(self, owner: str, name: str, version: str,
+                      doc: dict[str, Any]) -> dict[str, Any]:
         """Store a request that names an upload (``{"upload": ID, "parameters": {...}}``)."""
-        if not isinstance(doc, dict):
-            raise InvalidInput("request body must be a JSON object")
         extra = sorted(set(doc) - ASYNC_KEYS)
         if extra:
             raise InvalidInput(f"a request naming an upload takes only 'upload', 'id' and "

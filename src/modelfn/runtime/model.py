@@ -155,13 +155,18 @@ class LoadedModel:
                                    "model")
         return array
 
-    def run(self, arrays: dict[str, np.ndarray],
-            wanted: list[str] | None = None) -> dict[str, np.ndarray]:
+    def check_outputs(self, wanted: list[str] | None) -> list[str]:
+        """The outputs to return (all for None); 422 for a name the model lacks."""
         names = self._outputs if wanted is None else wanted
         unknown = [n for n in names if n not in self._outputs]
         if unknown:
             raise InvalidInput(f"unknown output(s) {unknown}; this model returns "
                                f"{self._outputs}")
+        return names
+
+    def run(self, arrays: dict[str, np.ndarray],
+            wanted: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = self.check_outputs(wanted)
         computed = self.pre(arrays)
         mask = computed.get(self._mask_feed) if self._mask_feed else None
         if mask is None or len(mask) <= BUCKET_ROWS:

@@ -84,12 +84,9 @@ def _allowed_address(ip: str, settings: JobSettings) -> bool:
 
 
 def _on_list(host: str, hosts: tuple[str, ...]) -> bool:
-    for allowed in hosts:
-        if allowed.startswith("*.") and host.endswith(allowed[1:]) and host != allowed[2:]:
-            return True
-        if host == allowed:
-            return True
-    return False
+    """``host`` is listed, or is a sub-domain of a ``*.domain`` entry (not the domain)."""
+    return any(host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
+               for allowed in hosts)
 
 
 def check_url(url: Any, settings: JobSettings,
