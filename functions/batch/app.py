@@ -32,6 +32,7 @@ from modelfn.config import Settings
 from modelfn.errors import ConfigError
 from modelfn.runtime import batch
 from modelfn.runtime import metrics as emf
+from modelfn.runtime.fanout import FINISH_MESSAGE, PART_MESSAGE, FanOut
 from modelfn.runtime.jobs import Jobs
 from modelfn.runtime.repository import Repository
 from modelfn.store import S3Store
@@ -50,8 +51,10 @@ limits = settings.batch
 repo = Repository.from_settings(settings)
 _buckets: dict[str, S3Store] = {}
 _jobs: dict[str, Jobs] = {}  # per bucket: the webhook secret is read once per process
+_fanouts: dict[str, FanOut] = {}
+# a file's S3 event, and each part and the stitching of a split file, run once
 idempotency = IdempotencyConfig(
-    event_key_jmespath="[bucket, key, etag]",
+    event_key_jmespath="[bucket, key, etag, stage, part[0]]",
     raise_on_no_idempotency_key=True,
     expires_after_seconds=settings.idempotency_ttl_seconds,
 )
@@ -69,11 +72,41 @@ def process(obj: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
         if jobs is None:
             jobs = _jobs[obj["bucket"]] = Jobs(settings.jobs, store)
         return jobs.run(obj["key"], repo, limits, attempt)
-    return batch.process_object(store, obj["key"], repo, limits)
+    fanout = _fanouts.get(obj["bucket"])
+    if fanout is None:
+        fanout = _fanouts[obj["bucket"]] = FanOut(
+            store, obj["bucket"], settings.batch_runs_table, settings.batch_queue_url,
+            settings.jobs.attempts, settings.idempotency_ttl_seconds)
+    if obj.get("stage") == PART_MESSAGE:
+        return fanout.part(obj, repo, limits, attempt)
+    if obj.get("stage") == FINISH_MESSAGE:
+        return fanout.finish(obj, attempt)
+    return fanout.start(obj["key"], obj["etag"], repo, limits)
+
+
+def report(summary: dict[str, Any]) -> None:
+    """Metrics and a log line for what a record did: a file's summary (whole, stitched
+    or failed), a job's state, or a stage of a split file."""
+    if "output" not in summary:
+        logger.info("batch file part", extra=summary)
+        return
+    emf.batch_file(metrics, summary)
+    logger.info("batch file done", extra={k: summary[k] for k in (
+        "input", "output", "status", "lines", "predictions", "errors", "parts")})
 
 
 def record_handler(record: SQSRecord) -> None:
+    attempt = int(record.attributes.approximate_receive_count or 1)
     # not JSON: the record fails, and is retried, then dead-lettered
+    body = record.json_body
+    if isinstance(body, dict) and body.get("modelfn") in (PART_MESSAGE, FINISH_MESSAGE):
+        try:  # a part of a split file, or its stitching (sent by this function)
+            summary = process(obj={**body, "stage": body["modelfn"]}, attempt=attempt)
+        except Exception:
+            emf.batch_file_failed(metrics)
+            raise
+        report(summary)
+        return
     notification = record.decoded_nested_s3_event
     if notification.get("Event") == "s3:TestEvent":  # sent once when notifications are set up
         logger.info("ignoring s3:TestEvent")
@@ -92,7 +125,7 @@ def record_handler(record: SQSRecord) -> None:
         try:
             summary = process(obj={"bucket": s3.s3.bucket.name, "key": key,
                                    "etag": obj.etag or obj.version_id or ""},
-                              attempt=int(record.attributes.approximate_receive_count or 1))
+                              attempt=attempt)
         except Exception:
             emf.batch_file_failed(metrics)
             raise  # the record fails: retried, then dead-lettered
@@ -100,9 +133,7 @@ def record_handler(record: SQSRecord) -> None:
             emf.job(metrics, summary["status"])
             logger.info("job done", extra=summary)
             continue
-        emf.batch_file(metrics, summary)
-        logger.info("batch file done", extra={k: summary[k] for k in (
-            "input", "output", "status", "lines", "predictions", "errors")})
+        report(summary)
 
 
 @logger.inject_lambda_context

@@ -259,10 +259,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
                         disable=args.quiet)
     except ImportError:
         bar = contextlib.nullcontext()
-    with bar as progress, writer.open_writer(target.name) as out:
-        batch.run_lines(reader.iter_lines(source.name), repo, out.write, summary=summary,
-                        default_model=args.model, limits=limits, no_model_hint=hint,
-                        progress=progress.update if progress is not None else None)
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: at least 1")
+    with bar as progress:
+        update = progress.update if progress is not None else None
+        if args.workers > 1:  # parts in worker processes, stitched in order
+            from modelfn.runtime import fanout
+
+            summary = fanout.run_local(source, target, workers=args.workers,
+                                       settings=settings, store_uri=repo.store.uri,
+                                       default_model=args.model, limits=limits, hint=hint,
+                                       progress=update)
+        else:
+            with writer.open_writer(target.name) as out:
+                batch.run_lines(reader.iter_lines(source.name), repo, out.write,
+                                summary=summary, default_model=args.model, limits=limits,
+                                no_model_hint=hint, progress=update)
     result = summary.as_dict()
     print(json.dumps(result), flush=True)
     if not summary.errors:
@@ -546,6 +558,9 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--micro-batch", type=int,
                     help="rows per onnxruntime call (default: $MODELFN_BATCH_MICRO_BATCH "
                          "or 32)")
+    bt.add_argument("--workers", type=int, default=1,
+                    help="cut the file into parts run by this many processes at once, "
+                         "each with its share of the cores (default 1: the file whole)")
     bt.add_argument("--allow-errors", action="store_true",
                     help="exit 0 even when some lines failed (their error rows are in the "
                          "output); without it, exit 1")

@@ -9,9 +9,13 @@ process into one object that both Lambda functions (and ``modelfn serve``) use.
 | ``MODELFN_PRELOAD`` | empty | ``name[:version],...`` loaded at init |
 | ``MODELFN_ALIAS`` | ``live`` | the alias a request without a version is served from |
 | ``MODELFN_THREADS`` | vCPUs | onnxruntime intra-op threads |
-| ``MODELFN_BATCH_MAX_BYTES`` | 512 MiB | batch files over it are rejected |
-| ``MODELFN_BATCH_MAX_LINES`` | 1,000,000 | batch files over it are rejected |
+| ``MODELFN_BATCH_MAX_BYTES`` | 50 GiB | batch files over it are rejected |
+| ``MODELFN_BATCH_MAX_LINES`` | 500,000,000 | batch files over it are rejected |
 | ``MODELFN_BATCH_MICRO_BATCH`` | 32 | rows per onnxruntime call in a batch file |
+| ``MODELFN_BATCH_PART_LINES`` | 100,000 | a bigger file is cut into parts of this many lines |
+| ``MODELFN_BATCH_PART_BYTES`` | 64 MiB | ... or of this many bytes, run concurrently |
+| ``MODELFN_BATCH_RUNS_TABLE`` | empty | the DynamoDB table counting a split file's parts |
+| ``MODELFN_BATCH_QUEUE_URL`` | empty | the batch queue, where parts are sent (empty: no split) |
 | ``MODELFN_IDEMPOTENCY_TABLE`` | empty | the batch function's DynamoDB table |
 | ``MODELFN_IDEMPOTENCY_TTL_SECONDS`` | 7 days | how long a batch file's run is remembered |
 | ``MODELFN_JOBS_STORE`` | empty | ``s3://bucket``: asynchronous jobs and uploads (off if empty) |
@@ -63,9 +67,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
 class BatchLimits(NamedTuple):
     """What one batch file may hold, and how it is run."""
 
-    max_bytes: int = 512 << 20
-    max_lines: int = 1_000_000
+    max_bytes: int = 50 << 30
+    max_lines: int = 500_000_000
     micro_batch: int = 32
+    #: a file is cut into parts of at most this many lines, or ending at the first line
+    #: end past this many bytes (see modelfn.runtime.fanout); a file of one part runs whole
+    part_lines: int = 100_000
+    part_bytes: int = 64 << 20
 
 
 class JobSettings(NamedTuple):
@@ -115,6 +123,10 @@ class Settings(NamedTuple):
     idempotency_table: str = ""
     idempotency_ttl_seconds: int = 7 * 86400
     jobs: JobSettings = JobSettings()
+    #: the batch function's fan-out: its DynamoDB table of split files and its own queue
+    #: (the parts are messages on it); either empty: every file runs whole
+    batch_runs_table: str = ""
+    batch_queue_url: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -132,7 +144,11 @@ class Settings(NamedTuple):
                 max_bytes=_int(env, "MODELFN_BATCH_MAX_BYTES", batch.max_bytes, 1),
                 max_lines=_int(env, "MODELFN_BATCH_MAX_LINES", batch.max_lines, 1),
                 micro_batch=_int(env, "MODELFN_BATCH_MICRO_BATCH", batch.micro_batch,
-                                 1)),
+                                 1),
+                part_lines=_int(env, "MODELFN_BATCH_PART_LINES", batch.part_lines, 1),
+                part_bytes=_int(env, "MODELFN_BATCH_PART_BYTES", batch.part_bytes, 1)),
+            batch_runs_table=env.get("MODELFN_BATCH_RUNS_TABLE", ""),
+            batch_queue_url=env.get("MODELFN_BATCH_QUEUE_URL", ""),
             idempotency_table=env.get("MODELFN_IDEMPOTENCY_TABLE", ""),
             idempotency_ttl_seconds=_int(env, "MODELFN_IDEMPOTENCY_TTL_SECONDS", 7 * 86400, 1),
             jobs=JobSettings.from_env(env),

@@ -226,7 +226,9 @@ def test_the_sample_event_for_sam_local_invoke_runs(deployment: Deployment) -> N
 
 
 def test_serve_with_s3_runs_uploads_through_the_batch_handler(built_store: Path) -> None:
-    """`modelfn serve --with-s3`: upload to the embedded S3, predictions appear in outputs/."""
+    """`modelfn serve --with-s3`: upload to the embedded S3, predictions appear in outputs/;
+    a file over the part size goes through the deployed fan-out (parts on the queue,
+    counted in the runs table, stitched)."""
     import os
     import re
     import subprocess
@@ -239,7 +241,8 @@ def test_serve_with_s3_runs_uploads_through_the_batch_handler(built_store: Path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     proc = subprocess.Popen([sys.executable, "-m", "modelfn.cli", "serve", "--store",
                              str(built_store), "--port", str(port), "--with-s3", "--quiet"],
-                            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            env={**env, "PYTHONUNBUFFERED": "1",
+                                 "MODELFN_BATCH_PART_LINES": "32"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
@@ -252,7 +255,7 @@ def test_serve_with_s3_runs_uploads_through_the_batch_handler(built_store: Path)
         s3 = boto3.client("s3", endpoint_url=found.group(1), region_name="us-east-1",
                           aws_access_key_id="t", aws_secret_access_key="t")
         body = "".join(json.dumps({"id": i, "inputs": "where is my order"}) + "\n"
-                       for i in range(3))
+                       for i in range(100))
         s3.put_object(Bucket="modelfn-local", Key="inputs/textcls/local run.jsonl",
                       Body=body.encode())
         deadline = time.monotonic() + 60
@@ -264,7 +267,10 @@ def test_serve_with_s3_runs_uploads_through_the_batch_handler(built_store: Path)
         out = s3.get_object(Bucket="modelfn-local", Key="outputs/textcls/local run.jsonl")
         labels = [json.loads(line)["outputs"]["label"] for line in out["Body"].read().split(b"\n")
                   if line]
-        assert labels == ["delivery"] * 3
+        assert labels == ["delivery"] * 100
+        summary = json.loads(s3.get_object(Bucket="modelfn-local", Key=(
+            "outputs/textcls/local run.summary.json"))["Body"].read())
+        assert (summary["parts"], summary["predictions"]) == (4, 100)
     finally:
         proc.terminate()
         log = proc.communicate(timeout=30)[0]

@@ -314,7 +314,8 @@ def test_batch_queue_has_dead_letters_and_a_long_enough_visibility_timeout() -> 
 def test_batch_function_reads_inputs_writes_outputs_reads_models_only() -> None:
     by_sid = {s["Sid"]: s for s in _statements("BatchFunction")}
     assert set(by_sid) == {"ReadInputs", "WriteOutputs", "ReadModels", "ListModels",
-                           "Idempotency", "ReadJobs", "WriteJobResults", "ListJobs"}
+                           "Idempotency", "ReadJobs", "WriteJobResults", "ListJobs",
+                           "SendParts", "CountParts", "WriteParts", "ListParts"}
     assert by_sid["ReadInputs"]["Action"] == "s3:GetObject"
     assert by_sid["ReadInputs"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/inputs/*"}
     assert by_sid["WriteOutputs"]["Action"] == ["s3:PutObject", "s3:AbortMultipartUpload"]
@@ -331,6 +332,54 @@ def test_batch_function_reads_inputs_writes_outputs_reads_models_only() -> None:
     for stmt in by_sid.values():
         actions = stmt["Action"] if isinstance(stmt["Action"], list) else [stmt["Action"]]
         assert all("*" not in a for a in actions) and stmt["Resource"] != "*"
+
+
+def test_split_files_fan_out_on_the_batch_queue_with_least_privilege_as_deployed() -> None:
+    deployed = resolved(BatchPartLines="5000", BatchPartBytes="8388608",
+                        BatchMaxConcurrency="7")
+    role = deployed["BatchFunctionRole"]["Properties"]
+    by_sid = {s["Sid"]: s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]
+              if "Sid" in s}
+    # its own queue (the parts), its own table (the count), batch-parts/ (the part files)
+    assert by_sid["SendParts"]["Action"] == "sqs:SendMessage"
+    assert by_sid["SendParts"]["Resource"] == {"Fn::GetAtt": ["BatchQueue", "Arn"]}
+    assert by_sid["CountParts"]["Action"] == ["dynamodb:GetItem", "dynamodb:PutItem",
+                                              "dynamodb:UpdateItem"]
+    assert by_sid["CountParts"]["Resource"] == {"Fn::GetAtt": ["BatchRunsTable", "Arn"]}
+    assert by_sid["WriteParts"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/batch-parts/*"}
+    assert "s3:DeleteObject" in by_sid["WriteParts"]["Action"]
+    assert by_sid["ListParts"]["Condition"]["StringLike"]["s3:prefix"] == ["batch-parts/*"]
+    # nothing else may delete, send or write a table
+    for sid, stmt in by_sid.items():
+        text = json.dumps(stmt["Action"])
+        if sid not in {"WriteParts", "Idempotency"}:
+            assert "Delete" not in text, sid
+        if sid != "SendParts":
+            assert "sqs:" not in text, sid
+    table = deployed["BatchRunsTable"]["Properties"]
+    assert table["BillingMode"] == "PAY_PER_REQUEST" and table["SSESpecification"] == {
+        "SSEEnabled": True}
+    assert table["KeySchema"] == [{"AttributeName": "run", "KeyType": "HASH"}]
+    assert table["TimeToLiveSpecification"] == {"AttributeName": "expires", "Enabled": True}
+    env = deployed["BatchFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["MODELFN_BATCH_RUNS_TABLE"] == {"Ref": "BatchRunsTable"}
+    assert env["MODELFN_BATCH_QUEUE_URL"] == {"Ref": "BatchQueue"}
+    assert (env["MODELFN_BATCH_PART_LINES"], env["MODELFN_BATCH_PART_BYTES"]) == (
+        "5000", "8388608")
+    (mapping,) = [r["Properties"] for r in deployed.values()
+                  if r["Type"] == "AWS::Lambda::EventSourceMapping"]
+    assert mapping["BatchSize"] == 1  # one file or one part an invocation
+    assert mapping["ScalingConfig"] == {"MaximumConcurrency": "7"}
+    rules = {r["Id"]: r for r in deployed["ModelBucket"]["Properties"][
+        "LifecycleConfiguration"]["Rules"]}
+    assert rules["ExpireBatchParts"]["Prefix"] == "batch-parts/"
+    assert rules["ExpireBatchParts"]["ExpirationInDays"] == 1
+    assert rules["ExpireBatchParts"]["AbortIncompleteMultipartUpload"] == {
+        "DaysAfterInitiation": 1}
+    # the notifications never match what the parts write
+    for notify in deployed["ModelBucket"]["Properties"]["NotificationConfiguration"][
+            "QueueConfigurations"]:
+        assert not "batch-parts/".startswith(notify["Filter"]["S3Key"]["Rules"][0]["Value"])
 
 
 def test_idempotency_table_is_on_demand_with_ttl() -> None:

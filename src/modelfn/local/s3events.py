@@ -44,6 +44,7 @@ class BatchDeployment:
         props = res["BatchQueue"]["Properties"]
         visibility = props["VisibilityTimeout"]["Fn::Sub"].replace(
             "${BatchTimeout}", str(parameter_default("BatchTimeout")))
+        self.dlq = dlq
         redrive = {"deadLetterTargetArn": self._arn(dlq),
                    "maxReceiveCount": props["RedrivePolicy"]["maxReceiveCount"]}
         self.queue = self.sqs.create_queue(QueueName=f"modelfn-batch-{suffix}", Attributes={
@@ -56,6 +57,11 @@ class BatchDeployment:
                          KeySchema=table["KeySchema"])
         ddb.update_time_to_live(TableName=self.table,
                                 TimeToLiveSpecification=table["TimeToLiveSpecification"])
+        runs = res["BatchRunsTable"]["Properties"]  # a split file's parts are counted here
+        self.runs_table = f"modelfn-batch-runs-{suffix}"
+        ddb.create_table(TableName=self.runs_table, BillingMode=runs["BillingMode"],
+                         AttributeDefinitions=runs["AttributeDefinitions"],
+                         KeySchema=runs["KeySchema"])
         notifications = res["ModelBucket"]["Properties"]["NotificationConfiguration"][
             "QueueConfigurations"]  # batch files, and asynchronous jobs
         self.s3.put_bucket_notification_configuration(
@@ -68,6 +74,8 @@ class BatchDeployment:
         os.environ["MODELFN_STORE"] = models
         os.environ["MODELFN_IDEMPOTENCY_TABLE"] = self.table
         os.environ["MODELFN_JOBS_STORE"] = f"s3://{bucket}"  # as the template sets it
+        os.environ["MODELFN_BATCH_RUNS_TABLE"] = self.runs_table
+        os.environ["MODELFN_BATCH_QUEUE_URL"] = self.queue
         self.app = load_function("batch", f"modelfn_batch_{suffix}")
 
     def _arn(self, queue_url: str) -> str:
@@ -77,22 +85,25 @@ class BatchDeployment:
     def receive(self, wait_seconds: int = 0) -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
         while True:
-            page = self.sqs.receive_message(QueueUrl=self.queue, MaxNumberOfMessages=10,
-                                            WaitTimeSeconds=wait_seconds).get("Messages", [])
+            page = self.sqs.receive_message(
+                QueueUrl=self.queue, MaxNumberOfMessages=10, WaitTimeSeconds=wait_seconds,
+                AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
             if not page:
                 return got
             got += page
             wait_seconds = 0
 
     def invoke(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        event = {"Records": [sqs_record(m["MessageId"], m["Body"]) for m in messages]}
+        event = {"Records": [sqs_record(m["MessageId"], m["Body"], m.get("Attributes", {}).get(
+            "ApproximateReceiveCount", "1")) for m in messages]}
         result: dict[str, Any] = self.app.lambda_handler(event, LocalContext())
         return result
 
-    def pump(self, wait_seconds: int = 1) -> int:
+    def pump(self, wait_seconds: int = 1, retry_after: int | None = None) -> int:
         """One poll as Lambda's event source does it: receive up to 10, invoke, delete
-        the ones that did not fail (failed ones come back after the visibility timeout
-        and go to the dead-letter queue after maxReceiveCount). Returns the count."""
+        the ones that did not fail (failed ones come back after the visibility timeout,
+        or ``retry_after`` seconds if given, and go to the dead-letter queue after
+        maxReceiveCount). Returns the count."""
         messages = self.receive(wait_seconds)[:10]
         if not messages:
             return 0
@@ -100,12 +111,24 @@ class BatchDeployment:
         for m in messages:
             if m["MessageId"] not in failed:
                 self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=m["ReceiptHandle"])
+            elif retry_after is not None:
+                self.sqs.change_message_visibility(QueueUrl=self.queue, ReceiptHandle=m[
+                    "ReceiptHandle"], VisibilityTimeout=retry_after)
         return len(messages)
 
+    def drain(self, retry_after: int | None = None, limit: int = 10_000) -> int:
+        """Pump until the queue is empty (parts and stitching included); the count."""
+        total = 0
+        while count := self.pump(wait_seconds=0, retry_after=retry_after):
+            total += count
+            if total > limit:
+                raise LocalServiceError(f"the batch queue still has messages after {limit}")
+        return total
 
-def sqs_record(message_id: str, body: str) -> dict[str, Any]:
+
+def sqs_record(message_id: str, body: str, receive_count: str = "1") -> dict[str, Any]:
     return {"messageId": message_id, "receiptHandle": "local", "body": body,
-            "attributes": {"ApproximateReceiveCount": "1"}, "messageAttributes": {},
+            "attributes": {"ApproximateReceiveCount": receive_count}, "messageAttributes": {},
             "md5OfBody": "", "eventSource": "aws:sqs",
             "eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:modelfn-batch",
             "awsRegion": "us-east-1"}

@@ -59,6 +59,8 @@ def batch_file(metrics: Metrics, summary: dict[str, Any]) -> None:
     metrics.add_metric(name="BatchFiles", unit=MetricUnit.Count, value=1)
     if summary["status"] == "rejected":
         metrics.add_metric(name="BatchRejectedFiles", unit=MetricUnit.Count, value=1)
+    if summary["status"] == "failed" and summary.get("error"):  # a split file's part
+        batch_file_failed(metrics)  # kept failing: the file failed, as a whole
     metrics.add_metric(name="BatchLines", unit=MetricUnit.Count, value=summary["lines"])
     metrics.add_metric(name="BatchPredictions", unit=MetricUnit.Count,
                        value=summary["predictions"])

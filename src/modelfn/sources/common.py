@@ -242,7 +242,7 @@ def row_arrays(served: LoadedModel, rows: list[dict[str, Any]], where: str) -> l
             arrays, _ = served.validate(_request(served, row["inputs"]))
         except ModelfnError as exc:
             raise ConfigError(f"{where} line {i}: {exc.message}") from None
-        out.append(_canonical(served, arrays))
+        out.append(_canonical(served, arrays, 1))
     return out
 
 

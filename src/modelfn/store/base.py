@@ -39,8 +39,14 @@ class Store(ABC):
         """The object's size in bytes; FileNotFoundError if it is absent."""
 
     @abstractmethod
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
-        """The object's bytes in chunks, streamed: never the whole object in memory."""
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK, start: int = 0,
+                    end: int | None = None) -> Iterator[bytes]:
+        """The object's bytes in chunks, streamed: never the whole object in memory;
+        only bytes ``start`` to ``end`` (exclusive; None: the object's end) if given."""
+
+    @abstractmethod
+    def delete(self, keys: list[str]) -> None:
+        """Remove these objects; one that is absent is no error."""
 
     def is_present(self) -> bool:
         """Whether the store exists (a folder store's folder); an S3 store is taken to
@@ -64,15 +70,25 @@ class Store(ABC):
         """A streaming writer for ``key``. The object appears whole when the block ends
         without an exception, and not at all (nothing at ``key``) when it raises."""
 
-    def iter_lines(self, key: str) -> Iterator[bytes]:
-        """The object's lines (split on ``\n`` only, without it), streamed."""
+    def iter_lines(self, key: str, start: int = 0, end: int | None = None
+                   ) -> Iterator[bytes]:
+        """The object's lines (split on ``\n`` only, without it), streamed; of bytes
+        ``start`` to ``end`` only if given (a part of a file cut on line ends)."""
         pending = b""
-        for chunk in self.iter_chunks(key):
+        for chunk in self.iter_chunks(key, start=start, end=end):
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
             yield from lines
         if pending:
             yield pending
+
+    def concat(self, key: str, parts: list[str]) -> None:
+        """Write ``key`` as the objects ``parts`` one after the other (whole or not at
+        all, as :meth:`open_writer`); streamed, never a part whole in memory."""
+        with self.open_writer(key) as out:
+            for part in parts:
+                for chunk in self.iter_chunks(part):
+                    out.write(chunk)
 
     def publish_folder(self, prefix: str, files: dict[str, bytes], last: str) -> None:
         """Write ``files`` under ``prefix`` with ``last`` written after all others.

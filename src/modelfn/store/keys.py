@@ -12,6 +12,8 @@ and for ``s3://bucket/prefix``::
     runs/<name>/<run_id>/training_curve.png
     jobs/<job>/source.tar.gz                what a SageMaker training job ran
     inputs/...jsonl → outputs/...jsonl      batch inference, with outputs/....summary.json
+    batch-parts/<run>/<part>.jsonl|.json    a split file's part outputs and summaries until
+                                            they are stitched into outputs/ (then deleted)
     async/<owner>/<job>/request.json        an asynchronous job as the API accepted it
                                             (written once: it triggers the batch function)
     async/<owner>/<job>/status.json         its state, written by the batch function
@@ -42,6 +44,7 @@ UPLOAD_PREFIX = "uploads/"
 JOB_REQUEST = "request.json"
 JOB_STATUS = "status.json"
 OUTPUT_PREFIX = "outputs/"
+PARTS_PREFIX = "batch-parts/"
 
 #: job and upload ids: 128 random bits in hex (secrets.token_hex(16))
 _TOKEN = re.compile(r"^[0-9a-f]{32}$")
@@ -121,6 +124,11 @@ def model_from_key(key: str) -> str | None:
     rest = key[len(INPUT_PREFIX):] if key.startswith(INPUT_PREFIX) else ""
     folder, sep, _ = rest.partition("/")
     return folder if sep and folder else None
+
+
+def part_file(run: str, part: int, suffix: str) -> str:
+    """A split file's part ``part`` (0-based) output (``.jsonl``) or summary (``.json``)."""
+    return f"{PARTS_PREFIX}{run}/{part:05d}{suffix}"
 
 
 # --- asynchronous jobs and uploads ------------------------------------------------------------

@@ -98,10 +98,19 @@ class LocalStore(Store):
         with self._io("read", key):
             return path if path.is_file() else None
 
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK, start: int = 0,
+                    end: int | None = None) -> Iterator[bytes]:
         with self._io("read", key), self._path(key).open("rb") as fh:
-            while chunk := fh.read(chunk_size):
+            fh.seek(start)
+            left = -1 if end is None else end - start
+            while left and (chunk := fh.read(chunk_size if left < 0 else min(chunk_size, left))):
+                left -= len(chunk) if left > 0 else 0
                 yield chunk
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            with self._io("delete", key):
+                self._path(key).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def open_writer(self, key: str) -> Iterator[Writer]:

@@ -12,6 +12,7 @@ from modelfn.errors import StoreError
 from modelfn.store.base import CHUNK, Store, Writer, json_bytes
 
 PART_SIZE = 8 << 20  # multipart parts (S3 needs >= 5 MiB for all but the last)
+MIN_PART = 5 << 20
 
 
 class S3Store(Store):
@@ -93,12 +94,46 @@ class S3Store(Store):
     def size(self, key: str) -> int:
         return int(self._call("head", self._s3.head_object, Key=self._key(key))["ContentLength"])
 
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
-        body = self._call("get", self._s3.get_object, Key=self._key(key))["Body"]
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK, start: int = 0,
+                    end: int | None = None) -> Iterator[bytes]:
+        if end is not None and end <= start:
+            return
+        ranged = {} if not start and end is None else {
+            "Range": f"bytes={start}-{'' if end is None else end - 1}"}
+        body = self._call("get", self._s3.get_object, Key=self._key(key), **ranged)["Body"]
         try:
             yield from body.iter_chunks(chunk_size)
         finally:
             body.close()
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1000 keys a call
+            resp = self._call("delete", self._s3.delete_objects, Delete={
+                "Objects": [{"Key": self._key(k)} for k in keys[start:start + 1000]],
+                "Quiet": True})
+            if resp.get("Errors"):
+                error = resp["Errors"][0]
+                raise StoreError(f"S3 delete failed on {self.uri}: {error.get('Code')} "
+                                 f"for {error.get('Key')}")
+
+    def concat(self, key: str, parts: list[str]) -> None:
+        """One multipart upload: a part of at least 5 MiB that starts an upload part is
+        copied by S3 itself (UploadPartCopy: its bytes never pass through here, and
+        the copies run 8 at a time); smaller ones are read and sent with their
+        neighbours, as S3 needs 5 MiB for every upload part but the last."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        sizes = [self.size(p) for p in parts]
+        with ThreadPoolExecutor(8) as pool, self.open_writer(key) as out:
+            writer: _PartWriter = out  # type: ignore[assignment]
+            for part, size in zip(parts, sizes, strict=True):
+                if size >= MIN_PART and (not writer.pending or writer.pending >= MIN_PART):
+                    writer.flush()
+                    writer.copy(pool, self._key(part))
+                    continue
+                for chunk in self.iter_chunks(part, PART_SIZE):
+                    writer.write(chunk)
+            writer.wait()
 
     @contextlib.contextmanager
     def open_writer(self, key: str) -> Iterator[Writer]:
@@ -110,6 +145,7 @@ class S3Store(Store):
         try:
             yield writer
             writer.flush(final=True)
+            writer.wait()
             self._call("multipart complete", self._s3.complete_multipart_upload, Key=full,
                        UploadId=writer.upload_id, MultipartUpload={"Parts": writer.parts})
         except BaseException:
@@ -189,6 +225,33 @@ class _PartWriter:
         self.store, self.key, self.upload_id = store, key, upload_id
         self.parts: list[dict[str, Any]] = []
         self._buffer = bytearray()
+        self._copies: list[Any] = []  # futures of UploadPartCopy calls
+
+    @property
+    def pending(self) -> int:
+        """Bytes written and not yet sent as a part."""
+        return len(self._buffer)
+
+    def copy(self, pool: Any, source: str) -> None:
+        """The next part is the object ``source`` (at least 5 MiB), copied by S3."""
+        number = len(self.parts) + 1
+        entry: dict[str, Any] = {"PartNumber": number}
+        self.parts.append(entry)
+
+        def run() -> None:
+            resp = self.store._call(
+                "multipart copy", self.store._s3.upload_part_copy, Key=self.key,
+                UploadId=self.upload_id, PartNumber=number,
+                CopySource={"Bucket": self.store.bucket, "Key": source})
+            entry["ETag"] = resp["CopyPartResult"]["ETag"]
+
+        self._copies.append(pool.submit(run))
+
+    def wait(self) -> None:
+        """Raise the first copy's failure, if any (the upload is then aborted)."""
+        copies, self._copies = self._copies, []
+        for future in copies:
+            future.result()
 
     def write(self, data: bytes, /) -> int:
         self._buffer += data

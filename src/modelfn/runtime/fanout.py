@@ -1,0 +1,404 @@
+"""Batch files of any size: cut into parts on line ends, run concurrently, stitched.
+
+A file is read once to plan it: its lines are counted and it is cut where a part
+reaches ``part_lines`` lines (a multiple of the micro-batch, so that a file without
+blank or bad lines runs the same micro-batches whole or in parts) or ``part_bytes``
+bytes. A file of one part runs as it always did (:func:`batch.process_object`).
+
+Deployed (:class:`FanOut`), the parts are messages on the batch queue itself, run by
+the batch function like any record, with a DynamoDB item per split file:
+
+1. the S3 event's run plans the file, puts the item ``{run, parts: N}`` and sends one
+   message per part (each carrying its byte range and first line number);
+2. a part runs its range into ``batch-parts/<run>/<part>.jsonl`` (+ its summary), then
+   adds its number to the item's ``done`` set; the part that completes the set sends
+   the ``finish`` message;
+3. ``finish`` stitches the parts into ``outputs/<key>`` with one multipart upload
+   (S3 copies parts of 5 MiB and more itself), writes the file's summary, and deletes
+   the parts.
+
+Every stage is idempotent (Powertools' record per stage and part in the batch
+function, the ``done`` set, a deterministic output): a redelivered or retried message
+adds no row. A part that fails is retried by the queue; on its last delivery it fails
+the file: the item is marked failed, the summary names the part and the reason, no
+output is written, and the parts still queued do nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import astuple, dataclass
+from typing import Any
+
+import numpy as np
+
+from modelfn.config import BatchLimits
+from modelfn.errors import LimitExceeded, StoreError
+from modelfn.runtime import batch
+from modelfn.runtime.repository import Repository
+from modelfn.store import S3Store, Store
+from modelfn.store.keys import PARTS_PREFIX, model_from_key, output_key, part_file, summary_key
+
+#: at most this many parts a file (S3's multipart upload takes 10,000 parts, and the
+#: stitching may need one more for each part it reads rather than copies)
+MAX_PARTS = 5000
+#: the planner reads the file in ranges of this size, this many at once
+READ_CHUNK = 16 << 20
+READ_AHEAD = 4
+PART_MESSAGE, FINISH_MESSAGE = "batch-part", "batch-finish"
+
+
+@dataclass(frozen=True)
+class Part:
+    """Bytes ``start`` to ``end`` (exclusive) of a file: whole lines, the first of them
+    line ``first_line`` (1-based, blank lines counted) of the file."""
+
+    index: int
+    start: int
+    end: int
+    first_line: int
+    lines: int
+
+    def describe(self, total: int) -> str:
+        return (f"part {self.index + 1} of {total} (lines {self.first_line}-"
+                f"{self.first_line + self.lines - 1})")
+
+
+def plan(chunks: Iterable[bytes], part_bytes: int, part_lines: int) -> list[Part]:
+    """Cut the bytes ``chunks`` yields into parts that end at a line end, each of at
+    most ``part_lines`` lines and ending at the first line end at or past
+    ``part_bytes`` bytes. A last line without its ``\\n`` is a line."""
+    parts: list[Part] = []
+    start, first, lines, offset = 0, 1, 0, 0
+
+    def cut(end: int) -> None:
+        nonlocal start, first, lines
+        parts.append(Part(len(parts), start, end, first, lines))
+        start, first, lines = end, first + lines, 0
+
+    last = b""
+    for chunk in chunks:
+        if not chunk:
+            continue
+        ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + offset + 1
+        i = 0  # line ends of this chunk not yet counted
+        while i < len(ends):
+            by_lines = i + part_lines - lines - 1  # the line end that fills the part
+            by_bytes = i + int(np.searchsorted(ends[i:], start + part_bytes))
+            j = min(by_lines, by_bytes)
+            if j >= len(ends):
+                break
+            lines += j - i + 1
+            cut(int(ends[j]))
+            i = j + 1
+        lines += len(ends) - i
+        offset += len(chunk)
+        last = chunk[-1:]
+    if offset > start:
+        cut_lines = lines + (last != b"\n")
+        parts.append(Part(len(parts), start, offset, first, cut_lines))
+    return parts
+
+
+def read_plan(store: Store, key: str, limits: BatchLimits) -> list[Part]:
+    """Plan ``key`` in ``store`` (its ranges read ahead, a few at once); LimitExceeded
+    for a file over the limits (bytes, lines, parts)."""
+    size = store.size(key)
+    if size > limits.max_bytes:
+        raise LimitExceeded(f"the file is {size} bytes; the limit is {limits.max_bytes}")
+    part_lines = max(limits.micro_batch,
+                     limits.part_lines // limits.micro_batch * limits.micro_batch)
+    parts = plan(_read_ahead(store, key, size), limits.part_bytes, part_lines)
+    lines = sum(p.lines for p in parts)
+    if lines > limits.max_lines:
+        raise LimitExceeded(f"the file has more than {limits.max_lines} lines")
+    if len(parts) > MAX_PARTS:
+        raise LimitExceeded(f"the file needs {len(parts)} parts of at most {part_lines} "
+                            f"lines or {limits.part_bytes} bytes; the most is {MAX_PARTS}: "
+                            "raise the part size (MODELFN_BATCH_PART_LINES, "
+                            "MODELFN_BATCH_PART_BYTES)")
+    return parts
+
+
+def _read_ahead(store: Store, key: str, size: int) -> Iterator[bytes]:
+    """The object's bytes in order, READ_AHEAD ranges fetched at once."""
+    def fetch(start: int) -> bytes:
+        return b"".join(store.iter_chunks(key, READ_CHUNK, start, min(size, start +
+                                                                       READ_CHUNK)))
+
+    with ThreadPoolExecutor(READ_AHEAD) as pool:
+        pending: list[Future[bytes]] = []
+        starts = iter(range(0, size, READ_CHUNK))
+        for start in starts:
+            pending.append(pool.submit(fetch, start))
+            if len(pending) == READ_AHEAD:
+                break
+        while pending:
+            chunk = pending.pop(0).result()
+            nxt = next(starts, None)
+            if nxt is not None:
+                pending.append(pool.submit(fetch, nxt))
+            yield chunk
+
+
+def run_part(store: Store, key: str, part: Part, repo: batch.Models, out: Store,
+             out_key: str, limits: BatchLimits, *, default_model: str | None,
+             no_model_hint: str = batch.NO_MODEL_HINT,
+             progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Run one part of ``key`` into ``out_key`` of ``out`` (whole or not at all);
+    return its summary. Failures other than a line's raise, as for a whole file."""
+    summary = batch.Summary(input=key, output=out_key)
+    with out.open_writer(out_key) as writer:
+        batch.run_lines(store.iter_lines(key, part.start, part.end), repo, writer.write,
+                        summary=summary, default_model=default_model, limits=limits,
+                        progress=progress, no_model_hint=no_model_hint,
+                        first_line=part.first_line)
+    return summary.as_dict()
+
+
+def merged(key: str, output: str, parts: list[dict[str, Any]], seconds: float
+           ) -> batch.Summary:
+    summary = batch.Summary(input=key, output=output, parts=len(parts), seconds=seconds)
+    for part in parts:
+        summary.add(part)
+    return summary
+
+
+def run_id(bucket: str, key: str, etag: str) -> str:
+    return hashlib.sha256(f"{bucket}\0{key}\0{etag}".encode()).hexdigest()[:32]
+
+
+class FanOut:
+    """The deployed fan-out over one bucket: the batch queue carries the parts, the
+    DynamoDB table ``table`` counts them (see the module's docstring)."""
+
+    def __init__(self, store: S3Store, bucket: str, table: str, queue_url: str,
+                 attempts: int, retention_seconds: int) -> None:
+        import boto3
+
+        self.store, self.bucket, self.table, self.queue_url = store, bucket, table, queue_url
+        self.attempts, self.retention = attempts, retention_seconds
+        self._ddb, self._sqs = boto3.client("dynamodb"), boto3.client("sqs")
+
+    # --- 1. the S3 event: plan, then run whole or send the parts -------------------------
+    def start(self, key: str, etag: str, repo: Repository, limits: BatchLimits
+              ) -> dict[str, Any]:
+        if not (self.table and self.queue_url):  # not deployed to fan out: as before
+            return batch.process_object(self.store, key, repo, limits)
+        try:
+            parts = read_plan(self.store, key, limits)
+        except LimitExceeded as exc:
+            return batch.reject(self.store, key, exc)
+        if len(parts) <= 1:
+            return batch.process_object(self.store, key, repo, limits)
+        run = run_id(self.bucket, key, etag)
+        now = time.time()
+        self._call("put", self._ddb.put_item, TableName=self.table, Item={
+            "run": {"S": run}, "key": {"S": key}, "parts": {"N": str(len(parts))},
+            "created": {"N": f"{now:.3f}"}, "expires": {"N": str(int(now) + self.retention)}},
+            ConditionExpression="attribute_not_exists(#r)", ExpressionAttributeNames={
+                "#r": "run"}, exists_ok=True)
+        base = {"bucket": self.bucket, "key": key, "etag": etag, "run": run,
+                "parts": len(parts)}
+        self._send([{"modelfn": PART_MESSAGE, **base, "part": list(astuple(p))}
+                    for p in parts])
+        return {"input": key, "status": "split", "run": run, "parts": len(parts)}
+
+    # --- 2. a part ----------------------------------------------------------------------
+    def part(self, message: dict[str, Any], repo: batch.Models, limits: BatchLimits,
+             attempt: int) -> dict[str, Any]:
+        part = Part(*message["part"])
+        run, key, total = message["run"], message["key"], message["parts"]
+        item = self._item(run)
+        if "failed" in item or "finished" in item:  # another part failed the file, or
+            # this is a late copy of a message: nothing to add
+            return {"input": key, "status": "skipped", "run": run, "part": part.index}
+        try:
+            result = run_part(self.store, key, part, repo, self.store,
+                              part_file(run, part.index, ".jsonl"), limits,
+                              default_model=model_from_key(key))
+            self.store.write_json(part_file(run, part.index, ".json"), result)
+            done = self._call("update", self._ddb.update_item, TableName=self.table,
+                              Key={"run": {"S": run}}, UpdateExpression="ADD done :p",
+                              ExpressionAttributeValues={":p": {"SS": [str(part.index)]}},
+                              ReturnValues="ALL_NEW")["Attributes"]
+        except Exception as exc:
+            if attempt < self.attempts:
+                raise  # the queue delivers the part again
+            return self._fail(run, key, total, f"{part.describe(total)} failed after "
+                              f"{attempt} attempts: {_reason(exc)}")
+        if len(done.get("done", {}).get("SS", [])) == total and "failed" not in done:
+            self._send([{"modelfn": FINISH_MESSAGE, **{k: message[k] for k in (
+                "bucket", "key", "etag", "run", "parts")}}])
+        return {"input": key, "status": "part done", "run": run, "part": part.index,
+                "lines": result["lines"]}
+
+    # --- 3. stitch ----------------------------------------------------------------------
+    def finish(self, message: dict[str, Any], attempt: int) -> dict[str, Any]:
+        run, key, total = message["run"], message["key"], message["parts"]
+        item = self._item(run)
+        if "failed" in item:
+            return {"input": key, "status": "skipped", "run": run}
+        if "finished" in item:  # a copy of this message: the summary is written
+            return dict(self.store.read_json(summary_key(key)))
+        outputs = [part_file(run, i, ".jsonl") for i in range(total)]
+        summaries = [part_file(run, i, ".json") for i in range(total)]
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                parts = list(pool.map(self.store.read_json, summaries))
+            self.store.concat(output_key(key), outputs)
+        except Exception as exc:
+            if attempt < self.attempts:
+                raise
+            return self._fail(run, key, total, f"stitching the {total} parts failed after "
+                              f"{attempt} attempts: {_reason(exc)}")
+        summary = merged(key, output_key(key), parts,
+                         time.time() - float(item["created"]["N"]))
+        result = summary.as_dict()
+        self.store.write_json(summary_key(key), result)
+        self._call("update", self._ddb.update_item, TableName=self.table,
+                   Key={"run": {"S": run}}, UpdateExpression="SET finished = :t",
+                   ExpressionAttributeValues={":t": {"BOOL": True}})
+        self.store.delete(outputs + summaries)
+        return result
+
+    # --- helpers ------------------------------------------------------------------------
+    def _fail(self, run: str, key: str, total: int, reason: str) -> dict[str, Any]:
+        """Fail the file once: the first part to fail writes the summary; no output."""
+        first = self._call("update", self._ddb.update_item, TableName=self.table,
+                           Key={"run": {"S": run}}, UpdateExpression="SET failed = :r",
+                           ConditionExpression="attribute_not_exists(failed)",
+                           ExpressionAttributeValues={":r": {"S": reason}}, exists_ok=True)
+        summary = batch.Summary(input=key, output=output_key(key), status="failed",
+                                error=reason, parts=total).as_dict()
+        if first is not None:
+            self.store.write_json(summary_key(key), summary)
+            self.store.delete([o["key"] for o in self.store.objects(f"{PARTS_PREFIX}{run}/")])
+        return summary
+
+    def _item(self, run: str) -> dict[str, Any]:
+        item = self._call("get", self._ddb.get_item, TableName=self.table,
+                          Key={"run": {"S": run}}, ConsistentRead=True).get("Item")
+        if item is None:
+            raise StoreError(f"batch run {run} has no record in {self.table}")
+        return dict(item)
+
+    def _send(self, messages: list[dict[str, Any]]) -> None:
+        for start in range(0, len(messages), 10):  # SendMessageBatch takes 10 a call
+            entries = [{"Id": str(i), "MessageBody": json.dumps(m)}
+                       for i, m in enumerate(messages[start:start + 10])]
+            resp = self._call("send", self._sqs.send_message_batch, QueueUrl=self.queue_url,
+                              Entries=entries)
+            if resp.get("Failed"):
+                raise StoreError(f"SQS refused {len(resp['Failed'])} part messages: "
+                                 f"{resp['Failed'][0].get('Code')}")
+
+    def _call(self, what: str, fn: Any, exists_ok: bool = False, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if exists_ok and code == "ConditionalCheckFailedException":
+                return None
+            raise StoreError(f"{what} on the batch runs failed: {code or exc}") from exc
+        except BotoCoreError as exc:
+            raise StoreError(f"{what} on the batch runs failed: {exc}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    message = getattr(exc, "message", None) or str(exc)
+    return f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"[:500]
+
+
+# --- locally: parts in worker processes (modelfn batch --workers N) -------------------------
+
+_worker: dict[str, Any] = {}
+
+
+def _start_worker(settings: Any, store_uri: str, threads: int, events: Any) -> None:
+    from modelfn.store import open_store
+
+    _worker["repo"] = Repository.from_settings(settings._replace(threads=threads),
+                                               open_store(store_uri))
+    _worker["events"] = events
+
+
+def _run_local_part(source: str, part: Part, folder: str, default_model: str | None,
+                    limits: BatchLimits, hint: str) -> dict[str, Any]:
+    from pathlib import Path
+
+    from modelfn.store import LocalStore
+
+    events, counted = _worker["events"], [0]
+
+    def progress(n: int) -> None:  # a message per 1,000 lines, not per line
+        counted[0] += n
+        if counted[0] >= 1000:
+            events.put(counted[0])
+            counted[0] = 0
+
+    path = Path(source)
+    result = run_part(LocalStore(path.parent), path.name, part, _worker["repo"],
+                      LocalStore(folder), f"{part.index:05d}.jsonl", limits,
+                      default_model=default_model, no_model_hint=hint, progress=progress)
+    events.put(counted[0])
+    return result
+
+
+def run_local(source: Any, target: Any, *, workers: int, settings: Any, store_uri: str,
+              default_model: str | None, limits: BatchLimits, hint: str,
+              progress: Callable[[int], Any] | None = None) -> batch.Summary:
+    """``source`` (a local JSONL file) cut into parts run by ``workers`` processes, each
+    with its share of the machine's cores, stitched into ``target`` (whole or not at
+    all: a part that fails raises, and nothing is written). ``progress`` is called in
+    this process with the lines done, as the workers report them."""
+    import multiprocessing
+    import shutil
+    import tempfile
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+    from pathlib import Path
+
+    from modelfn.runtime.model import cpu_count
+    from modelfn.store import LocalStore
+
+    started = time.perf_counter()
+    source, target = Path(source), Path(target)
+    reader = LocalStore(source.parent)
+    parts = read_plan(reader, source.name, limits)
+    lines = sum(p.lines for p in parts)
+    if len(parts) < 2 * workers:  # two parts a worker at least: none left idle at the end
+        parts = read_plan(reader, source.name, limits._replace(
+            part_lines=max(1, -(-lines // (2 * workers)))))
+    context = multiprocessing.get_context("spawn")  # no onnxruntime state forked
+    events = context.Queue()
+    threads = settings.threads or max(1, cpu_count() // workers)
+
+    def relay() -> None:
+        while (n := events.get()) is not None:
+            if progress is not None and n:
+                progress(n)
+
+    listener = threading.Thread(target=relay, daemon=True)
+    listener.start()
+    with tempfile.TemporaryDirectory(prefix=".modelfn-parts-", dir=target.parent) as folder:
+        try:
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                     initargs=(settings, store_uri, threads, events)) as pool:
+                futures = [pool.submit(_run_local_part, str(source), p, folder,
+                                       default_model, limits, hint) for p in parts]
+                results = [f.result() for f in futures]
+        finally:
+            events.put(None)
+            listener.join()
+        with LocalStore(target.parent).open_writer(target.name) as out:
+            for p in parts:
+                with (Path(folder) / f"{p.index:05d}.jsonl").open("rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 20)  # type: ignore[misc]
+    return merged(str(source), str(target), results, time.perf_counter() - started)
