@@ -100,3 +100,97 @@ def test_workers_must_be_at_least_one(built_store: Path, tmp_path: Path,
     source = digits_file(tmp_path / "rows.jsonl", 3)
     assert main(["batch", str(source), "--store", str(built_store), "--workers", "0"]) != 0
     assert "--workers 0: at least 1" in capsys.readouterr().err
+
+
+# --- micro-batch validation, for models the test writes itself ----------------------------
+
+def run_file(store: Path, model: str, lines: list[object], micro_batch: int) -> bytes:
+    from modelfn.config import BatchLimits
+    from modelfn.runtime import batch
+    from modelfn.runtime.repository import Repository
+    from modelfn.store import open_store
+
+    out: list[bytes] = []
+    raw = [x.encode() if isinstance(x, str) else json.dumps(x).encode() for x in lines]
+    batch.run_lines(raw, Repository(open_store(str(store))), out.append,
+                    summary=batch.Summary("t", "t"), default_model=model,
+                    limits=BatchLimits(micro_batch=micro_batch))
+    return b"".join(out)
+
+
+@pytest.fixture(scope="module")
+def raw_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.unit.test_raw_tensors import identity, masked_sum, publish
+
+    root = tmp_path_factory.mktemp("raw-models")
+    for bundle in [masked_sum(max_batch=4), identity("INT8"), identity("UINT64"),
+                   identity("FP16"), identity("BOOL")]:
+        publish(root, bundle)
+    return root
+
+
+def test_a_micro_batch_checked_at_once_gives_what_rows_checked_alone_give(
+        raw_models: Path) -> None:
+    """Two inputs sharing a dynamic axis, rows of two lengths, bad rows among good ones,
+    more rows than the model's batch limit (4): the micro-batch of 8 gives the bytes
+    that micro-batches of 1 give, and the good rows the model's values."""
+    good = [({"ids": [1, 2, 3], "flags": [True, False, True]}, 4),
+            ({"ids": [5, 6, 7, 8, 9], "flags": [True] * 5}, 35)]
+    bad = [{"ids": [1, 2, 3], "flags": [1, 0, 1]},       # BOOL as numbers
+           {"ids": [1.5, 2, 3], "flags": [True] * 3},    # INT64 not an integer
+           {"ids": [1, 2, 3], "flags": [True] * 4},      # lengths the graph refuses
+           {"ids": [1, 2, 3]},                            # an input missing
+           [1, 2, 3]]                                     # not an object
+    lines: list[object] = []
+    for i in range(40):
+        lines.append({"id": i, "inputs": good[i % 2][0] if i % 7 else bad[i // 7 % 5]})
+    batched = run_file(raw_models, "masked-sum", lines, micro_batch=8)
+    assert batched == run_file(raw_models, "masked-sum", lines, micro_batch=1)
+    rows = [json.loads(x) for x in batched.splitlines()]
+    assert [r["id"] for r in rows] == list(range(40))
+    for i, r in enumerate(rows):
+        if i % 7:
+            assert r["outputs"]["total"] == good[i % 2][1], r
+        else:
+            assert "error" in r and "outputs" not in r, r
+    assert "BOOL values must be true or false" in rows[0]["error"]
+    assert "must be integers" in rows[7]["error"]
+
+
+@pytest.mark.parametrize(("model", "ok", "past"), [
+    ("echo-int8", [-128, 127, 0], [128, 0, 0]),
+    ("echo-uint64", [0, 2**64 - 1, 2**63], [-1, 0, 0]),
+    ("echo-fp16", [65504.0, -65504.0, 0.5], [65520.0, 0.0, 0.0]),
+])
+def test_values_at_a_datatypes_edge_pass_and_one_past_it_is_that_lines_error(
+        raw_models: Path, model: str, ok: list[float], past: list[float]) -> None:
+    lines = [{"id": 0, "inputs": ok}, {"id": 1, "inputs": past},
+             {"id": 2, "inputs": ok}, {"id": 3, "inputs": [True, 2, 3]}]
+    batched = run_file(raw_models, model, lines, micro_batch=8)
+    assert batched == run_file(raw_models, model, lines, micro_batch=1)
+    rows = [json.loads(x) for x in batched.splitlines()]
+    assert rows[0]["outputs"]["y"] == ok == rows[2]["outputs"]["y"]
+    assert "error" in rows[1] and "error" in rows[3]  # the others still ran
+
+
+def test_alike_rows_are_checked_once_a_micro_batch_and_one_bad_row_alone(
+        raw_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelfn.runtime.model import LoadedModel
+
+    calls: list[int] = []
+    real = LoadedModel.validate
+
+    def counted(self: LoadedModel, request: object, *args: object, **kw: object) -> object:
+        calls.append(request.inputs[0].shape[0])  # type: ignore[attr-defined]
+        return real(self, request, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LoadedModel, "validate", counted)
+    good = [{"id": i, "inputs": {"ids": [i, 1, 2], "flags": [True, False, True]}}
+            for i in range(16)]
+    run_file(raw_models, "masked-sum", good, micro_batch=8)
+    assert calls == [8, 8]  # two micro-batches, each checked as one array
+    calls.clear()
+    bad = {"id": "x", "inputs": {"ids": [1, 2, 3], "flags": [1, 0, 1]}}
+    out = run_file(raw_models, "masked-sum", [*good[:7], bad], micro_batch=8)
+    assert calls == [8, *[1] * 8]  # refused as a batch: then each row alone
+    assert [("error" in json.loads(x)) for x in out.splitlines()] == [False] * 7 + [True]

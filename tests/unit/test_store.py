@@ -179,3 +179,63 @@ def test_default_alias_falls_back_to_live_then_newest(any_store: registry.Store)
     registry.set_alias(any_store, "m", "canary", "2")
     assert registry.resolve_version(any_store, "m", default_alias="canary") == "2"
     assert registry.resolve_version(any_store, "m") == "1"
+
+
+def test_byte_ranges_lines_of_a_range_and_deletes(any_store: registry.Store) -> None:
+    any_store.write_bytes("f.jsonl", b"one\ntwo\nthree\nfour")
+    assert b"".join(any_store.iter_chunks("f.jsonl", 3, 4, 13)) == b"two\nthree"
+    assert b"".join(any_store.iter_chunks("f.jsonl", 2, 14)) == b"four"  # to the end
+    assert b"".join(any_store.iter_chunks("f.jsonl", 2, 5, 5)) == b""
+    assert list(any_store.iter_lines("f.jsonl", 4, 14)) == [b"two", b"three"]
+    assert list(any_store.iter_lines("f.jsonl", 14)) == [b"four"]
+    any_store.delete(["f.jsonl", "never-written"])
+    assert not any_store.exists("f.jsonl")
+
+
+def test_concat_writes_the_parts_in_order_whole_or_not_at_all(
+        any_store: registry.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    parts = {f"p/{i}": bytes([65 + i]) * (i * 1000 + 1) for i in range(4)}
+    for key, data in parts.items():
+        any_store.write_bytes(key, data)
+    any_store.concat("out", list(parts))
+    assert any_store.read_bytes("out") == b"".join(parts.values())
+    real = any_store.iter_chunks
+
+    def broken(key: str, *args: object, **kwargs: object) -> object:
+        if key == "p/2":
+            raise StoreError("the third part cannot be read")
+        return real(key, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(any_store, "iter_chunks", broken)
+    with pytest.raises(StoreError):
+        any_store.concat("out2", list(parts))
+    assert not any_store.exists("out2")
+
+
+def test_s3_concat_copies_parts_of_5_mib_and_sends_small_ones_with_their_neighbours(
+        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 needs every upload part but the last to be 5 MiB (moto checks it): a big part
+    after small ones is read, not copied; a big part after a sent part is copied."""
+    store = open_store(f"s3://{s3_bucket}")
+    assert isinstance(store, S3Store)
+    sizes = {"small-a": 10, "big-b": 6 << 20, "big-c": 6 << 20, "small-d": 3,
+             "big-e": 5 << 20, "small-f": 7}
+    data = {k: k[-1].encode() * n for k, n in sizes.items()}
+    for key, body in data.items():
+        store.write_bytes(key, body)
+    copied: list[str] = []
+    real = store._s3.upload_part_copy
+
+    def spy(**kwargs: object) -> object:
+        copied.append(kwargs["CopySource"]["Key"])  # type: ignore[index]
+        return real(**kwargs)
+
+    monkeypatch.setattr(store._s3, "upload_part_copy", spy)
+    store.concat("joined", list(data))
+    assert store.read_bytes("joined") == b"".join(data.values())
+    # big-b follows 10 unsent bytes: read (6 MiB + 10 pending); big-c follows over 5 MiB
+    # pending: those are sent as a part, big-c copied; big-e follows 3 bytes: read
+    assert copied == ["big-c"]
+    store.concat("aligned", ["big-b", "big-c", "small-f"])
+    assert copied[-2:] == ["big-b", "big-c"]
+    assert store.read_bytes("aligned") == data["big-b"] + data["big-c"] + data["small-f"]

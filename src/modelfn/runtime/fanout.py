@@ -110,8 +110,7 @@ def read_plan(store: Store, key: str, limits: BatchLimits) -> list[Part]:
     size = store.size(key)
     if size > limits.max_bytes:
         raise LimitExceeded(f"the file is {size} bytes; the limit is {limits.max_bytes}")
-    part_lines = max(limits.micro_batch,
-                     limits.part_lines // limits.micro_batch * limits.micro_batch)
+    part_lines = _part_lines(limits)
     parts = plan(_read_ahead(store, key, size), limits.part_bytes, part_lines)
     lines = sum(p.lines for p in parts)
     if lines > limits.max_lines:
@@ -122,6 +121,11 @@ def read_plan(store: Store, key: str, limits: BatchLimits) -> list[Part]:
                             "raise the part size (MODELFN_BATCH_PART_LINES, "
                             "MODELFN_BATCH_PART_BYTES)")
     return parts
+
+
+def _part_lines(limits: BatchLimits) -> int:
+    """Lines a part, rounded down to a multiple of the micro-batch (one at least)."""
+    return max(limits.micro_batch, limits.part_lines // limits.micro_batch * limits.micro_batch)
 
 
 def _read_ahead(store: Store, key: str, size: int) -> Iterator[bytes]:
@@ -188,6 +192,9 @@ class FanOut:
     def start(self, key: str, etag: str, repo: Repository, limits: BatchLimits
               ) -> dict[str, Any]:
         if not (self.table and self.queue_url):  # not deployed to fan out: as before
+            return batch.process_object(self.store, key, repo, limits)
+        if self.store.size(key) < min(_part_lines(limits), limits.part_bytes):
+            # fewer bytes than a part's lines (a line is a byte at least): one part
             return batch.process_object(self.store, key, repo, limits)
         try:
             parts = read_plan(self.store, key, limits)
