@@ -52,16 +52,166 @@ def test_template_routes_match_the_openapi_document() -> None:
     assert routes == documented
 
 
-def test_model_bucket_is_encrypted_private_and_tls_only() -> None:
-    bucket = template()["Resources"]["ModelBucket"]["Properties"]
+KEY = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+WITH_AND_WITHOUT_KEY = pytest.mark.parametrize("key", ["", KEY], ids=["aws-managed", "kms-key"])
+
+
+def deployed_with(key: str, **parameters: str) -> dict[str, Any]:
+    return resolved(**({"KmsKeyArn": key} if key else {}), **parameters)
+
+
+def of_type(deployed: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {name: r.get("Properties", {}) for name, r in deployed.items() if r["Type"] == kind}
+
+
+@WITH_AND_WITHOUT_KEY
+def test_model_bucket_is_encrypted_private_and_tls_only(key: str) -> None:
+    deployed = deployed_with(key)
+    bucket = deployed["ModelBucket"]["Properties"]
     sse = bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
-    assert sse["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in {"AES256", "aws:kms"}
+    assert sse["ServerSideEncryptionByDefault"] == (
+        {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": KEY} if key else {"SSEAlgorithm": "AES256"})
+    assert sse["BucketKeyEnabled"] is True
     assert all(bucket["PublicAccessBlockConfiguration"].values())
     assert len(bucket["PublicAccessBlockConfiguration"]) == 4
-    (policy,) = resources("AWS::S3::BucketPolicy").values()
-    deny = [s for s in policy["Properties"]["PolicyDocument"]["Statement"]
-            if s["Effect"] == "Deny"]
+    policy = deployed["ModelBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    deny = [s for s in policy if s["Effect"] == "Deny"]
     assert any(s["Condition"]["Bool"]["aws:SecureTransport"] is False for s in deny)
+
+
+@WITH_AND_WITHOUT_KEY
+@pytest.mark.parametrize("image", ["", "111122223333.dkr.ecr.us-east-1.amazonaws.com/m:1"])
+def test_every_queue_table_log_group_and_function_environment_is_encrypted(
+        key: str, image: str) -> None:
+    deployed = deployed_with(key, **({"ApiImageUri": image} if image else {}))
+    queues = of_type(deployed, "AWS::SQS::Queue")
+    assert set(queues) == {"BatchQueue", "BatchDeadLetterQueue"}
+    for queue in queues.values():
+        if key:
+            assert queue["KmsMasterKeyId"] == KEY and "SqsManagedSseEnabled" not in queue
+            assert queue["KmsDataKeyReusePeriodSeconds"] == 300
+        else:
+            assert queue["SqsManagedSseEnabled"] is True and "KmsMasterKeyId" not in queue
+    tables = of_type(deployed, "AWS::DynamoDB::Table")
+    assert set(tables) == {"IdempotencyTable", "BatchRunsTable"}
+    for table in tables.values():
+        assert table["SSESpecification"] == (
+            {"SSEEnabled": True, "SSEType": "KMS", "KMSMasterKeyId": KEY} if key
+            else {"SSEEnabled": True})
+    groups = of_type(deployed, "AWS::Logs::LogGroup")
+    assert set(groups) == {"HttpApiAccessLogGroup", "ApiFunctionLogGroup",
+                           "BatchFunctionLogGroup"}
+    for group in groups.values():  # CloudWatch Logs encrypts them all; with the key, so
+        assert group.get("KmsKeyId") == (key or None)
+        assert group["RetentionInDays"] == "30"
+    functions = of_type(deployed, "AWS::Lambda::Function")
+    assert set(functions) == {"ImageApiFunction" if image else "ApiFunction", "BatchFunction"}
+    for function in functions.values():  # Lambda encrypts the environment; with the key, so
+        assert function.get("KmsKeyArn") == (key or None)
+    for name, bucket in of_type(deployed, "AWS::S3::Bucket").items():
+        assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"], name
+
+
+@pytest.mark.parametrize("image", ["", "111122223333.dkr.ecr.us-east-1.amazonaws.com/m:1"])
+def test_the_kms_grant_appears_only_with_the_key_and_names_only_it(image: str) -> None:
+    extra = {"ApiImageUri": image} if image else {}
+    assert not [s for s in allow_statements(resolved(**extra)) if "kms:" in json.dumps(s)]
+    deployed = resolved(KmsKeyArn=KEY, **extra)
+    grants = [s for s in allow_statements(deployed) if "kms:" in json.dumps(s)]
+    roles = {name: r for name, r in of_type(deployed, "AWS::IAM::Role").items()
+             if name.endswith("FunctionRole")}
+    assert len(roles) == 2 and len(grants) == 2  # one a function role, nowhere else
+    for role in roles.values():
+        (grant,) = [s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]
+                    if "kms:" in json.dumps(s)]
+        assert grant["Action"] == ["kms:Decrypt", "kms:GenerateDataKey"]
+        assert grant["Resource"] == KEY
+
+
+def test_access_logs_go_to_a_private_tls_only_bucket_that_is_never_logged_itself() -> None:
+    deployed = resolved(AccessLogRetentionDays="45", KmsKeyArn=KEY)
+    logging = deployed["ModelBucket"]["Properties"]["LoggingConfiguration"]
+    assert logging == {"DestinationBucketName": {"Ref": "AccessLogBucket"},
+                       "LogFilePrefix": "model-bucket/"}
+    logs = deployed["AccessLogBucket"]
+    assert logs["DeletionPolicy"] == "Retain"
+    props = logs["Properties"]
+    assert "LoggingConfiguration" not in props  # never itself logged to
+    assert props["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True,
+        "RestrictPublicBuckets": True}
+    # access logs can only be delivered to SSE-S3, with or without the key
+    assert props["BucketEncryption"]["ServerSideEncryptionConfiguration"] == [
+        {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+    (rule,) = props["LifecycleConfiguration"]["Rules"]
+    assert rule["ExpirationInDays"] == "45" and rule["Status"] == "Enabled"
+    statements = deployed["AccessLogBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    by_sid = {s["Sid"]: s for s in statements}
+    assert by_sid["DenyInsecureTransport"]["Condition"] == {
+        "Bool": {"aws:SecureTransport": False}}
+    allow = by_sid["S3ServerAccessLogs"]
+    assert allow["Principal"] == {"Service": "logging.s3.amazonaws.com"}
+    assert allow["Action"] == "s3:PutObject"
+    assert allow["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+    assert set(by_sid) == {"S3ServerAccessLogs", "DenyInsecureTransport"}
+
+
+def test_users_data_expires_after_the_configured_days() -> None:
+    rules = {r["Id"]: r for r in resolved(
+        InputRetentionDays="3", OutputRetentionDays="9", NoncurrentVersionDays="2",
+        JobRetentionDays="4")["ModelBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]}
+    expected = {"ExpireInputs": ("inputs/", "3"), "ExpireOutputs": ("outputs/", "9"),
+                "ExpireJobs": ("async/", "4"), "ExpireUploads": ("uploads/", "4"),
+                "ExpireBatchParts": ("batch-parts/", 1)}
+    for rule_id, (prefix, days) in expected.items():
+        rule = rules[rule_id]
+        assert (rule["Prefix"], rule["ExpirationInDays"], rule["Status"]) == (
+            prefix, days, "Enabled"), rule_id
+        assert rule["NoncurrentVersionExpiration"] == {"NoncurrentDays": 1}, rule_id
+    everything = rules["ExpireOldVersions"]
+    assert "Prefix" not in everything and "Filter" not in everything  # the whole bucket
+    assert everything["NoncurrentVersionExpiration"] == {"NoncurrentDays": "2"}
+    assert everything["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+    assert "ExpirationInDays" not in everything  # models/ stay
+    assert [_param_default(p) for p in ("InputRetentionDays", "OutputRetentionDays",
+                                        "NoncurrentVersionDays", "AccessLogRetentionDays")
+            ] == [7, 30, 7, 90]
+
+
+@pytest.mark.parametrize("image", ["", "111122223333.dkr.ecr.us-east-1.amazonaws.com/m:1"])
+def test_each_function_has_a_concurrency_cap_and_the_api_keeps_its_throttling(
+        image: str) -> None:
+    extra = {"ApiImageUri": image} if image else {}
+    api = "ImageApiFunction" if image else "ApiFunction"
+    deployed = resolved(**extra)
+    assert deployed[api]["Properties"]["ReservedConcurrentExecutions"] == "100"
+    assert deployed["BatchFunction"]["Properties"]["ReservedConcurrentExecutions"] == "25"
+    (mapping,) = of_type(deployed, "AWS::Lambda::EventSourceMapping").values()
+    assert int(mapping["ScalingConfig"]["MaximumConcurrency"]) == 20 <= 25
+    (stage,) = of_type(deployed, "AWS::ApiGatewayV2::Stage").values()
+    assert stage["DefaultRouteSettings"] == {"ThrottlingRateLimit": "100",
+                                             "ThrottlingBurstLimit": "200"}
+    capped = resolved(ApiReservedConcurrency="7", BatchReservedConcurrency="9", **extra)
+    assert capped[api]["Properties"]["ReservedConcurrentExecutions"] == "7"
+    assert capped["BatchFunction"]["Properties"]["ReservedConcurrentExecutions"] == "9"
+    off = resolved(ApiReservedConcurrency="0", BatchReservedConcurrency="0", **extra)
+    assert "ReservedConcurrentExecutions" not in off[api]["Properties"]  # 0 would stop it
+    assert "ReservedConcurrentExecutions" not in off["BatchFunction"]["Properties"]
+
+
+def test_what_is_left_out_on_purpose_says_why_beside_it() -> None:
+    text = (ROOT / "template.yaml").read_text()
+
+    def block(name: str) -> str:
+        start = text.index(f"\n  {name}:\n")
+        return text[max(0, text.rfind("\n\n", 0, start)):text.index("\n\n", start + 1)]
+
+    assert "no point-in-time recovery:" in block("IdempotencyTable")
+    assert "no point-in-time recovery:" in block("BatchRunsTable")
+    assert "no dead-letter queue: API Gateway invokes it synchronously" in block("ApiFunction")
+    assert "no function dead-letter queue" in block("BatchFunction")
+    assert "No VPC:" in text[:text.index("\nParameters:")]  # in Globals: every function
+    assert "cannot deliver access logs to a" in block("AccessLogBucket")
 
 
 @pytest.mark.parametrize("function", ["ApiFunction", "ImageApiFunction"])
@@ -247,10 +397,12 @@ def test_batch_files_and_job_requests_notify_the_batch_queue_only() -> None:
                        {"prefix": "async/", "suffix": "/request.json"}]
     # what the functions write can never trigger them again
     for written in ("outputs/a.jsonl", "async/o/j/status.json", "async/o/j/result.json",
-                    "async/o/j/result.jsonl", "uploads/o/u.jsonl", "models/m/1/x.jsonl"):
+                    "async/o/j/result.jsonl", "uploads/o/u.jsonl", "models/m/1/x.jsonl",
+                    "batch-parts/r/00001.jsonl"):
         assert not any(written.startswith(f["prefix"]) and written.endswith(f["suffix"])
                        for f in filters), written
-    assert bucket["DependsOn"] == "BatchQueuePolicy"
+    # the queue's and the access log bucket's policies exist before the bucket uses them
+    assert bucket["DependsOn"] == ["BatchQueuePolicy", "AccessLogBucketPolicy"]
     (stmt,) = template()["Resources"]["BatchQueuePolicy"]["Properties"]["PolicyDocument"][
         "Statement"]
     assert stmt["Principal"] == {"Service": "s3.amazonaws.com"}
