@@ -328,8 +328,10 @@ def markdown(r: dict[str, Any]) -> str:
               "vCPU), parts of 100,000 lines, BatchMaxConcurrency 20 (its default):", "",
               f"- {est['file_gb']:.0f} GB file, {est['parts']} parts of "
               f"{est['part_seconds']:.0f} s each, {est['waves']} waves of 20;",
-              f"- plan: one read of the file at ~90 MB/s: {est['plan_seconds']:.0f} s "
-              "(inside the 900 s BatchTimeout maximum; a file over ~80 GB would not plan);",
+              f"- plan: one read of the file at ~90 MB/s: {est['plan_seconds']:.0f} s, so "
+              "this file needs `BatchTimeout` 900 and `BatchMaxBytes` 40 GiB (the defaults, "
+              "300 s and 20 GiB, plan about 25 GB); a file over ~80 GB cannot be planned in "
+              "one invocation;",
               f"- wall time ≈ {est['wall_seconds'] / 60:.0f} min (+ the stitching: S3 copies "
               "the parts itself, 8 at a time); at 200 concurrency ≈ "
               f"{(est['plan_seconds'] + -(-est['parts'] // 200) * est['part_seconds']) / 60:.0f}"

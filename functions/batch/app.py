@@ -32,7 +32,7 @@ from modelfn.config import Settings
 from modelfn.errors import ConfigError
 from modelfn.runtime import batch
 from modelfn.runtime import metrics as emf
-from modelfn.runtime.fanout import FINISH_MESSAGE, PART_MESSAGE, FanOut
+from modelfn.runtime.fanout import FINISH_MESSAGE, PART_MESSAGE, FanOut, deadline
 from modelfn.runtime.jobs import Jobs
 from modelfn.runtime.repository import Repository
 from modelfn.store import S3Store
@@ -52,9 +52,13 @@ repo = Repository.from_settings(settings)
 _buckets: dict[str, S3Store] = {}
 _jobs: dict[str, Jobs] = {}  # per bucket: the webhook secret is read once per process
 _fanouts: dict[str, FanOut] = {}
-# a file's S3 event, and each part and the stitching of a split file, run once
+#: when this invocation's long stages stop to report rather than be killed (one record
+#: an invocation: the event source's BatchSize is 1)
+_until: dict[str, float] = {}
+# an upload's S3 event (one object version), and each part and the stitching of a split
+# file, run once
 idempotency = IdempotencyConfig(
-    event_key_jmespath="[bucket, key, etag, stage, part[0]]",
+    event_key_jmespath="[bucket, key, etag, object_version, stage, part[0]]",
     raise_on_no_idempotency_key=True,
     expires_after_seconds=settings.idempotency_ttl_seconds,
 )
@@ -78,10 +82,10 @@ def process(obj: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
             store, obj["bucket"], settings.batch_runs_table, settings.batch_queue_url,
             settings.jobs.attempts, settings.idempotency_ttl_seconds)
     if obj.get("stage") == PART_MESSAGE:
-        return fanout.part(obj, repo, limits, attempt)
+        return fanout.part(obj, repo, limits, attempt, _until.get("now"))
     if obj.get("stage") == FINISH_MESSAGE:
         return fanout.finish(obj, attempt)
-    return fanout.start(obj["key"], obj["etag"], repo, limits)
+    return fanout.start(obj, repo, limits, _until.get("now"))
 
 
 def report(summary: dict[str, Any]) -> None:
@@ -124,7 +128,10 @@ def record_handler(record: SQSRecord) -> None:
             continue
         try:
             summary = process(obj={"bucket": s3.s3.bucket.name, "key": key,
-                                   "etag": obj.etag or obj.version_id or ""},
+                                   "etag": obj.etag or obj.version_id or "",
+                                   # one upload: its version (a versioned bucket)
+                                   # or sequencer; a redelivery carries the same
+                                   "object_version": obj.version_id or obj.get("sequencer") or ""},
                               attempt=attempt)
         except Exception:
             emf.batch_file_failed(metrics)
@@ -145,5 +152,6 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     # and clears after each, but not while metrics are disabled, e.g. locally)
     metrics.clear_metrics()
     idempotency.register_lambda_context(context)
+    _until["now"] = deadline(context.get_remaining_time_in_millis())
     return process_partial_response(event=event, record_handler=record_handler,
                                     processor=processor, context=context)

@@ -234,6 +234,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from modelfn.runtime.repository import Repository
     from modelfn.store import LocalStore
 
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: at least 1")
     source = Path(args.input)
     if not source.is_file():
         raise UsageError(f"{source}: no such file")
@@ -259,8 +261,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
                         disable=args.quiet)
     except ImportError:
         bar = contextlib.nullcontext()
-    if args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: at least 1")
     with bar as progress:
         update = progress.update if progress is not None else None
         if args.workers > 1:  # parts in worker processes, stitched in order

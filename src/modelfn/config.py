@@ -9,7 +9,7 @@ process into one object that both Lambda functions (and ``modelfn serve``) use.
 | ``MODELFN_PRELOAD`` | empty | ``name[:version],...`` loaded at init |
 | ``MODELFN_ALIAS`` | ``live`` | the alias a request without a version is served from |
 | ``MODELFN_THREADS`` | vCPUs | onnxruntime intra-op threads |
-| ``MODELFN_BATCH_MAX_BYTES`` | 50 GiB | batch files over it are rejected |
+| ``MODELFN_BATCH_MAX_BYTES`` | 20 GiB | batch files over it are rejected |
 | ``MODELFN_BATCH_MAX_LINES`` | 500,000,000 | batch files over it are rejected |
 | ``MODELFN_BATCH_MICRO_BATCH`` | 32 | rows per onnxruntime call in a batch file |
 | ``MODELFN_BATCH_PART_LINES`` | 100,000 | a bigger file is cut into parts of this many lines |
@@ -67,7 +67,7 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
 class BatchLimits(NamedTuple):
     """What one batch file may hold, and how it is run."""
 
-    max_bytes: int = 50 << 30
+    max_bytes: int = 20 << 30
     max_lines: int = 500_000_000
     micro_batch: int = 32
     #: a file is cut into parts of at most this many lines, or ending at the first line

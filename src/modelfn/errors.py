@@ -105,6 +105,10 @@ class StoreError(ModelfnError):
     status = 503
 
 
+class ObjectChanged(StoreError):
+    """An object was replaced while it was being read in ranges (its ETag changed)."""
+
+
 class ExportError(ModelfnError):
     """The model cannot be exported to a servable ONNX file (external data, an export
     that the checker refuses, a model of an unexpected structure)."""

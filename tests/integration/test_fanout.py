@@ -65,8 +65,8 @@ def test_parts_of_over_5_mib_are_copied_by_s3_into_the_output(
 
     copied: list[str] = []
     real_copy = _PartWriter.copy
-    monkeypatch.setattr(_PartWriter, "copy", lambda self, pool, source: (
-        copied.append(source), real_copy(self, pool, source))[1])
+    monkeypatch.setattr(_PartWriter, "copy", lambda self, pool, source, *rest: (
+        copied.append(source), real_copy(self, pool, source, *rest))[1])
     lines = digit_lines(75_000)
     whole = run(deployment, "inputs/digits-cnn/big-whole.jsonl", lines)
     split(deployment, part_bytes=9 << 20)  # cut by bytes: ~25,000 lines a part
@@ -169,3 +169,113 @@ def test_without_the_runs_table_a_big_file_runs_whole(deployment: Deployment,
     summary = run(deployment, "inputs/digits-cnn/flat.jsonl", digit_lines(100))
     assert summary["parts"] == 1 and summary["predictions"] == 100
 
+
+
+def test_an_input_replaced_while_its_parts_run_fails_that_run_and_the_new_upload_runs(
+        deployment: Deployment) -> None:
+    split(deployment, part_lines=64)
+    key = "inputs/digits-cnn/replaced.jsonl"
+    deployment.upload(key, digit_lines(200))
+    (event,) = deployment.receive()
+    assert deployment.invoke([event]) == {"batchItemFailures": []}  # planned: 4 parts
+    parts = deployment.receive()
+    assert len(parts) == 4
+    deployment.invoke(parts[:1])
+    deployment.upload(key, digit_lines(100, bad={1}))  # a new upload, mid-run
+    new_event = deployment.receive()
+    assert deployment.invoke(parts[1:2]) == {"batchItemFailures": []}  # fails at once
+    summary = json.loads(deployment.read("outputs/digits-cnn/replaced.summary.json"))
+    assert summary["status"] == "failed" and "was replaced while it was being read" in (
+        summary["error"]) and summary["error"].startswith("part 2 of 4 (lines 65-128)")
+    assert not deployment.exists("outputs/digits-cnn/replaced.jsonl")
+    deployment.invoke(parts[2:])  # the rest of the old run: nothing
+    assert deployment.invoke(new_event) == {"batchItemFailures": []}
+    deployment.drain()
+    out = rows(deployment.read("outputs/digits-cnn/replaced.jsonl"))
+    assert len(out) == 100 and "error" in out[1]  # the new file's output, whole
+    summary = json.loads(deployment.read("outputs/digits-cnn/replaced.summary.json"))
+    assert (summary["status"], summary["parts"]) == ("partial", 2)
+
+
+def test_a_failed_file_uploaded_again_with_the_same_bytes_runs_again(
+        deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bucket is versioned, as deployed: a new upload is a new object version."""
+    from modelfn.runtime import fanout
+
+    deployment.s3.put_bucket_versioning(Bucket=deployment.bucket,
+                                        VersioningConfiguration={"Status": "Enabled"})
+    split(deployment, part_lines=64)
+    real = fanout.run_part
+    monkeypatch.setattr(fanout, "run_part", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("a bad deploy")))
+    key, lines = "inputs/digits-cnn/again-same.jsonl", digit_lines(150)
+
+    def upload_and_run() -> dict[str, Any]:
+        deployment.upload(key, lines)
+        (event,) = deployment.receive()
+        # S3 names the object version in the event of a versioned bucket (moto omits it)
+        body = json.loads(event["Body"])
+        body["Records"][0]["s3"]["object"]["versionId"] = deployment.s3.head_object(
+            Bucket=deployment.bucket, Key=key)["VersionId"]
+        assert deployment.invoke([{**event, "Body": json.dumps(body)}]) == {
+            "batchItemFailures": []}
+        deployment.drain(retry_after=0)
+        return dict(json.loads(deployment.read(key.replace("inputs/", "outputs/").replace(
+            ".jsonl", ".summary.json"))))
+
+    assert upload_and_run()["status"] == "failed"
+    monkeypatch.setattr(fanout, "run_part", real)  # fixed; the user uploads it again
+    summary = upload_and_run()
+    assert (summary["status"], summary["predictions"], summary["parts"]) == ("ok", 150, 3)
+
+
+def test_a_part_that_cannot_finish_in_time_stops_and_then_fails_the_file_saying_so(
+        deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each delivery stops before the function's timeout (a kill would be silence: the
+    record dead-lettered); the last fails the file and says what to change."""
+    split(deployment, part_lines=64)
+    deployment.upload("inputs/digits-cnn/slow.jsonl", digit_lines(150))
+    (event,) = deployment.receive()
+    assert deployment.invoke([event]) == {"batchItemFailures": []}
+    monkeypatch.setattr(deployment.app, "deadline", lambda ms: 0.0)  # always past
+    deployment.drain(retry_after=0)
+    summary = json.loads(deployment.read("outputs/digits-cnn/slow.summary.json"))
+    assert summary["status"] == "failed"
+    assert "did not finish within the function's timeout (BatchTimeout): make parts " \
+        "smaller" in summary["error"] and "after 5 attempts" in summary["error"]
+    assert not deployment.exists("outputs/digits-cnn/slow.jsonl")
+    assert not deployment.exists("batch-parts/")
+
+
+def test_a_file_that_cannot_be_planned_in_time_is_rejected_saying_so(
+        deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    split(deployment, part_lines=64)
+    monkeypatch.setattr(deployment.app, "deadline", lambda ms: 0.0)
+    summary = run(deployment, "inputs/digits-cnn/unplanned.jsonl", digit_lines(150))
+    assert summary["status"] == "rejected" and "raise BatchTimeout" in summary["error"]
+
+
+def test_a_late_part_cannot_fail_a_file_whose_stitching_began(
+        deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelfn.runtime import fanout
+
+    split(deployment, part_lines=64)
+    deployment.upload("inputs/digits-cnn/late.jsonl", digit_lines(150))
+    deployment.invoke(deployment.receive())
+    parts = deployment.receive()
+    for message in parts:
+        deployment.invoke([message])
+    finish = deployment.receive()
+    deployment.invoke(finish)
+    monkeypatch.setattr(fanout, "run_part", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("late")))
+    table = boto3.resource("dynamodb").Table(deployment.runs_table)
+    for item in boto3.resource("dynamodb").Table(deployment.table).scan()["Items"]:
+        boto3.resource("dynamodb").Table(deployment.table).delete_item(Key={"id": item["id"]})
+    late = [{**parts[0], "Attributes": {"ApproximateReceiveCount": "5"}}]
+    assert deployment.invoke(late) == {"batchItemFailures": []}  # skipped
+    assert deployment.invoke(finish) == {"batchItemFailures": []}  # finished: nothing
+    summary = json.loads(deployment.read("outputs/digits-cnn/late.summary.json"))
+    assert summary["status"] == "ok" and summary["predictions"] == 150
+    (item,) = [i for i in table.scan()["Items"] if i["key"] == "inputs/digits-cnn/late.jsonl"]
+    assert "failed" not in item and item["finished"] is True

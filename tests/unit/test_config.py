@@ -13,7 +13,7 @@ def test_settings_defaults_are_values() -> None:
     s = Settings.from_env({})
     assert (s.store, s.max_body_bytes, s.max_batch, s.preload, s.alias, s.threads) == (
         ".modelfn", 1 << 20, 64, (), "live", 0)
-    assert s.batch == BatchLimits(50 << 30, 500_000_000, 32, 100_000, 64 << 20) == BatchLimits()
+    assert s.batch == BatchLimits(20 << 30, 500_000_000, 32, 100_000, 64 << 20) == BatchLimits()
     assert all(isinstance(v, int) for v in s.batch)
     assert s.idempotency_ttl_seconds == 7 * 86400 and s.idempotency_table == ""
 

@@ -239,3 +239,11 @@ def test_s3_concat_copies_parts_of_5_mib_and_sends_small_ones_with_their_neighbo
     store.concat("aligned", ["big-b", "big-c", "small-f"])
     assert copied[-2:] == ["big-b", "big-c"]
     assert store.read_bytes("aligned") == data["big-b"] + data["big-c"] + data["small-f"]
+    # unsent bytes before a big part: topped up to 5 MiB from its start, the rest copied
+    store.write_bytes("big-x", b"x" * (12 << 20))
+    ranges: list[object] = []
+    monkeypatch.setattr(store._s3, "upload_part_copy", lambda **kw: (
+        ranges.append(kw.get("CopySourceRange")), real(**kw))[1])
+    store.concat("topped", ["small-a", "big-x", "small-f"])
+    assert ranges == [f"bytes={(5 << 20) - 10}-{(12 << 20) - 1}"]
+    assert store.read_bytes("topped") == data["small-a"] + b"x" * (12 << 20) + data["small-f"]

@@ -162,7 +162,7 @@ def test_users_data_expires_after_the_configured_days() -> None:
         JobRetentionDays="4")["ModelBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]}
     expected = {"ExpireInputs": ("inputs/", "3"), "ExpireOutputs": ("outputs/", "9"),
                 "ExpireJobs": ("async/", "4"), "ExpireUploads": ("uploads/", "4"),
-                "ExpireBatchParts": ("batch-parts/", 1)}
+                "ExpireBatchParts": ("batch-parts/", 5)}
     for rule_id, (prefix, days) in expected.items():
         rule = rules[rule_id]
         assert (rule["Prefix"], rule["ExpirationInDays"], rule["Status"]) == (
@@ -470,7 +470,8 @@ def test_batch_function_reads_inputs_writes_outputs_reads_models_only() -> None:
                            "SendParts", "CountParts", "WriteParts", "ListParts"}
     assert by_sid["ReadInputs"]["Action"] == "s3:GetObject"
     assert by_sid["ReadInputs"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/inputs/*"}
-    assert by_sid["WriteOutputs"]["Action"] == ["s3:PutObject", "s3:AbortMultipartUpload"]
+    assert by_sid["WriteOutputs"]["Action"] == ["s3:PutObject", "s3:AbortMultipartUpload",
+                                                "s3:DeleteObject"]
     assert by_sid["WriteOutputs"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/outputs/*"}
     assert by_sid["ReadModels"]["Resource"] == {"Fn::Sub": "${ModelBucket.Arn}/models/*"}
     assert by_sid["Idempotency"]["Resource"] == {"Fn::GetAtt": ["IdempotencyTable", "Arn"]}
@@ -504,7 +505,7 @@ def test_split_files_fan_out_on_the_batch_queue_with_least_privilege_as_deployed
     # nothing else may delete, send or write a table
     for sid, stmt in by_sid.items():
         text = json.dumps(stmt["Action"])
-        if sid not in {"WriteParts", "Idempotency"}:
+        if sid not in {"WriteParts", "Idempotency", "WriteOutputs"}:
             assert "Delete" not in text, sid
         if sid != "SendParts":
             assert "sqs:" not in text, sid
@@ -525,7 +526,7 @@ def test_split_files_fan_out_on_the_batch_queue_with_least_privilege_as_deployed
     rules = {r["Id"]: r for r in deployed["ModelBucket"]["Properties"][
         "LifecycleConfiguration"]["Rules"]}
     assert rules["ExpireBatchParts"]["Prefix"] == "batch-parts/"
-    assert rules["ExpireBatchParts"]["ExpirationInDays"] == 1
+    assert rules["ExpireBatchParts"]["ExpirationInDays"] == 5
     assert rules["ExpireBatchParts"]["AbortIncompleteMultipartUpload"] == {
         "DaysAfterInitiation": 1}
     # the notifications never match what the parts write

@@ -96,7 +96,9 @@ class BatchDeployment:
     def invoke(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         event = {"Records": [sqs_record(m["MessageId"], m["Body"], m.get("Attributes", {}).get(
             "ApproximateReceiveCount", "1")) for m in messages]}
-        result: dict[str, Any] = self.app.lambda_handler(event, LocalContext())
+        # as long as the deployed function may run (BatchTimeout)
+        context = LocalContext(timeout_seconds=float(parameter_default("BatchTimeout")))
+        result: dict[str, Any] = self.app.lambda_handler(event, context)
         return result
 
     def pump(self, wait_seconds: int = 1, retry_after: int | None = None) -> int:

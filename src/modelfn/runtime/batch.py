@@ -242,8 +242,8 @@ class BatchRun:
         self.summary.models[model.name] = model.version
         n = len(rows)
         # numpy rows: orjson writes them itself (float32 in its shortest form)
-        values = {name: (v if v.ndim and len(v) == n else None, v) for name, v in
-                  outputs.items()}
+        values = {name: (v if v.ndim and len(v) == n else None, v[()] if not v.ndim else v)
+                  for name, v in outputs.items()}  # a rank-0 output as its numpy scalar
         for i, row in enumerate(rows):
             row.result = {"line": row.line, "id": row.id, "model": model.name,
                           "version": model.version,

@@ -26,6 +26,7 @@ output is written, and the parts still queued do nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from modelfn.config import BatchLimits
-from modelfn.errors import LimitExceeded, StoreError
+from modelfn.errors import LimitExceeded, ModelfnError, ObjectChanged, StoreError
 from modelfn.runtime import batch
 from modelfn.runtime.repository import Repository
 from modelfn.store import S3Store, Store
@@ -50,6 +51,23 @@ MAX_PARTS = 5000
 READ_CHUNK = 16 << 20
 READ_AHEAD = 4
 PART_MESSAGE, FINISH_MESSAGE = "batch-part", "batch-finish"
+
+
+class OutOfTime(Exception):  # noqa: N818 (not an error of the input: of the invocation)
+    """The invocation is about to reach its timeout (BatchTimeout): stop cleanly, so that
+    the failure is reported rather than the function killed mid-write."""
+
+
+def deadline(remaining_ms: int) -> float:
+    """The ``time.monotonic()`` by which a stage stops, for an invocation with
+    ``remaining_ms`` left: a tenth of it (10 s at least) kept to abort and report."""
+    seconds = remaining_ms / 1000
+    return time.monotonic() + seconds - max(10.0, seconds / 10)
+
+
+def _check(when: float | None, what: str) -> None:
+    if when is not None and time.monotonic() > when:
+        raise OutOfTime(what)
 
 
 @dataclass(frozen=True)
@@ -104,14 +122,19 @@ def plan(chunks: Iterable[bytes], part_bytes: int, part_lines: int) -> list[Part
     return parts
 
 
-def read_plan(store: Store, key: str, limits: BatchLimits) -> list[Part]:
-    """Plan ``key`` in ``store`` (its ranges read ahead, a few at once); LimitExceeded
-    for a file over the limits (bytes, lines, parts)."""
+def read_plan(store: Store, key: str, limits: BatchLimits, etag: str | None = None,
+              until: float | None = None) -> list[Part]:
+    """Plan ``key`` in ``store`` (its ranges read ahead, a few at once; of the object
+    with ``etag`` only, if given); LimitExceeded for a file over the limits (bytes,
+    lines, parts) or one that cannot be read before ``until`` (a monotonic time)."""
     size = store.size(key)
     if size > limits.max_bytes:
         raise LimitExceeded(f"the file is {size} bytes; the limit is {limits.max_bytes}")
     part_lines = _part_lines(limits)
-    parts = plan(_read_ahead(store, key, size), limits.part_bytes, part_lines)
+    chunks = _read_ahead(store, key, size, etag)
+    if until is not None:
+        chunks = (c for c in chunks if not _late(until, size))
+    parts = plan(chunks, limits.part_bytes, part_lines)
     lines = sum(p.lines for p in parts)
     if lines > limits.max_lines:
         raise LimitExceeded(f"the file has more than {limits.max_lines} lines")
@@ -128,11 +151,20 @@ def _part_lines(limits: BatchLimits) -> int:
     return max(limits.micro_batch, limits.part_lines // limits.micro_batch * limits.micro_batch)
 
 
-def _read_ahead(store: Store, key: str, size: int) -> Iterator[bytes]:
+def _late(until: float, size: int) -> bool:
+    if time.monotonic() > until:
+        raise LimitExceeded(f"the file ({size} bytes) could not be read to plan its parts "
+                            "within the function's timeout: raise BatchTimeout (at most "
+                            "900 s) or upload it as smaller files")
+    return False
+
+
+def _read_ahead(store: Store, key: str, size: int, etag: str | None = None
+                ) -> Iterator[bytes]:
     """The object's bytes in order, READ_AHEAD ranges fetched at once."""
     def fetch(start: int) -> bytes:
         return b"".join(store.iter_chunks(key, READ_CHUNK, start, min(size, start +
-                                                                       READ_CHUNK)))
+                                                                       READ_CHUNK), etag))
 
     with ThreadPoolExecutor(READ_AHEAD) as pool:
         pending: list[Future[bytes]] = []
@@ -151,16 +183,18 @@ def _read_ahead(store: Store, key: str, size: int) -> Iterator[bytes]:
 
 def run_part(store: Store, key: str, part: Part, repo: batch.Models, out: Store,
              out_key: str, limits: BatchLimits, *, default_model: str | None,
+             default_version: str | None = None, etag: str | None = None,
              no_model_hint: str = batch.NO_MODEL_HINT,
              progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """Run one part of ``key`` into ``out_key`` of ``out`` (whole or not at all);
-    return its summary. Failures other than a line's raise, as for a whole file."""
+    """Run one part of ``key`` (of the object with ``etag``, if given) into ``out_key``
+    of ``out`` (whole or not at all); return its summary. Failures other than a line's
+    raise, as for a whole file; so does ``progress``, to stop it."""
     summary = batch.Summary(input=key, output=out_key)
     with out.open_writer(out_key) as writer:
-        batch.run_lines(store.iter_lines(key, part.start, part.end), repo, writer.write,
-                        summary=summary, default_model=default_model, limits=limits,
-                        progress=progress, no_model_hint=no_model_hint,
-                        first_line=part.first_line)
+        batch.run_lines(store.iter_lines(key, part.start, part.end, etag), repo,
+                        writer.write, summary=summary, default_model=default_model,
+                        default_version=default_version, limits=limits, progress=progress,
+                        no_model_hint=no_model_hint, first_line=part.first_line)
     return summary.as_dict()
 
 
@@ -172,13 +206,19 @@ def merged(key: str, output: str, parts: list[dict[str, Any]], seconds: float
     return summary
 
 
-def run_id(bucket: str, key: str, etag: str) -> str:
-    return hashlib.sha256(f"{bucket}\0{key}\0{etag}".encode()).hexdigest()[:32]
+def run_id(bucket: str, key: str, etag: str, object_version: str = "") -> str:
+    """One run an upload: a redelivered event names the same object version, a new
+    upload of the same bytes (same ETag) another one."""
+    return hashlib.sha256(f"{bucket}\0{key}\0{etag}\0{object_version}".encode()
+                          ).hexdigest()[:32]
 
 
 class FanOut:
     """The deployed fan-out over one bucket: the batch queue carries the parts, the
-    DynamoDB table ``table`` counts them (see the module's docstring)."""
+    DynamoDB table ``table`` counts them (see the module's docstring). The item of a
+    run: ``parts``, ``created``, ``expires``, ``done`` (a set of part numbers), then
+    ``stitching`` (the stitching began: no part may fail the file any more),
+    ``finished``, or ``failed`` (the reason; nothing is stitched after it)."""
 
     def __init__(self, store: S3Store, bucket: str, table: str, queue_url: str,
                  attempts: int, retention_seconds: int) -> None:
@@ -189,58 +229,76 @@ class FanOut:
         self._ddb, self._sqs = boto3.client("dynamodb"), boto3.client("sqs")
 
     # --- 1. the S3 event: plan, then run whole or send the parts -------------------------
-    def start(self, key: str, etag: str, repo: Repository, limits: BatchLimits
-              ) -> dict[str, Any]:
+    def start(self, obj: dict[str, Any], repo: Repository, limits: BatchLimits,
+              until: float | None = None) -> dict[str, Any]:
+        """``obj``: the event's ``key``, ``etag`` and ``object_version``."""
+        key, etag = obj["key"], obj["etag"]
         if not (self.table and self.queue_url):  # not deployed to fan out: as before
             return batch.process_object(self.store, key, repo, limits)
         if self.store.size(key) < min(_part_lines(limits), limits.part_bytes):
             # fewer bytes than a part's lines (a line is a byte at least): one part
             return batch.process_object(self.store, key, repo, limits)
         try:
-            parts = read_plan(self.store, key, limits)
+            parts = read_plan(self.store, key, limits, etag, until)
         except LimitExceeded as exc:
             return batch.reject(self.store, key, exc)
         if len(parts) <= 1:
             return batch.process_object(self.store, key, repo, limits)
-        run = run_id(self.bucket, key, etag)
+        run = run_id(self.bucket, key, etag, obj.get("object_version", ""))
         now = time.time()
         self._call("put", self._ddb.put_item, TableName=self.table, Item={
             "run": {"S": run}, "key": {"S": key}, "parts": {"N": str(len(parts))},
             "created": {"N": f"{now:.3f}"}, "expires": {"N": str(int(now) + self.retention)}},
             ConditionExpression="attribute_not_exists(#r)", ExpressionAttributeNames={
                 "#r": "run"}, exists_ok=True)
+        # every part runs the version of the file's model live now, even if the alias
+        # moves while the parts run
+        model, version = model_from_key(key), None
+        if model is not None:
+            with contextlib.suppress(ModelfnError):  # no such model: each line says so
+                version = repo.resolve(model)
         base = {"bucket": self.bucket, "key": key, "etag": etag, "run": run,
-                "parts": len(parts)}
+                "parts": len(parts), "object_version": obj.get("object_version", ""),
+                "model_version": version}
         self._send([{"modelfn": PART_MESSAGE, **base, "part": list(astuple(p))}
                     for p in parts])
         return {"input": key, "status": "split", "run": run, "parts": len(parts)}
 
     # --- 2. a part ----------------------------------------------------------------------
     def part(self, message: dict[str, Any], repo: batch.Models, limits: BatchLimits,
-             attempt: int) -> dict[str, Any]:
+             attempt: int, until: float | None = None) -> dict[str, Any]:
         part = Part(*message["part"])
         run, key, total = message["run"], message["key"], message["parts"]
         item = self._item(run)
-        if "failed" in item or "finished" in item:  # another part failed the file, or
-            # this is a late copy of a message: nothing to add
+        if {"failed", "stitching"} & set(item):  # the file failed, or all parts were
+            # done already (this is a late copy of a message): nothing to add
             return {"input": key, "status": "skipped", "run": run, "part": part.index}
+        what = part.describe(total)
         try:
-            result = run_part(self.store, key, part, repo, self.store,
-                              part_file(run, part.index, ".jsonl"), limits,
-                              default_model=model_from_key(key))
+            result = run_part(
+                self.store, key, part, repo, self.store, part_file(run, part.index, ".jsonl"),
+                limits, default_model=model_from_key(key), etag=message["etag"],
+                default_version=message.get("model_version"),
+                progress=None if until is None else lambda _: _check(
+                    until, f"{what} did not finish within the function's timeout "
+                    "(BatchTimeout): make parts smaller (BatchPartLines, BatchPartBytes) "
+                    "or raise BatchTimeout"))
             self.store.write_json(part_file(run, part.index, ".json"), result)
             done = self._call("update", self._ddb.update_item, TableName=self.table,
                               Key={"run": {"S": run}}, UpdateExpression="ADD done :p",
                               ExpressionAttributeValues={":p": {"SS": [str(part.index)]}},
                               ReturnValues="ALL_NEW")["Attributes"]
+        except ObjectChanged as exc:  # a new upload of the key: its own event runs it
+            return self._fail(run, key, total, f"{what}: {exc.message}; the new upload "
+                              "runs on its own")
         except Exception as exc:
             if attempt < self.attempts:
                 raise  # the queue delivers the part again
-            return self._fail(run, key, total, f"{part.describe(total)} failed after "
-                              f"{attempt} attempts: {_reason(exc)}")
+            return self._fail(run, key, total, f"{what} failed after {attempt} attempts: "
+                              f"{_reason(exc)}")
         if len(done.get("done", {}).get("SS", [])) == total and "failed" not in done:
             self._send([{"modelfn": FINISH_MESSAGE, **{k: message[k] for k in (
-                "bucket", "key", "etag", "run", "parts")}}])
+                "bucket", "key", "etag", "object_version", "run", "parts")}}])
         return {"input": key, "status": "part done", "run": run, "part": part.index,
                 "lines": result["lines"]}
 
@@ -248,25 +306,38 @@ class FanOut:
     def finish(self, message: dict[str, Any], attempt: int) -> dict[str, Any]:
         run, key, total = message["run"], message["key"], message["parts"]
         item = self._item(run)
-        if "failed" in item:
+        if "finished" in item:  # a copy of this message: all is written
+            return {"input": key, "status": "finished", "run": run}
+        claimed = self._call(  # from now on no part may fail the file
+            "update", self._ddb.update_item, TableName=self.table, Key={"run": {"S": run}},
+            UpdateExpression="SET stitching = :t", ConditionExpression=(
+                "attribute_not_exists(failed)"),
+            ExpressionAttributeValues={":t": {"BOOL": True}}, exists_ok=True)
+        if claimed is None:
             return {"input": key, "status": "skipped", "run": run}
-        if "finished" in item:  # a copy of this message: the summary is written
-            return dict(self.store.read_json(summary_key(key)))
+        prefix = f"{PARTS_PREFIX}{run}/"
         outputs = [part_file(run, i, ".jsonl") for i in range(total)]
         summaries = [part_file(run, i, ".json") for i in range(total)]
+        wrote = False
         try:
+            sizes = {o["key"]: o["size"] for o in self.store.objects(prefix)}
+            missing = [k for k in outputs + summaries if k not in sizes]
+            if missing:
+                raise StoreError(f"{len(missing)} part files are missing, e.g. {missing[0]}")
             with ThreadPoolExecutor(8) as pool:
                 parts = list(pool.map(self.store.read_json, summaries))
-            self.store.concat(output_key(key), outputs)
+            self.store.concat(output_key(key), outputs, [sizes[k] for k in outputs])
+            wrote = True
+            summary = merged(key, output_key(key), parts,
+                             time.time() - float(item["created"]["N"]))
+            result = summary.as_dict()
+            self.store.write_json(summary_key(key), result)
         except Exception as exc:
             if attempt < self.attempts:
                 raise
             return self._fail(run, key, total, f"stitching the {total} parts failed after "
-                              f"{attempt} attempts: {_reason(exc)}")
-        summary = merged(key, output_key(key), parts,
-                         time.time() - float(item["created"]["N"]))
-        result = summary.as_dict()
-        self.store.write_json(summary_key(key), result)
+                              f"{attempt} attempts: {_reason(exc)}", stitching=True,
+                              wrote=wrote)
         self._call("update", self._ddb.update_item, TableName=self.table,
                    Key={"run": {"S": run}}, UpdateExpression="SET finished = :t",
                    ExpressionAttributeValues={":t": {"BOOL": True}})
@@ -274,17 +345,25 @@ class FanOut:
         return result
 
     # --- helpers ------------------------------------------------------------------------
-    def _fail(self, run: str, key: str, total: int, reason: str) -> dict[str, Any]:
-        """Fail the file once: the first part to fail writes the summary; no output."""
+    def _fail(self, run: str, key: str, total: int, reason: str, stitching: bool = False,
+              wrote: bool = False) -> dict[str, Any]:
+        """Fail the file once: the first failure writes the summary, and no output is
+        written after it. A part cannot fail a file whose stitching began (every part
+        was done: this is a late copy); the stitching itself can, until it finished."""
+        condition = "attribute_not_exists(failed) AND attribute_not_exists(" + (
+            "finished)" if stitching else "stitching)")
         first = self._call("update", self._ddb.update_item, TableName=self.table,
                            Key={"run": {"S": run}}, UpdateExpression="SET failed = :r",
-                           ConditionExpression="attribute_not_exists(failed)",
+                           ConditionExpression=condition,
                            ExpressionAttributeValues={":r": {"S": reason}}, exists_ok=True)
+        if first is None:  # failed already (counted once), or done after all
+            return {"input": key, "status": "skipped", "run": run}
+        if wrote:  # the output was written, its summary could not be: no output then
+            self.store.delete([output_key(key)])
         summary = batch.Summary(input=key, output=output_key(key), status="failed",
                                 error=reason, parts=total).as_dict()
-        if first is not None:
-            self.store.write_json(summary_key(key), summary)
-            self.store.delete([o["key"] for o in self.store.objects(f"{PARTS_PREFIX}{run}/")])
+        self.store.write_json(summary_key(key), summary)
+        self.store.delete([o["key"] for o in self.store.objects(f"{PARTS_PREFIX}{run}/")])
         return summary
 
     def _item(self, run: str) -> dict[str, Any]:
@@ -400,7 +479,11 @@ def run_local(source: Any, target: Any, *, workers: int, settings: Any, store_ur
                                      initargs=(settings, store_uri, threads, events)) as pool:
                 futures = [pool.submit(_run_local_part, str(source), p, folder,
                                        default_model, limits, hint) for p in parts]
-                results = [f.result() for f in futures]
+                try:
+                    results = [f.result() for f in futures]
+                except BaseException:  # one part failed: the file fails, now
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         finally:
             events.put(None)
             listener.join()

@@ -40,9 +40,11 @@ class Store(ABC):
 
     @abstractmethod
     def iter_chunks(self, key: str, chunk_size: int = CHUNK, start: int = 0,
-                    end: int | None = None) -> Iterator[bytes]:
+                    end: int | None = None, etag: str | None = None) -> Iterator[bytes]:
         """The object's bytes in chunks, streamed: never the whole object in memory;
-        only bytes ``start`` to ``end`` (exclusive; None: the object's end) if given."""
+        only bytes ``start`` to ``end`` (exclusive; None: the object's end) if given.
+        ``etag``: only from the object with this ETag (S3: ObjectChanged if it was
+        replaced; a folder has no ETags and reads what is there)."""
 
     @abstractmethod
     def delete(self, keys: list[str]) -> None:
@@ -70,19 +72,19 @@ class Store(ABC):
         """A streaming writer for ``key``. The object appears whole when the block ends
         without an exception, and not at all (nothing at ``key``) when it raises."""
 
-    def iter_lines(self, key: str, start: int = 0, end: int | None = None
-                   ) -> Iterator[bytes]:
+    def iter_lines(self, key: str, start: int = 0, end: int | None = None,
+                   etag: str | None = None) -> Iterator[bytes]:
         """The object's lines (split on ``\n`` only, without it), streamed; of bytes
         ``start`` to ``end`` only if given (a part of a file cut on line ends)."""
         pending = b""
-        for chunk in self.iter_chunks(key, start=start, end=end):
+        for chunk in self.iter_chunks(key, start=start, end=end, etag=etag):
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
             yield from lines
         if pending:
             yield pending
 
-    def concat(self, key: str, parts: list[str]) -> None:
+    def concat(self, key: str, parts: list[str], sizes: list[int] | None = None) -> None:
         """Write ``key`` as the objects ``parts`` one after the other (whole or not at
         all, as :meth:`open_writer`); streamed, never a part whole in memory."""
         with self.open_writer(key) as out:

@@ -99,7 +99,7 @@ class LocalStore(Store):
             return path if path.is_file() else None
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK, start: int = 0,
-                    end: int | None = None) -> Iterator[bytes]:
+                    end: int | None = None, etag: str | None = None) -> Iterator[bytes]:
         with self._io("read", key), self._path(key).open("rb") as fh:
             fh.seek(start)
             left = -1 if end is None else end - start

@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from modelfn.errors import StoreError
+from modelfn.errors import ObjectChanged, StoreError
 from modelfn.store.base import CHUNK, Store, Writer, json_bytes
 
 PART_SIZE = 8 << 20  # multipart parts (S3 needs >= 5 MiB for all but the last)
@@ -44,6 +44,9 @@ class S3Store(Store):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in {"NoSuchKey", "404", "NotFound"}:
                 raise FileNotFoundError(kwargs.get("Key", what)) from exc
+            if code in {"PreconditionFailed", "412"} and "IfMatch" in kwargs:
+                raise ObjectChanged(f"{kwargs.get('Key')} in {self.uri} was replaced while "
+                                    "it was being read") from exc
             raise StoreError(f"S3 {what} failed on {self.uri}: {code or exc}") from exc
         except BotoCoreError as exc:
             raise StoreError(f"S3 {what} failed on {self.uri}: {exc}") from exc
@@ -95,11 +98,13 @@ class S3Store(Store):
         return int(self._call("head", self._s3.head_object, Key=self._key(key))["ContentLength"])
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK, start: int = 0,
-                    end: int | None = None) -> Iterator[bytes]:
+                    end: int | None = None, etag: str | None = None) -> Iterator[bytes]:
         if end is not None and end <= start:
             return
-        ranged = {} if not start and end is None else {
+        ranged: dict[str, str] = {} if not start and end is None else {
             "Range": f"bytes={start}-{'' if end is None else end - 1}"}
+        if etag:
+            ranged["IfMatch"] = f'"{etag.strip(chr(34))}"'
         body = self._call("get", self._s3.get_object, Key=self._key(key), **ranged)["Body"]
         try:
             yield from body.iter_chunks(chunk_size)
@@ -116,24 +121,34 @@ class S3Store(Store):
                 raise StoreError(f"S3 delete failed on {self.uri}: {error.get('Code')} "
                                  f"for {error.get('Key')}")
 
-    def concat(self, key: str, parts: list[str]) -> None:
-        """One multipart upload: a part of at least 5 MiB that starts an upload part is
-        copied by S3 itself (UploadPartCopy: its bytes never pass through here, and
-        the copies run 8 at a time); smaller ones are read and sent with their
-        neighbours, as S3 needs 5 MiB for every upload part but the last."""
+    def concat(self, key: str, parts: list[str], sizes: list[int] | None = None) -> None:
+        """One multipart upload: a part of at least 5 MiB is copied by S3 itself
+        (UploadPartCopy: its bytes never pass through here; 8 copies at a time). S3
+        needs 5 MiB for every upload part but the last: smaller parts are read and sent
+        with their neighbours, and a big part after unsent bytes first tops them up to
+        5 MiB from its start, the rest copied (CopySourceRange), so that the upload has
+        at most about two parts for each of ``parts``. ``sizes``: the parts' sizes, if
+        known (else one HEAD each)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        sizes = [self.size(p) for p in parts]
+        sizes = sizes if sizes is not None else [self.size(p) for p in parts]
         with ThreadPoolExecutor(8) as pool, self.open_writer(key) as out:
             writer: _PartWriter = out  # type: ignore[assignment]
-            for part, size in zip(parts, sizes, strict=True):
-                if size >= MIN_PART and (not writer.pending or writer.pending >= MIN_PART):
+            try:
+                for part, size in zip(parts, sizes, strict=True):
+                    head = MIN_PART - writer.pending if 0 < writer.pending < MIN_PART else 0
+                    if size - head < MIN_PART:  # too small to copy: read it
+                        for chunk in self.iter_chunks(part, PART_SIZE):
+                            writer.write(chunk)
+                        continue
+                    if head:
+                        writer.write(b"".join(self.iter_chunks(part, PART_SIZE, 0, head)))
                     writer.flush()
-                    writer.copy(pool, self._key(part))
-                    continue
-                for chunk in self.iter_chunks(part, PART_SIZE):
-                    writer.write(chunk)
-            writer.wait()
+                    writer.copy(pool, self._key(part), head, size)
+                writer.wait()
+            except BaseException:
+                writer.wait(quiet=True)  # no copy may land after the upload is aborted
+                raise
 
     @contextlib.contextmanager
     def open_writer(self, key: str) -> Iterator[Writer]:
@@ -232,26 +247,33 @@ class _PartWriter:
         """Bytes written and not yet sent as a part."""
         return len(self._buffer)
 
-    def copy(self, pool: Any, source: str) -> None:
-        """The next part is the object ``source`` (at least 5 MiB), copied by S3."""
+    def copy(self, pool: Any, source: str, start: int, size: int) -> None:
+        """The next part is bytes ``start`` to ``size`` of the object ``source`` (at
+        least 5 MiB of them), copied by S3."""
         number = len(self.parts) + 1
         entry: dict[str, Any] = {"PartNumber": number}
         self.parts.append(entry)
+        ranged = {"CopySourceRange": f"bytes={start}-{size - 1}"} if start else {}
 
         def run() -> None:
             resp = self.store._call(
                 "multipart copy", self.store._s3.upload_part_copy, Key=self.key,
                 UploadId=self.upload_id, PartNumber=number,
-                CopySource={"Bucket": self.store.bucket, "Key": source})
+                CopySource={"Bucket": self.store.bucket, "Key": source}, **ranged)
             entry["ETag"] = resp["CopyPartResult"]["ETag"]
 
         self._copies.append(pool.submit(run))
 
-    def wait(self) -> None:
-        """Raise the first copy's failure, if any (the upload is then aborted)."""
+    def wait(self, quiet: bool = False) -> None:
+        """Wait for the copies; raise the first one's failure, if any (the upload is
+        then aborted), unless ``quiet``."""
         copies, self._copies = self._copies, []
         for future in copies:
-            future.result()
+            try:
+                future.result()
+            except Exception:
+                if not quiet:
+                    raise
 
     def write(self, data: bytes, /) -> int:
         self._buffer += data
