@@ -279,3 +279,17 @@ def test_a_late_part_cannot_fail_a_file_whose_stitching_began(
     assert summary["status"] == "ok" and summary["predictions"] == 150
     (item,) = [i for i in table.scan()["Items"] if i["key"] == "inputs/digits-cnn/late.jsonl"]
     assert "failed" not in item and item["finished"] is True
+
+
+def test_an_event_for_an_upload_already_replaced_plans_nothing(deployment: Deployment) -> None:
+    split(deployment, part_lines=64)
+    key = "inputs/digits-cnn/superseded.jsonl"
+    deployment.upload(key, digit_lines(150))
+    (old_event,) = deployment.receive()
+    deployment.upload(key, digit_lines(140))  # replaced before its event was run
+    (new_event,) = deployment.receive()
+    assert deployment.invoke([old_event]) == {"batchItemFailures": []}  # not retried
+    assert deployment.receive() == [] and not deployment.exists("outputs/digits-cnn/super")
+    assert deployment.invoke([new_event]) == {"batchItemFailures": []}
+    deployment.drain()
+    assert len(rows(deployment.read("outputs/digits-cnn/superseded.jsonl"))) == 140

@@ -242,6 +242,8 @@ class FanOut:
             parts = read_plan(self.store, key, limits, etag, until)
         except LimitExceeded as exc:
             return batch.reject(self.store, key, exc)
+        except ObjectChanged:  # replaced while being planned: the new upload's event runs
+            return {"input": key, "status": "skipped", "reason": "replaced"}
         if len(parts) <= 1:
             return batch.process_object(self.store, key, repo, limits)
         run = run_id(self.bucket, key, etag, obj.get("object_version", ""))
