@@ -116,9 +116,9 @@ def plan(chunks: Iterable[bytes], part_bytes: int, part_lines: int) -> list[Part
         lines += len(ends) - i
         offset += len(chunk)
         last = chunk[-1:]
-    if offset > start:
-        cut_lines = lines + (last != b"\n")
-        parts.append(Part(len(parts), start, offset, first, cut_lines))
+    if offset > start:  # the last part; its last line may lack its "\n"
+        lines += last != b"\n"
+        cut(offset)
     return parts
 
 
@@ -131,10 +131,11 @@ def read_plan(store: Store, key: str, limits: BatchLimits, etag: str | None = No
     if size > limits.max_bytes:
         raise LimitExceeded(f"the file is {size} bytes; the limit is {limits.max_bytes}")
     part_lines = _part_lines(limits)
-    chunks = _read_ahead(store, key, size, etag)
-    if until is not None:
-        chunks = (c for c in chunks if not _late(until, size))
-    parts = plan(chunks, limits.part_bytes, part_lines)
+    try:
+        parts = plan(_read_ahead(store, key, size, etag, until), limits.part_bytes,
+                     part_lines)
+    except OutOfTime as exc:  # retrying cannot help: the file is too big to plan
+        raise LimitExceeded(str(exc)) from None
     lines = sum(p.lines for p in parts)
     if lines > limits.max_lines:
         raise LimitExceeded(f"the file has more than {limits.max_lines} lines")
@@ -151,17 +152,13 @@ def _part_lines(limits: BatchLimits) -> int:
     return max(limits.micro_batch, limits.part_lines // limits.micro_batch * limits.micro_batch)
 
 
-def _late(until: float, size: int) -> bool:
-    if time.monotonic() > until:
-        raise LimitExceeded(f"the file ({size} bytes) could not be read to plan its parts "
-                            "within the function's timeout: raise BatchTimeout (at most "
-                            "900 s) or upload it as smaller files")
-    return False
-
-
-def _read_ahead(store: Store, key: str, size: int, etag: str | None = None
-                ) -> Iterator[bytes]:
-    """The object's bytes in order, READ_AHEAD ranges fetched at once."""
+def _read_ahead(store: Store, key: str, size: int, etag: str | None = None,
+                until: float | None = None) -> Iterator[bytes]:
+    """The object's bytes in order, READ_AHEAD ranges fetched at once; OutOfTime past
+    ``until``."""
+    late = (f"the file ({size} bytes) could not be read to plan its parts within the "
+            "function's timeout: raise BatchTimeout (at most 900 s) or upload it as "
+            "smaller files")
     def fetch(start: int) -> bytes:
         return b"".join(store.iter_chunks(key, READ_CHUNK, start, min(size, start +
                                                                        READ_CHUNK), etag))
@@ -178,6 +175,7 @@ def _read_ahead(store: Store, key: str, size: int, etag: str | None = None
             nxt = next(starts, None)
             if nxt is not None:
                 pending.append(pool.submit(fetch, nxt))
+            _check(until, late)
             yield chunk
 
 
@@ -276,15 +274,14 @@ class FanOut:
             # done already (this is a late copy of a message): nothing to add
             return {"input": key, "status": "skipped", "run": run, "part": part.index}
         what = part.describe(total)
+        late = (f"{what} did not finish within the function's timeout (BatchTimeout): "
+                "make parts smaller (BatchPartLines, BatchPartBytes) or raise BatchTimeout")
         try:
             result = run_part(
                 self.store, key, part, repo, self.store, part_file(run, part.index, ".jsonl"),
                 limits, default_model=model_from_key(key), etag=message["etag"],
                 default_version=message.get("model_version"),
-                progress=None if until is None else lambda _: _check(
-                    until, f"{what} did not finish within the function's timeout "
-                    "(BatchTimeout): make parts smaller (BatchPartLines, BatchPartBytes) "
-                    "or raise BatchTimeout"))
+                progress=None if until is None else lambda _: _check(until, late))
             self.store.write_json(part_file(run, part.index, ".json"), result)
             done = self._call("update", self._ddb.update_item, TableName=self.table,
                               Key={"run": {"S": run}}, UpdateExpression="ADD done :p",
