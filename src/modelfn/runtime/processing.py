@@ -119,9 +119,24 @@ def graph_outputs(spec: dict[str, Any], files: Files) -> Step:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
+    """Probabilities along the last axis, finite for any logits that are not NaN: the
+    row's maximum is subtracted first (no overflow at 1e38, no 0/0 at -1e38); a row
+    with +inf logits shares all of its mass among them, a row of only -inf is uniform."""
+    top = logits.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp(logits - np.where(np.isfinite(top), top, 0))
+    if not np.isfinite(top).all():
+        e = np.where(np.isposinf(top), logits == np.inf, e)
+        e = np.where(np.isneginf(top), 1, e).astype(logits.dtype, copy=False)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def _l2_normalized(rows: np.ndarray) -> np.ndarray:
+    """Each row over its L2 norm, the norm taken in float64: in float32 the squares of
+    1e20 overflow and those of 1e-30 vanish, and a row would come back 0 or unscaled.
+    A row of zeros stays zeros."""
+    norms = np.linalg.norm(rows.astype(np.float64), axis=1, keepdims=True)
+    return (rows / np.maximum(norms, 1e-300)).astype(np.float32, copy=False)
 
 
 def classification(spec: dict[str, Any], files: Files) -> Step:
@@ -147,14 +162,18 @@ def embedding(spec: dict[str, Any], files: Files) -> Step:
     def run(arrays: Arrays) -> Arrays:
         states = arrays[spec["states"]]  # [batch, seq, dim]
         if mode == "cls":
-            pooled = states[:, 0, :].astype(np.float32)  # a copy: normalized in place below
+            pooled = states[:, 0, :].astype(np.float32)
         else:
             mask = arrays[spec["mask"]].astype(np.float32)[:, None, :]  # [batch, 1, seq]
-            summed = np.matmul(mask, states)[:, 0, :]  # one BLAS call, no big temporary
-            pooled = summed / np.maximum(mask.sum(axis=2), 1e-9)
+            with np.errstate(over="ignore"):
+                summed = np.matmul(mask, states)[:, 0, :]  # one BLAS call, no big temporary
+            if not np.isfinite(summed).all():  # float32 overflowed: sum in float64
+                summed = np.matmul(mask.astype(np.float64), states.astype(np.float64))[:, 0]
+            # a row that is all padding has no tokens to average: its vector is zeros
+            pooled = (summed / np.maximum(mask.sum(axis=2), 1)).astype(np.float32)
         if spec.get("normalize", True):
-            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        return {spec.get("output", "embedding"): pooled.astype(np.float32, copy=False)}
+            pooled = _l2_normalized(pooled)
+        return {spec.get("output", "embedding"): pooled}
 
     return run
 
