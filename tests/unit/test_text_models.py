@@ -144,17 +144,17 @@ def test_minilm_bundle_records_both_gates(built_store: Path) -> None:
     (attempt,) = record["attempts"]
     assert attempt["kind"] == "dynamic-int8" and attempt["steps"][0]["kept_fp32"] == 0
     assert attempt["quality"]["rows"] == len(EVAL_TEXTS)  # every eval text: calibration apart
-    if attempt["shipped"]:  # what the shipped configuration is expected to give
-        gate = attempt["quality"]
-        assert gate["passed"] and manifest["task"] == "sentence-embedding"
-        assert gate["min_cosine"] >= 0.98 and gate["retrieval_agreement"] >= 0.95
-        assert gate["candidate_metric"] >= gate["fp32_metric"] - 0.01
-        assert len(files["model.onnx"]) == attempt["size"] < 0.5 * record["fp32_size"]
-        assert len(attempt["kept_fp32"]) == attempt["steps"][-1]["kept_fp32"]
-        assert attempt["faster"] and record["shipped"] == "dynamic-int8"
-    else:
-        assert record["shipped"] == "fp32" and attempt["reason"].startswith(
-            ("not faithful", "faithful but not faster"))
+    # the shipped configuration's expectation: int8 (6 MatMuls kept in fp32) is faithful,
+    # about 1.3x as fast on these machines (1.1x is needed), so it ships
+    gate = attempt["quality"]
+    assert gate["passed"] and manifest["task"] == "sentence-embedding"
+    assert gate["min_cosine"] >= 0.98 and gate["retrieval_agreement"] >= 0.95
+    assert gate["candidate_metric"] >= gate["fp32_metric"] - 0.01
+    assert attempt["shipped"] and attempt["faster"], attempt["reason"]
+    assert record["shipped"] == "dynamic-int8"
+    assert len(files["model.onnx"]) == attempt["size"] < 0.5 * record["fp32_size"]
+    assert len(attempt["kept_fp32"]) == attempt["steps"][-1]["kept_fp32"] > 0
+    assert [s["passed"] for s in attempt["steps"]][-1] and not attempt["steps"][0]["passed"]
     assert set(files) == {"model.onnx", common.TOKENIZER}
     source = manifest["source"]
     assert source["kind"] == "transformers" and source["task"] == "sentence-embedding"
@@ -172,6 +172,7 @@ def test_minilm_bundle_records_both_gates(built_store: Path) -> None:
     assert [bool(d.dim_param) for d in dims] == [True, True]  # batch and sequence
 
 
+@pytest.mark.slow
 def test_minilm_serves_what_sentence_transformers_encodes(built_store: Path) -> None:
     """Held to sentence-transformers too (the library the folder was saved by, not the
     gate's reference): the served embeddings are the model's own."""
@@ -200,6 +201,7 @@ def fp32_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_build_precision_fp32_is_honoured(fp32_store: Path) -> None:
     manifest, files = bundle(fp32_store, "minilm")
     record = manifest["optimization"]
@@ -208,6 +210,7 @@ def test_build_precision_fp32_is_honoured(fp32_store: Path) -> None:
     assert len(files["model.onnx"]) > 80e6 and manifest["export"]["parity"]["passed"]
 
 
+@pytest.mark.slow
 def test_int8_gate_fails_an_unfaithful_quantization(fp32_store: Path) -> None:
     """Per-tensor int8 (the quantizer's default) is known to be unfaithful for MiniLM:
     the int8 gate must catch it."""
@@ -227,6 +230,7 @@ def test_int8_gate_fails_an_unfaithful_quantization(fp32_store: Path) -> None:
     assert any("min cosine" in f for f in report.failures)
 
 
+@pytest.mark.slow
 def test_fp32_gate_fails_a_corrupted_export(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """GIVEN an export whose word embeddings were damaged THEN the build fails, and
@@ -248,6 +252,7 @@ def test_fp32_gate_fails_a_corrupted_export(tmp_path: Path,
     assert registry.versions(store, "minilm") == []
 
 
+@pytest.mark.slow
 def test_int8_miss_ships_fp32_unless_int8_is_forced(tmp_path: Path) -> None:
     project = load_project(minilm_project(tmp_path, optimized_min_cosine=0.99999,
                                           optimize=["dynamic-int8"]))
@@ -329,6 +334,7 @@ def test_texts_run_by_length_give_each_text_its_own_answer(built_store: Path) ->
     assert together["truncated"].tolist() == [a["truncated"][0] for a in alone]
 
 
+@pytest.mark.slow
 def test_a_new_model_of_an_existing_kind_needs_no_code(store_copy: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A new project file's section (the textcls network with the weights of its
