@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,14 +71,13 @@ def test_e2e_health_metadata_and_errors(served: str) -> None:
     assert spec["openapi"].startswith("3.")
 
 
-def test_e2e_keep_alive_client_has_no_nagle_stall(served: str) -> None:
-    """Headers and body go out in one write: a keep-alive client sees no ~40 ms stalls."""
+def test_e2e_keep_alive_client_is_served_on_one_connection(served: str) -> None:
+    """20 requests on one kept-alive connection (that each response is one write with
+    Nagle off is tests/unit/test_local_gateway.py; the latency is bench/load.py's)."""
     with requests.Session() as session:
-        session.get(f"{served}/v2/health/live", timeout=5)
-        started = time.perf_counter()
         for _ in range(20):
-            assert session.get(f"{served}/v2/health/live", timeout=5).ok
-        assert (time.perf_counter() - started) / 20 < 0.03
+            reply = session.get(f"{served}/v2/health/live", timeout=30)
+            assert reply.ok and reply.json() == {"live": True}
 
 
 def test_e2e_up_trains_builds_and_serves_an_empty_store(tmp_path: Path) -> None:

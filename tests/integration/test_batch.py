@@ -258,12 +258,14 @@ def test_serve_with_s3_runs_uploads_through_the_batch_handler(built_store: Path)
                        for i in range(100))
         s3.put_object(Bucket="modelfn-local", Key="inputs/textcls/local run.jsonl",
                       Body=body.encode())
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # generous: a busy 2-core machine is slow
         while time.monotonic() < deadline:
             listed = s3.list_objects_v2(Bucket="modelfn-local", Prefix="outputs/")
             if len(listed.get("Contents", [])) == 2:  # the output and its summary
                 break
             time.sleep(0.3)
+        else:
+            raise AssertionError(f"no output and summary in 180 s: {listed.get('Contents')}")
         out = s3.get_object(Bucket="modelfn-local", Key="outputs/textcls/local run.jsonl")
         labels = [json.loads(line)["outputs"]["label"] for line in out["Body"].read().split(b"\n")
                   if line]

@@ -92,6 +92,7 @@ def test_read_commands_refuse_a_store_that_is_not_there(tmp_path: Path,
     assert not missing.exists()
 
 
+@pytest.mark.slow
 def test_write_commands_create_the_store_and_say_so(tmp_path: Path) -> None:
     result = cli("train", "digits-cnn", "--epochs", "1", "--quiet", "--store",
                  str(tmp_path / "new"))
@@ -108,11 +109,11 @@ def test_a_read_only_store_is_refused_before_training_or_exporting(store_copy: P
     store_copy.chmod(0o555)
     try:
         for command in (["train", "digits-cnn"], ["build", "digits-cnn"]):
-            started = time.perf_counter()
             result = cli(*command, "--store", str(store_copy), privileged=False)
             one_line(result, "cannot write", str(store_copy), "Permission denied")
-            assert time.perf_counter() - started < 20  # refused, not trained then refused
+            # refused before the work, not after it: nothing trained nor exported
             assert "trained" not in result.stdout and "exporting" not in result.stdout
+            assert "epoch" not in result.stderr and "parity" not in result.stdout
     finally:
         store_copy.chmod(0o755)
 
@@ -207,11 +208,13 @@ def test_project_file_mistakes_are_one_line_naming_the_key(
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.slow
 def test_building_a_run_that_does_not_exist(built_store: Path) -> None:
     one_line(cli("build", "digits-cnn", "--run", "nosuchrun", "--store", str(built_store)),
              "no complete run 'nosuchrun' of digits-cnn", "its runs:")
 
 
+@pytest.mark.slow
 def test_a_malformed_run_id_is_a_usage_error(built_store: Path) -> None:
     one_line(cli("build", "digits-cnn", "--run", "../x", "--store", str(built_store)),
              "invalid run id")
@@ -409,6 +412,7 @@ def test_a_chunked_request_body_over_the_gateway_quota_is_413(served: int) -> No
     assert status == 413 and "10 MB" in answer["error"]
 
 
+@pytest.mark.slow
 def test_serve_with_s3_prints_the_environment_to_use_and_keeps_moto_quiet(
         built_store: Path) -> None:
     import boto3
@@ -419,12 +423,13 @@ def test_serve_with_s3_prints_the_environment_to_use_and_keeps_moto_quiet(
     try:
         time.sleep(0.5)
         env = {}
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         assert proc.stdout is not None
         while "AWS_ENDPOINT_URL" not in env and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if line.strip().startswith("export "):
                 env = dict(item.split("=", 1) for item in line.split()[1:])
+        assert "AWS_ENDPOINT_URL" in env, "serve --with-s3 printed no export line in 120 s"
         assert env["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{s3_port}"
         s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
                           region_name=env["AWS_DEFAULT_REGION"],
@@ -433,12 +438,14 @@ def test_serve_with_s3_prints_the_environment_to_use_and_keeps_moto_quiet(
                           aws_session_token=env["AWS_SESSION_TOKEN"])
         s3.put_object(Bucket="modelfn-local", Key="inputs/digits-cnn/f.jsonl",
                       Body=(json.dumps({"id": "a", "inputs": [0] * 64}) + "\n").encode())
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # generous: a busy 2-core machine is slow
         while time.monotonic() < deadline:
             found = s3.list_objects_v2(Bucket="modelfn-local", Prefix="outputs/")
             if len(found.get("Contents", [])) == 2:
                 break
             time.sleep(0.5)
+        else:
+            raise AssertionError(f"no output and summary in 180 s: {found.get('Contents')}")
         summary = json.loads(s3.get_object(Bucket="modelfn-local",
                                            Key="outputs/digits-cnn/f.summary.json")["Body"]
                              .read())
