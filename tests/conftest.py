@@ -161,23 +161,35 @@ def write_project(folder: Path, models: dict[str, dict[str, Any]]) -> Path:
 BUILD_LOG: list[str] = []
 
 
-@pytest.fixture(scope="session")
-def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local store with every shipped example built as version 1 from its project
-    file: digits-cnn and textcls trained by their training callables (seed 0), and minilm
-    (each with the optimization its gates chose). The build's log lines are kept in BUILD_LOG."""
+def build_examples(root: Path, log: Any = BUILD_LOG.append) -> Path:
+    """Every shipped example built as version 1 into the local store at ``root``:
+    digits-cnn and textcls trained by their training callables (seed 0), and minilm
+    (each with the optimization its gates chose)."""
     from modelfn.export.build import build
     from modelfn.store import open_store
     from modelfn.training import run
 
-    root = tmp_path_factory.mktemp("store")
     store = open_store(str(root))
     project = load_project()
     for name in ("digits-cnn", "textcls"):
         run.train(project.get(name), store, seed=0, progress=None)
-        build(name, store, project=project, log=BUILD_LOG.append)
-    build("minilm", store, project=project, log=BUILD_LOG.append)
+        build(name, store, project=project, log=log)
+    build("minilm", store, project=project, log=log)
     return root
+
+
+@pytest.fixture(scope="session")
+def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local store with the shipped examples built (:func:`build_examples`); the
+    build's log lines are kept in BUILD_LOG. ``MODELFN_TEST_STORE`` names one built so
+    already (``python -m tests.prebuild DIR``, what ``make mutate`` does): mutation
+    testing runs the tests once a mutant and cannot train three models each time."""
+    prebuilt = os.environ.get("MODELFN_TEST_STORE")
+    if prebuilt:
+        path = Path(prebuilt)
+        assert (path / "models" / "minilm").is_dir(), f"{prebuilt} is not a built store"
+        return path
+    return build_examples(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from modelfn.project import template
@@ -46,7 +48,8 @@ def translated(**parameters: str) -> dict[str, Any]:
 
 @cache
 def _translated(parameters: str) -> dict[str, Any]:
-    python = ROOT / ".venv-sam/bin/python"
+    sam = shutil.which("sam")  # the SAM CLI's own environment has the translator
+    python = Path(sam).parent / "python" if sam else ROOT / ".venv-sam/bin/python"
     assert python.exists(), "the SAM CLI is missing: `make setup` installs it in .venv-sam"
     out = subprocess.run([str(python), "-c", _TRANSLATE, str(ROOT / "template.yaml"),
                           parameters],

@@ -162,6 +162,7 @@ def test_an_async_minilm_request_gets_202_and_its_result_equals_the_synchronous_
     assert done["response"] == sync  # the same bytes' worth: ids, version, embeddings
 
 
+@pytest.mark.slow
 def test_a_50_mb_digits_request_through_an_upload_is_fetched_from_its_presigned_url(
         stack: Stack) -> None:
     rows = 150_000

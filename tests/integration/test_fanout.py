@@ -57,6 +57,7 @@ def test_a_file_in_parts_gives_the_output_of_the_file_whole(deployment: Deployme
     assert not deployment.exists("batch-parts/")  # stitched, then deleted
 
 
+@pytest.mark.slow
 def test_parts_of_over_5_mib_are_copied_by_s3_into_the_output(
         deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
     """Parts whose outputs pass S3's 5 MiB part minimum are stitched by UploadPartCopy

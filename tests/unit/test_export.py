@@ -64,6 +64,7 @@ def test_build_publishes_a_complete_manifest(built_store: Path) -> None:
     assert graph_input.type.tensor_type.shape.dim[0].dim_param  # symbolic, not fixed
 
 
+@pytest.mark.slow
 def test_parity_gate_fails_a_broken_export(built_store: Path) -> None:
     """GIVEN an ONNX file exported from slightly different weights THEN the gate fails."""
     module = trained_module(built_store)
@@ -86,6 +87,7 @@ def test_parity_gate_fails_a_broken_export(built_store: Path) -> None:
     assert any("logits" in f and "more than atol" in f for f in report.failures)
 
 
+@pytest.mark.slow
 def test_build_publishes_nothing_when_the_gate_fails(store_copy: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     real_export = torch_module.export_onnx
@@ -126,6 +128,7 @@ def test_export_refuses_external_data() -> None:
         check_single_file(model.SerializeToString())
 
 
+@pytest.mark.slow
 def test_digits_cnn_candidates_are_faithful_and_the_fastest_ships(store_copy: Path) -> None:
     """The shipped example's candidates on its own training run: static int8 and the
     lighter pruning pass their quality gates (agreement with fp32 at least 0.99 on the

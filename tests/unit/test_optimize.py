@@ -28,6 +28,8 @@ from modelfn.store import open_store
 from tests import own_models
 from tests.conftest import write_project
 
+pytestmark = pytest.mark.slow  # trains a model of its own
+
 NAME = "stripes-cnn"
 
 

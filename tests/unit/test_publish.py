@@ -22,6 +22,7 @@ class Noisy(torch.nn.Module):
         return x + torch.rand_like(x)
 
 
+@pytest.mark.slow
 def test_publish_module_with_an_example(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh()).eval()
@@ -72,6 +73,7 @@ def test_publish_mistakes_name_the_keyword(tmp_path: Path) -> None:
                         store=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_declared_range_bounds_the_gate_and_the_api(tmp_path: Path) -> None:
     """An index input: the gate feeds values inside its range (an embedding of 5 rows
     would fail on others), and the API refuses values outside it with 422 instead of

@@ -19,6 +19,8 @@ from modelfn.training import data, loop
 from modelfn.training.context import Context
 from tests.conftest import example, example_context, example_rows, example_split
 
+pytestmark = pytest.mark.slow  # trains a model of its own
+
 
 def test_training_example_callable_reaches_097(built_store: Path) -> None:
     """The session store was trained by the example's train.py (30 epochs, seed 0)."""

@@ -1,0 +1,175 @@
+"""The mutation score of the last ``mutmut run`` (``make mutate``), per module, and every
+mutant that survived, as bench/results/mutation.md (and .json, and a chart).
+
+    python -m bench.mutation [--before FILE.json] [--seconds S] [--notes FILE.md]
+
+``--before``: the .json of an earlier run (its scores become the "before" column);
+``--seconds``: how long the run took (``make mutate`` measures it); ``--notes``: the
+judgement of the survivors (why each kind is equivalent or not worth a test), kept with
+the results. Score = (killed + timeout) / (every mutant but those skipped), as mutmut's
+own badge counts it: a mutant that no fast test reaches counts as surviving."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, machine, now, save_figure, subplots
+
+KILLED = ("killed", "timeout", "caught by type check")
+
+
+def read_run(root: Path) -> dict[str, Any]:
+    """Per module: the count of each status, and the names of the mutants left alive."""
+    from mutmut.__main__ import SourceFileMutationData, walk_mutatable_files
+    from mutmut.configuration import config
+    from mutmut.stats import status_by_exit_code
+
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        config()
+        modules: dict[str, Any] = {}
+        for path in walk_mutatable_files():
+            data = SourceFileMutationData(path=path)
+            data.load()
+            if not data.exit_code_by_key:
+                continue
+            statuses = {k: status_by_exit_code[v] for k, v in data.exit_code_by_key.items()}
+            alive = sorted(k for k, s in statuses.items() if s not in KILLED and s != "skipped")
+            modules[str(path)] = {"counts": dict(Counter(statuses.values())), "alive": alive,
+                                  "status": {k: statuses[k] for k in alive}}
+        return modules
+    finally:
+        os.chdir(cwd)
+
+
+def diff_of(root: Path, name: str, path: str) -> str:
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        lines = get_diff_for_mutant(name, path=path).splitlines()
+    finally:
+        os.chdir(cwd)
+    changed = [line for line in lines if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    return " / ".join(line.strip() for line in changed)[:240]
+
+
+def score(counts: dict[str, int]) -> tuple[int, int, float]:
+    total = sum(n for s, n in counts.items() if s != "skipped")
+    killed = sum(counts.get(s, 0) for s in KILLED)
+    return killed, total, (killed / total if total else 0.0)
+
+
+def markdown(report: dict[str, Any], notes: str) -> str:
+    before = report.get("before") or {}
+    lines = ["# Mutation testing", "",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, Python "
+             f"{report['machine']['python']}; {report['date']}.", "",
+             f"Tool: mutmut {report['mutmut']} (`make mutate`), `--max-children 2`, the fast "
+             "tests (`tests/unit`, `tests/integration/test_fanout.py` and `test_async.py`, "
+             "`-m 'not slow'`, the examples' store built once). Run time: "
+             + (f"{report['seconds'] / 60:.1f} min." if report.get("seconds") else "not given."),
+             "", "Score = (killed + timeout) / all mutants; a mutant that no fast test reaches "
+             "(\"no tests\") counts as surviving.", "",
+             "| module | mutants | killed | survived | no tests | timeout | score | before |",
+             "|---|---|---|---|---|---|---|---|"]
+    totals: Counter[str] = Counter()
+    before_totals: Counter[str] = Counter()
+    for module, data in sorted(report["modules"].items()):
+        c = data["counts"]
+        totals.update(c)
+        killed, total, s = score(c)
+        was = before.get(module)
+        if was:
+            before_totals.update(was["counts"])
+        lines.append(f"| {module.removeprefix('src/modelfn/')} | {total} | {killed} | "
+                     f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('timeout', 0)} | "
+                     f"{s:.1%} | {score(was['counts'])[2]:.1%} |" if was else
+                     f"| {module.removeprefix('src/modelfn/')} | {total} | {killed} | "
+                     f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('timeout', 0)} | "
+                     f"{s:.1%} | |")
+    killed, total, s = score(totals)
+    b = f"{score(before_totals)[2]:.1%}" if before_totals else ""
+    lines += [f"| **all** | {total} | {killed} | {totals.get('survived', 0)} | "
+              f"{totals.get('no tests', 0)} | {totals.get('timeout', 0)} | **{s:.1%}** | {b} |",
+              "", "![scores](mutation.png)", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    lines += ["## Every mutant left alive", "",
+              "`mutmut show NAME` prints one in full; `mutmut apply NAME` writes it into the "
+              "tree to try a test against it.", ""]
+    for module, data in sorted(report["modules"].items()):
+        if not data["alive"]:
+            continue
+        lines += [f"### {module} ({len(data['alive'])})", ""]
+        for name in data["alive"]:
+            short = name.split(".")[-1].replace("ǁ", ".").lstrip("x.")
+            lines.append(f"- `{short}` ({data['status'][name]}): "
+                         f"`{data['diffs'].get(name, '')}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    modules = sorted(report["modules"])
+    labels = [m.removeprefix("src/modelfn/") for m in modules]
+    after = [score(report["modules"][m]["counts"])[2] * 100 for m in modules]
+    before = [score(report["before"][m]["counts"])[2] * 100 if m in report.get("before", {})
+              else 0 for m in modules]
+    fig, ax = subplots(figsize=(9, 0.32 * len(modules) + 1.5))
+    y = range(len(modules))
+    ax.barh([i + 0.2 for i in y], before, height=0.4, label="before", color="#bbbbbb")
+    ax.barh([i - 0.2 for i in y], after, height=0.4, label="after", color="#3b75af")
+    ax.axvline(85, color="#c44e52", linestyle="--", linewidth=1, label="target 85%")
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("mutants killed (%)")
+    ax.legend(loc="lower right", fontsize=8)
+    save_figure(fig, path, "Mutation score per module (mutmut, fast tests)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path(), help="where mutants/ is")
+    parser.add_argument("--before", type=Path)
+    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--notes", type=Path, default=RESULTS / "mutation-notes.md")
+    parser.add_argument("--stem", default="mutation")
+    args = parser.parse_args(argv)
+    if not (args.root / "mutants").is_dir():
+        print(f"no mutants/ in {args.root.resolve()}: run `make mutate` first", file=sys.stderr)
+        return 1
+    import mutmut
+
+    modules = read_run(args.root)
+    if not modules:
+        print("mutants/ holds no results: run `make mutate` first", file=sys.stderr)
+        return 1
+    for module, data in modules.items():
+        data["diffs"] = {n: diff_of(args.root, n, module) for n in data["alive"]}
+    report = {"date": now(), "machine": machine(), "mutmut": mutmut.__version__,
+              "seconds": args.seconds, "modules": modules,
+              "before": json.loads(args.before.read_text())["modules"] if args.before else {}}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    notes = args.notes.read_text() if args.notes and args.notes.exists() else ""
+    (RESULTS / f"{args.stem}.md").write_text(markdown(report, notes))
+    chart(report, RESULTS / f"{args.stem}.png")
+    killed, total, s = score(Counter({k: v for d in modules.values()
+                                      for k, v in d["counts"].items()}))
+    print(f"mutation score {s:.1%} ({killed} of {total} killed); wrote "
+          f"{RESULTS / (args.stem + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
