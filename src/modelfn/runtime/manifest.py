@@ -179,7 +179,10 @@ class Manifest(NamedTuple):
         if missing:
             raise ModelUnavailable(f"{where}: manifest.json lacks {', '.join(missing)}")
         schema = doc.get("schema", SCHEMA_VERSION)
-        if not isinstance(schema, int) or schema > SCHEMA_VERSION:
+        if not isinstance(schema, int) or isinstance(schema, bool):
+            raise ModelUnavailable(f"{where}: manifest schema {schema!r} is not a schema "
+                                   "number")
+        if schema > SCHEMA_VERSION:
             raise ModelUnavailable(f"{where}: manifest schema {schema} is newer than this "
                                    f"runtime understands ({SCHEMA_VERSION})")
         try:
