@@ -191,6 +191,8 @@ class S3Store(Store):
         no object's contents (``s3:ListBucket`` is all it needs)."""
         found, token = [], None
         base, skip = self._key(prefix), len(self._key("")) + (1 if self.prefix else 0)
+        if base and (prefix.endswith("/") or not prefix.strip("/")):
+            base += "/"  # a folder's objects: not those of a sibling that starts alike
         while True:
             kwargs: dict[str, Any] = {"Prefix": base}
             if token:
