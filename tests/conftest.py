@@ -34,26 +34,46 @@ os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
 MODELFN = [sys.executable, "-m", "modelfn.cli"]
 
 
-def start(args: list[str], port: int) -> subprocess.Popen[str]:
+def start(args: list[str], port: int, drain: bool = False) -> subprocess.Popen[str]:
+    """``modelfn ARGS --port PORT``, once it answers ready. ``drain``: its output is read
+    as it comes (kept for :func:`stop`), for a command that prints more than a pipe
+    holds before it is ready (training's progress bars): unread, it would block."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([*MODELFN, *args, "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
+    if drain:
+        import threading
+
+        captured: list[str] = []
+        reader = threading.Thread(target=lambda: captured.extend(proc.stdout or []),
+                                  daemon=True)
+        reader.start()
+        proc.drained = (reader, captured)  # type: ignore[attr-defined]
+    # generous: `modelfn up` trains and builds first, and a busy 2-core machine is slow
+    wait_s = 900
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert proc.poll() is None, stop(proc)
         try:
             if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).ok:
                 return proc
         except requests.ConnectionError:
             time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("server did not become ready")
+    out = stop(proc)
+    raise AssertionError(f"`modelfn {' '.join(args)}` did not become ready in {wait_s} s; "
+                         f"its output ends: {out[-2000:]}")
 
 
 def stop(proc: subprocess.Popen[str]) -> str:
+    """Stop it; its output."""
     proc.terminate()
-    out, _ = proc.communicate(timeout=30)
-    return out
+    drained = getattr(proc, "drained", None)
+    if drained is None:
+        out, _ = proc.communicate(timeout=30)
+        return out
+    proc.wait(timeout=30)
+    drained[0].join(timeout=30)
+    return "".join(drained[1])
 
 
 def load_event(name: str) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def test_e2e_up_trains_builds_and_serves_an_empty_store(tmp_path: Path) -> None:
     """`make run`'s command on a fresh store (minilm left out: its build is tested apart)."""
     port = free_port()
     proc = start(["up", "--store", str(tmp_path / "fresh"), "--model", "digits-cnn",
-                  "--model", "textcls"], port)
+                  "--model", "textcls"], port, drain=True)
     try:
         meta = requests.get(f"http://127.0.0.1:{port}/v2/models", timeout=30).json()
         assert [(m["name"], m["versions"]) for m in meta["models"]] == [
