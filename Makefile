@@ -83,6 +83,7 @@ mutate: setup
 	@start=$$(date +%s); \
 	PATH="$(CURDIR)/$(SAM_VENV)/bin:$$PATH" MODELFN_TEST_STORE="$(CURDIR)/.mutate/store" \
 		$(BIN)/mutmut run --max-children 2; \
+	test -f mutants/mutmut-stats.json && \
 	$(BIN)/python -m bench.mutation --seconds $$(( $$(date +%s) - start ))
 
 clean:

@@ -24,8 +24,9 @@ from bench.common import RESULTS, machine, now, save_figure, subplots
 KILLED = ("killed", "timeout", "caught by type check")
 
 
-def read_run(root: Path) -> dict[str, Any]:
-    """Per module: the count of each status, and the names of the mutants left alive."""
+def read_run(root: Path, only: set[str] | None = None) -> dict[str, Any]:
+    """Per module: the count of each status, and the names of the mutants left alive
+    (of the mutants in ``only``, if given: a sample)."""
     from mutmut.__main__ import SourceFileMutationData, walk_mutatable_files
     from mutmut.configuration import config
     from mutmut.stats import status_by_exit_code
@@ -40,7 +41,8 @@ def read_run(root: Path) -> dict[str, Any]:
             data.load()
             if not data.exit_code_by_key:
                 continue
-            statuses = {k: status_by_exit_code[v] for k, v in data.exit_code_by_key.items()}
+            statuses = {k: status_by_exit_code[v] for k, v in data.exit_code_by_key.items()
+                        if only is None or k in only}
             alive = sorted(k for k, s in statuses.items() if s not in KILLED and s != "skipped")
             modules[str(path)] = {"counts": dict(Counter(statuses.values())), "alive": alive,
                                   "status": {k: statuses[k] for k in alive}}
@@ -78,18 +80,18 @@ def markdown(report: dict[str, Any], notes: str) -> str:
              "`-m 'not slow'`, the examples' store built once). Run time: "
              + (f"{report['seconds'] / 60:.1f} min." if report.get("seconds") else "not given."),
              "", "Score = (killed + timeout) / all mutants; a mutant that no fast test reaches "
-             "(\"no tests\") counts as surviving.", "",
+             "(\"no tests\") counts as surviving."
+             + (" Before: the tests of the last release on a random sample of up to 60 "
+                "mutants a module (the same configuration; a share of 60 is within about "
+                "±6 points)." if report.get("before_sample") else ""), "",
              "| module | mutants | killed | survived | no tests | timeout | score | before |",
              "|---|---|---|---|---|---|---|---|"]
     totals: Counter[str] = Counter()
-    before_totals: Counter[str] = Counter()
     for module, data in sorted(report["modules"].items()):
         c = data["counts"]
         totals.update(c)
         killed, total, s = score(c)
         was = before.get(module)
-        if was:
-            before_totals.update(was["counts"])
         lines.append(f"| {module.removeprefix('src/modelfn/')} | {total} | {killed} | "
                      f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('timeout', 0)} | "
                      f"{s:.1%} | {score(was['counts'])[2]:.1%} |" if was else
@@ -97,7 +99,14 @@ def markdown(report: dict[str, Any], notes: str) -> str:
                      f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('timeout', 0)} | "
                      f"{s:.1%} | |")
     killed, total, s = score(totals)
-    b = f"{score(before_totals)[2]:.1%}" if before_totals else ""
+    # before, over all: each module's score weighted by its number of mutants (a sample
+    # has the same share of every module, whatever its size)
+    weights = {mod: score(d["counts"])[1] for mod, d in report["modules"].items()
+               if mod in before}
+    b = ""
+    if weights:
+        weighted = sum(score(before[mod]["counts"])[2] * w for mod, w in weights.items())
+        b = f"{weighted / sum(weights.values()):.1%}"
     lines += [f"| **all** | {total} | {killed} | {totals.get('survived', 0)} | "
               f"{totals.get('no tests', 0)} | {totals.get('timeout', 0)} | **{s:.1%}** | {b} |",
               "", "![scores](mutation.png)", ""]
@@ -144,21 +153,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--notes", type=Path, default=RESULTS / "mutation-notes.md")
     parser.add_argument("--stem", default="mutation")
+    parser.add_argument("--sample", type=Path, help="a JSON list of the mutants to count "
+                        "(a random sample per module, for a quick estimate)")
     args = parser.parse_args(argv)
     if not (args.root / "mutants").is_dir():
         print(f"no mutants/ in {args.root.resolve()}: run `make mutate` first", file=sys.stderr)
         return 1
     import mutmut
 
-    modules = read_run(args.root)
+    only = set(json.loads(args.sample.read_text())) if args.sample else None
+    modules = read_run(args.root, only)
     if not modules:
         print("mutants/ holds no results: run `make mutate` first", file=sys.stderr)
         return 1
     for module, data in modules.items():
         data["diffs"] = {n: diff_of(args.root, n, module) for n in data["alive"]}
     report = {"date": now(), "machine": machine(), "mutmut": mutmut.__version__,
-              "seconds": args.seconds, "modules": modules,
-              "before": json.loads(args.before.read_text())["modules"] if args.before else {}}
+              "seconds": args.seconds, "modules": modules, "sample": only is not None,
+              "before": {}, "before_sample": False}
+    if args.before:
+        before = json.loads(args.before.read_text())
+        report["before"], report["before_sample"] = before["modules"], before.get("sample")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     notes = args.notes.read_text() if args.notes and args.notes.exists() else ""

@@ -206,7 +206,7 @@ def built_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     testing runs the tests once a mutant and cannot train three models each time."""
     prebuilt = os.environ.get("MODELFN_TEST_STORE")
     if prebuilt:
-        path = Path(prebuilt)
+        path = Path(prebuilt).resolve()  # as a LocalStore names it
         assert (path / "models" / "minilm").is_dir(), f"{prebuilt} is not a built store"
         return path
     return build_examples(tmp_path_factory.mktemp("store"))
