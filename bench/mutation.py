@@ -42,7 +42,9 @@ def read_run(root: Path, only: set[str] | None = None) -> dict[str, Any]:
             if not data.exit_code_by_key:
                 continue
             statuses = {k: status_by_exit_code[v] for k, v in data.exit_code_by_key.items()
-                        if only is None or k in only}
+                        if only is None or (k in only and v is not None)}
+            if not statuses:
+                continue
             alive = sorted(k for k, s in statuses.items() if s not in KILLED and s != "skipped")
             modules[str(path)] = {"counts": dict(Counter(statuses.values())), "alive": alive,
                                   "status": {k: statuses[k] for k in alive}}
@@ -76,9 +78,11 @@ def markdown(report: dict[str, Any], notes: str) -> str:
              f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, Python "
              f"{report['machine']['python']}; {report['date']}.", "",
              f"Tool: mutmut {report['mutmut']} (`make mutate`), `--max-children 2`, the fast "
-             "tests (`tests/unit`, `tests/integration/test_fanout.py` and `test_async.py`, "
-             "`-m 'not slow'`, the examples' store built once). Run time: "
-             + (f"{report['seconds'] / 60:.1f} min." if report.get("seconds") else "not given."),
+             "tests (`tests/unit -m 'not slow'`, the examples' store built once). "
+             + (f"Run time: {report['seconds'] / 60:.1f} min." if report.get("seconds") else "")
+             + (" **A sample**: up to 60 mutants a module drawn at random (seeded) from every "
+                "mutant mutmut makes, each run as a full run would; the counts below are of "
+                "the sampled mutants that ran." if report.get("sample") else ""),
              "", "Score = (killed + timeout) / all mutants; a mutant that no fast test reaches "
              "(\"no tests\") counts as surviving."
              + (" Before: the tests of the last release on a random sample of up to 60 "
@@ -91,7 +95,7 @@ def markdown(report: dict[str, Any], notes: str) -> str:
         c = data["counts"]
         totals.update(c)
         killed, total, s = score(c)
-        was = before.get(module)
+        was = before.get(module) if before.get(module, {}).get("counts") else None
         lines.append(f"| {module.removeprefix('src/modelfn/')} | {total} | {killed} | "
                      f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('timeout', 0)} | "
                      f"{s:.1%} | {score(was['counts'])[2]:.1%} |" if was else
@@ -102,7 +106,7 @@ def markdown(report: dict[str, Any], notes: str) -> str:
     # before, over all: each module's score weighted by its number of mutants (a sample
     # has the same share of every module, whatever its size)
     weights = {mod: score(d["counts"])[1] for mod, d in report["modules"].items()
-               if mod in before}
+               if before.get(mod, {}).get("counts")}
     b = ""
     if weights:
         weighted = sum(score(before[mod]["counts"])[2] * w for mod, w in weights.items())
@@ -131,8 +135,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
     modules = sorted(report["modules"])
     labels = [m.removeprefix("src/modelfn/") for m in modules]
     after = [score(report["modules"][m]["counts"])[2] * 100 for m in modules]
-    before = [score(report["before"][m]["counts"])[2] * 100 if m in report.get("before", {})
-              else 0 for m in modules]
+    before = [score(report["before"][m]["counts"])[2] * 100
+              if report.get("before", {}).get(m, {}).get("counts") else 0 for m in modules]
     fig, ax = subplots(figsize=(9, 0.32 * len(modules) + 1.5))
     y = range(len(modules))
     ax.barh([i + 0.2 for i in y], before, height=0.4, label="before", color="#bbbbbb")
@@ -179,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     notes = args.notes.read_text() if args.notes and args.notes.exists() else ""
     (RESULTS / f"{args.stem}.md").write_text(markdown(report, notes))
     chart(report, RESULTS / f"{args.stem}.png")
-    killed, total, s = score(Counter({k: v for d in modules.values()
-                                      for k, v in d["counts"].items()}))
+    everything: Counter[str] = Counter()
+    for data in modules.values():
+        everything.update(data["counts"])
+    killed, total, s = score(everything)
     print(f"mutation score {s:.1%} ({killed} of {total} killed); wrote "
           f"{RESULTS / (args.stem + '.md')}")
     return 0
