@@ -123,9 +123,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     row's maximum is subtracted first (no overflow at 1e38, no 0/0 at -1e38); a row
     with +inf logits shares all of its mass among them, a row of only -inf is uniform."""
     top = logits.max(axis=-1, keepdims=True)
+    finite = np.isfinite(top)
     with np.errstate(invalid="ignore", over="ignore"):
-        e = np.exp(logits - np.where(np.isfinite(top), top, 0))
-    if not np.isfinite(top).all():
+        e = np.exp(logits - np.where(finite, top, 0))
+    if not finite.all():
         e = np.where(np.isposinf(top), logits == np.inf, e)
         e = np.where(np.isneginf(top), 1, e).astype(logits.dtype, copy=False)
     return e / e.sum(axis=-1, keepdims=True)
