@@ -8,6 +8,7 @@ input. (tests/integration/test_fanout.py runs the same through the deployed hand
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import boto3
@@ -15,7 +16,7 @@ import pytest
 
 from modelfn import registry
 from modelfn.config import BatchLimits
-from modelfn.errors import StoreError
+from modelfn.errors import LimitExceeded, ObjectChanged, StoreError
 from modelfn.runtime import batch, fanout
 from modelfn.runtime.repository import Repository
 from modelfn.store import open_store
@@ -103,7 +104,8 @@ def test_plan_parts_and_finish_give_the_output_of_the_file_whole(run: Run) -> No
     assert int(item["expires"]["N"]) - float(item["created"]["N"]) == pytest.approx(3600, abs=1)
     for i, message in enumerate(messages):
         done = run.fan.part(message, run.repo, LIMITS, attempt=1)
-        assert done["status"] == "part done" and done["part"] == i
+        assert done == {"input": KEY, "status": "part done", "run": started["run"], "part": i,
+                        "lines": [4, 3, 2][i]}  # line 7 is blank
         # only the last part sends the finish
         assert [m["modelfn"] for m in run.messages()] == (
             [fanout.FINISH_MESSAGE] if i == 2 else [])
@@ -121,7 +123,8 @@ def test_plan_parts_and_finish_give_the_output_of_the_file_whole(run: Run) -> No
     again = run.fan.finish(finish, attempt=1)  # a copy of the message: nothing to do
     assert again == {"input": KEY, "status": "finished", "run": started["run"]}
     late = run.fan.part(messages[1], run.repo, LIMITS, attempt=1)
-    assert late["status"] == "skipped" and run.parts_left() == []
+    assert late == {"input": KEY, "status": "skipped", "run": started["run"], "part": 1}
+    assert run.parts_left() == []
 
 
 def test_a_file_of_one_part_or_without_the_table_runs_whole(run: Run) -> None:
@@ -230,3 +233,80 @@ def test_more_parts_than_sqs_takes_in_one_call_are_all_sent(run: Run) -> None:
     assert started["parts"] == 23
     messages = run.messages()
     assert sorted(m["part"][0] for m in messages) == list(range(23))
+
+
+def test_a_versioned_upload_is_its_own_run_and_its_version_travels_with_the_parts(
+        run: Run) -> None:
+    obj = run.upload(rows(10))
+    first = run.fan.start({**obj, "object_version": "v1"}, run.repo, LIMITS)
+    assert first["run"] == fanout.run_id(run.bucket, KEY, obj["etag"], "v1")
+    assert {m["object_version"] for m in run.messages()} == {"v1"}
+    second = run.fan.start({**obj, "object_version": "v2"}, run.repo, LIMITS)
+    assert second["run"] != first["run"]
+    assert {m["object_version"] for m in run.messages()} == {"v2"}
+
+
+def test_a_file_over_the_limits_is_rejected_at_planning_with_a_summary(run: Run) -> None:
+    rejected = run.fan.start(run.upload(rows(10)), run.repo, LIMITS._replace(max_lines=9))
+    assert rejected["status"] == "rejected" and rejected["input"] == KEY
+    assert rejected["error"] == "the file has more than 9 lines"
+    assert run.store.read_json("outputs/echo-fp32/rows.summary.json") == rejected
+    assert run.messages() == [] and not run.store.exists("outputs/echo-fp32/rows.jsonl")
+
+
+def test_a_plan_reads_only_the_object_it_was_told_of(run: Run) -> None:
+    obj = run.upload(rows(10))
+    assert len(fanout.read_plan(run.store, KEY, LIMITS, obj["etag"])) == 3
+    with pytest.raises(ObjectChanged):
+        fanout.read_plan(run.store, KEY, LIMITS, "0" * 32)
+    replaced = run.fan.start({**obj, "etag": "0" * 32}, run.repo, LIMITS)
+    assert replaced == {"input": KEY, "status": "skipped", "reason": "replaced"}
+
+
+def test_a_plan_past_its_deadline_is_a_limit_saying_what_to_do(run: Run) -> None:
+    run.upload(rows(10))
+    with pytest.raises(LimitExceeded) as info:
+        fanout.read_plan(run.store, KEY, LIMITS, until=time.monotonic() - 1)
+    assert info.value.message.startswith(f"the file ({len(rows(10))} bytes) could not be "
+                                         "read to plan its parts within the function's "
+                                         "timeout: raise BatchTimeout")
+    assert len(fanout.read_plan(run.store, KEY, LIMITS, until=time.monotonic() + 600)) == 3
+
+
+def test_a_part_cannot_fail_a_file_whose_stitching_began(run: Run) -> None:
+    started = run.fan.start(run.upload(rows(10)), run.repo, LIMITS)
+    run.ddb.update_item(TableName=run.table, Key={"run": {"S": started["run"]}},
+                        UpdateExpression="SET stitching = :t",
+                        ExpressionAttributeValues={":t": {"BOOL": True}})
+    assert run.fan._fail(started["run"], KEY, 3, "late") == {
+        "input": KEY, "status": "skipped", "run": started["run"]}
+    assert "failed" not in run.item(started["run"])
+    failed = run.fan._fail(started["run"], KEY, 3, "stitching broke", stitching=True)
+    assert failed["status"] == "failed" and failed["error"] == "stitching broke"
+
+
+def test_a_runs_table_that_fails_names_the_call(run: Run) -> None:
+    gone = fanout.FanOut(run.store, run.bucket, "no-such-table", run.queue, 3, 60)
+    with pytest.raises(StoreError, match="^update on the batch runs failed: "
+                                         "ResourceNotFoundException$"):
+        gone._fail("r", KEY, 3, "x")
+    with pytest.raises(StoreError, match="^get on the batch runs failed: "):
+        gone.part({"part": [0, 0, 1, 1, 1], "run": "r", "key": KEY, "parts": 1}, run.repo,
+                  LIMITS, attempt=1)
+
+
+@pytest.mark.parametrize(("exc", "reason"), [
+    (RuntimeError("first\nsecond"), "RuntimeError: first"),
+    (ValueError(""), "ValueError: "),
+    (StoreError("store says"), "StoreError: store says"),
+    (KeyError("k"), "KeyError: 'k'"),
+])
+def test_a_failures_reason_is_its_type_and_first_line(exc: Exception, reason: str) -> None:
+    assert fanout._reason(exc) == reason
+    assert len(fanout._reason(RuntimeError("x" * 600))) == 500
+
+
+def test_a_last_line_without_its_newline_is_a_part_of_its_own() -> None:
+    parts = fanout.plan([b"a\nb\n", b"c"], part_bytes=100, part_lines=2)
+    assert parts == [fanout.Part(0, 0, 4, 1, 2), fanout.Part(1, 4, 5, 3, 1)]
+    assert fanout.plan([b"a\nb\nc\n"], 100, 2)[-1] == fanout.Part(1, 4, 6, 3, 1)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 from onnx import TensorProto, helper
 
@@ -390,11 +392,14 @@ def test_int8_fallback_keeps_the_most_sensitive_in_fp32_until_the_gate_passes() 
         """How many MatMuls of ``candidate`` are still fp32 (not quantized)."""
         return len(quantize.weighted(candidate, ("MatMul",)))
 
+    sizes: list[int] = []
+
     def gate(candidate: bytes) -> Report:
         tried.append(kept(candidate))
+        sizes.append(len(candidate))
         return Report(kept(candidate) >= 2, f"{kept(candidate)} kept")
 
-    losses = {"mm0": 0.1, "mm1": 0.3, "mm2": 0.2}
+    losses = {"mm0": 0.1, "mm1": 0.3, "mm2": 0.2000004}
 
     def loss(candidate: bytes) -> float:
         # the one node quantized is the one whose MatMul is gone
@@ -409,8 +414,17 @@ def test_int8_fallback_keeps_the_most_sensitive_in_fp32_until_the_gate_passes() 
     assert tried == [0, 1, 2]  # stopped at the first that passed
     assert [a["kept_fp32"] for a in result.attempts] == [0, 1, 2]
     assert [s["node"] for s in result.sensitivity] == ["mm1", "mm2", "mm0"]
-    assert log[0].startswith("  int8, everything quantized (") and log[0].endswith("-> fail")
-    assert log[-1].endswith("2 kept -> pass")
+    assert result.sensitivity[1] == {"node": "mm2", "loss": 0.2}  # to 6 decimals
+    for attempt in result.attempts:
+        assert set(attempt) == {"passed", "summary", "kept_fp32", "model_bytes"}
+    assert [a["model_bytes"] for a in result.attempts] == sizes
+    assert result.measured_kept == result.kept_fp32
+    assert log[0].startswith("  int8, everything quantized (") and log[0].endswith(
+        "0 kept -> fail")
+    assert log[1] == "  measuring the cost of each of 3 weighted MatMuls in int8 alone ..."
+    assert log[2].startswith("  int8, 1 most sensitive MatMuls kept in fp32 (")
+    assert log[2].endswith("1 kept -> fail")
+    assert log[-1].endswith("2 kept -> pass") and len(log) == 4
 
 
 def test_int8_that_never_passes_ships_nothing_and_keeps_the_record() -> None:
@@ -424,7 +438,49 @@ def test_int8_that_never_passes_ships_nothing_and_keeps_the_record() -> None:
                                            lambda m: 0.0, fallback_steps=[],
                                            log=lambda line: None)
     assert not only.passed and len(only.attempts) == 1 and only.sensitivity == []
+    lines: list[str] = []
     first = quantize.quantize_with_fallback(model, lambda m: Report(True, "yes"),
                                             lambda m: 1.0, fallback_steps=[1],
-                                            log=lambda line: None)
+                                            log=lines.append)
     assert first.passed and first.kept_fp32 == [] and len(first.attempts) == 1
+    assert first.attempts[0]["model_bytes"] == len(first.model or b"")
+    assert len(lines) == 1 and lines[0].endswith(": yes -> pass")
+
+
+def conv_model() -> bytes:
+    """x [-1, 2, 6, 6] through a 3x3 convolution to 4 channels, then Relu."""
+    rng = np.random.default_rng(1)
+    x, y = Tensor("x", "FP32", [-1, 2, 6, 6]), Tensor("y", "FP32", [-1, 4, 4, 4])
+    return onnx_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")], [x], [y],
+        [helper.make_tensor("w", TensorProto.FLOAT, [4, 2, 3, 3],
+                            rng.normal(size=72).tolist()),
+         helper.make_tensor("b", TensorProto.FLOAT, [4], [0.1, -0.1, 0.2, 0.0])])
+
+
+def test_static_int8_is_qdq_per_channel_calibrated_on_the_rows_given() -> None:
+    import onnxruntime as ort
+
+    model = conv_model()
+    rng = np.random.default_rng(2)
+    calibration = [{"x": rng.normal(size=(1, 2, 6, 6)).astype(np.float32)} for _ in range(8)]
+    int8 = quantize.static_int8(model, calibration)
+    graph = onnx.load_from_string(int8).graph
+    ops = [n.op_type for n in graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "Conv" in ops
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    zero_points = [inits[n.input[2]] for n in graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(z.dtype == np.int8 for z in zero_points)  # signed activations
+    weight_scales = [inits[n.input[1]] for n in graph.node if n.op_type == "DequantizeLinear"
+                     and n.input[0] in inits and inits[n.input[0]].ndim == 4]
+    assert [s.shape for s in weight_scales] == [(4,)]  # one scale per output channel
+    fp32 = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(int8, providers=["CPUExecutionProvider"])
+    for feed in calibration[:3]:
+        want, got = fp32.run(None, feed)[0], q.run(None, feed)[0]
+        assert np.abs(want - got).max() < 0.05 * np.abs(want).max()
+    # the activations' range is the calibration's: rows 10 times larger clip
+    big = {"x": calibration[0]["x"] * 10}
+    assert np.abs(fp32.run(None, big)[0] - q.run(None, big)[0]).max() > 1.0

@@ -60,7 +60,7 @@ def test_a_job_is_queued_then_run_once_and_answers_inline(deployment: Deployment
     assert accepted["status"] == "queued" and accepted["location"] == f"/v2/jobs/{job}"
     assert accepted["model"] == "echo-fp32" and accepted["version"] == "1"
     queued = d.jobs.describe(OWNER, job)
-    assert queued["status"] == "queued"
+    assert queued["id"] == job and queued["status"] == "queued"
     # before it runs, a job's time is its request object's (S3's clock, to the second)
     assert abs(jobs_mod._seconds(queued["created"]) - jobs_mod._seconds(accepted["created"])) <= 5
     assert "response" not in queued
@@ -69,6 +69,7 @@ def test_a_job_is_queued_then_run_once_and_answers_inline(deployment: Deployment
                        "status": "succeeded", "error": None, "webhook": None}
     done = d.jobs.describe(OWNER, job)
     assert done["status"] == "succeeded" and done["expires"] == accepted["expires"]
+    assert d.store.exists(f"async/{OWNER}/{job}/result.json")
     outputs = done["response"]["outputs"]
     assert outputs[0]["name"] == "y" and outputs[0]["data"] == [0, 1, 2, 3, 4, 5]
     assert "owner" not in done and "attempt" not in done
@@ -250,3 +251,109 @@ def test_rows_over_the_models_limit_run_in_slices(deployment: Deployment) -> Non
     x = np.arange(24, dtype=np.float32).reshape(8, 3)
     assert np.array_equal(run_rows(model, {"x": x}, None)["y"], x)
     assert np.array_equal(run_rows(model, {"x": x[:3]}, None)["y"], x[:3])
+
+
+def test_slices_keep_only_the_outputs_asked_for(tmp_path: Any) -> None:
+    from tests.unit.test_raw_tensors import masked_sum, publish
+
+    publish(tmp_path, masked_sum())
+    model = Repository(open_store(str(tmp_path)), max_batch=2).get("masked-sum")
+    ids = np.arange(10, dtype=np.int64).reshape(5, 2)
+    flags = np.array([[True, False]] * 5)
+    out = run_rows(model, {"ids": ids, "flags": flags}, ["total"])
+    assert list(out) == ["total"] and out["total"].tolist() == [0, 2, 4, 6, 8]
+    both = run_rows(model, {"ids": ids, "flags": flags}, None)
+    assert sorted(both) == ["inverted", "total"] and both["inverted"].shape == (5, 2)
+
+
+# --- a job's webhook ----------------------------------------------------------------------
+
+def hooked(d: Deployment, url: str, **parameters: Any) -> bytes:
+    doc = json.loads(d.body())
+    doc["parameters"] = {"webhook": url, **parameters}
+    return json.dumps(doc).encode()
+
+
+def test_a_finished_job_posts_its_public_state_to_its_webhook_once(s3_bucket: str) -> None:
+    from tests.unit.test_webhooks import SECRET, Receiver
+
+    receiver = Receiver(200)
+    try:
+        d = Deployment(s3_bucket, webhook_hosts=("127.0.0.1",), webhook_loopback=True,
+                       webhook_secret=SECRET)
+        accepted = d.jobs.accept(OWNER, d.models, "echo-fp32", "1",
+                                 hooked(d, receiver.url("/done")), None)
+        job = accepted["id"]
+        summary = d.jobs.run(d.request_key(job), d.models)
+        assert summary["webhook"] == {"delivered": True, "attempts": 1, "status": 200}
+        ((path, headers, body),) = receiver.requests
+        assert path == "/done" and headers["webhook-id"] == f"{job}.completed"
+        sent = json.loads(body)
+        assert sent["type"] == "job.completed" and sent["timestamp"].endswith("Z")
+        assert sent["data"] == d.jobs.describe(OWNER, job) | {
+            "webhook": {"events": ["completed", "failed"]}}  # sent before its outcome
+        assert "owner" not in sent["data"] and sent["data"]["status"] == "succeeded"
+        assert d.jobs.describe(OWNER, job)["webhook"] == {
+            "events": ["completed", "failed"], "delivered": True, "attempts": 1, "status": 200}
+        d.jobs.run(d.request_key(job), d.models)  # a copy of the notification
+        assert len(receiver.requests) == 1
+    finally:
+        receiver.server.shutdown()
+
+
+def test_a_webhook_for_failures_only_stays_silent_when_the_job_succeeds(s3_bucket: str) -> None:
+    from tests.unit.test_webhooks import SECRET, Receiver
+
+    receiver = Receiver(200)
+    try:
+        d = Deployment(s3_bucket, webhook_hosts=("127.0.0.1",), webhook_loopback=True,
+                       webhook_secret=SECRET)
+        job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1",
+                            hooked(d, receiver.url(), webhook_events=["failed", "failed"]),
+                            None)["id"]
+        assert d.jobs.run(d.request_key(job), d.models)["webhook"] is None
+        assert receiver.requests == []
+        assert d.jobs.describe(OWNER, job)["webhook"] == {"events": ["failed"]}
+    finally:
+        receiver.server.shutdown()
+
+
+def test_webhook_events_need_a_webhook_and_name_known_events(s3_bucket: str) -> None:
+    d = Deployment(s3_bucket, webhook_hosts=("127.0.0.1",), webhook_loopback=True)
+    doc = json.loads(d.body())
+    doc["parameters"] = {"webhook_events": ["failed"]}
+    with pytest.raises(InvalidInput, match="^'webhook_events' needs a 'webhook' URL$"):
+        d.jobs.accept(OWNER, d.models, "echo-fp32", "1", json.dumps(doc).encode(), None)
+    for events in ([], ["done"], "failed"):
+        with pytest.raises(InvalidInput, match="^'webhook_events' must be a non-empty list "
+                                               "of 'completed', 'failed'$"):
+            d.jobs.accept(OWNER, d.models, "echo-fp32", "1",
+                          hooked(d, "http://127.0.0.1:9/", webhook_events=events), None)
+
+
+def test_a_webhook_secret_that_cannot_be_read_is_recorded_and_the_job_still_succeeds(
+        s3_bucket: str) -> None:
+    d = Deployment(s3_bucket, webhook_hosts=("127.0.0.1",), webhook_loopback=True,
+                   webhook_secret_arn="arn:aws:secretsmanager:us-east-1:123456789012:"
+                                      "secret:absent-AbCdEf")
+    job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1", hooked(d, "http://127.0.0.1:9/"),
+                        None)["id"]
+    summary = d.jobs.run(d.request_key(job), d.models)
+    assert summary["status"] == "succeeded"
+    delivery = summary["webhook"]
+    assert delivery["delivered"] is False and delivery["attempts"] == 0
+    assert delivery["error"].startswith("not sent: ResourceNotFoundException: ")
+    assert d.jobs.describe(OWNER, job)["webhook"]["error"] == delivery["error"]
+
+
+def test_the_webhook_secret_is_read_from_secrets_manager_once(s3_bucket: str) -> None:
+    import boto3
+
+    from tests.unit.test_webhooks import SECRET
+
+    arn = boto3.client("secretsmanager").create_secret(
+        Name=f"hook-{s3_bucket}", SecretString=SECRET)["ARN"]
+    d = Deployment(s3_bucket, webhook_secret_arn=arn)
+    assert d.jobs.secret() == SECRET
+    boto3.client("secretsmanager").put_secret_value(SecretId=arn, SecretString="rotated")
+    assert d.jobs.secret() == SECRET  # read at the first job, kept for the process

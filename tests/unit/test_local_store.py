@@ -107,3 +107,35 @@ def test_publish_folder_appears_whole_with_nested_files(store: LocalStore) -> No
                          last="manifest.json")
     assert store.read_bytes("models/m/1/a/b/c.txt") == b"c"
     assert sorted(p.name for p in (store.root / "models" / "m").iterdir()) == ["1"]
+
+
+def test_each_failing_call_names_what_it_was_doing_and_the_path(store: LocalStore) -> None:
+    store.write_bytes("f", b"a file where a folder should be")
+    under = store.root / "f" / "k"
+    for call, what in [(lambda: store.read_bytes("f/k"), "read"),
+                       (lambda: store.size("f/k"), "read"),
+                       (lambda: b"".join(store.iter_chunks("f/k")), "read"),
+                       (lambda: store.delete(["f/k"]), "delete"),
+                       (lambda: store.write_bytes("f/k", b"x"), "write"),
+                       (lambda: store.update_json("f/k", lambda old: 1), "update")]:
+        with pytest.raises(StoreError) as info:
+            call()
+        assert info.value.message.startswith(f"cannot {what} {under}: "), info.value.message
+    with pytest.raises(StoreError) as info:
+        store.publish_folder("f/v", {"a": b"1"}, "a")
+    assert info.value.message == f"cannot publish {store.root / 'f' / 'v'}: File exists"
+    store.write_bytes("g/v", b"a file where the version's folder goes")
+    with pytest.raises(StoreError) as info:
+        store.publish_folder("g/v", {"a": b"1"}, "a")
+    assert info.value.message.startswith(f"cannot publish 'g/v' in {store.uri}: ")
+    assert store.read_bytes("f") == b"a file where a folder should be"
+
+
+def test_chunks_to_the_end_and_of_an_exact_range(store: LocalStore) -> None:
+    store.write_bytes("r", bytes(range(10)))
+    assert list(store.iter_chunks("r", chunk_size=4)) == [bytes(range(4)), bytes(range(4, 8)),
+                                                          bytes(range(8, 10))]
+    assert list(store.iter_chunks("r", chunk_size=4, start=3, end=7)) == [bytes(range(3, 7))]
+    assert list(store.iter_chunks("r", chunk_size=3, start=2, end=9)) == [
+        bytes(range(2, 5)), bytes(range(5, 8)), bytes([8])]
+    assert list(store.iter_chunks("r", start=4, end=4)) == []

@@ -236,6 +236,32 @@ def test_snapstart_hooks_reconnect_the_store_and_count_restores(
     assert restore["service"] == "modelfn-api"
 
 
+def test_the_snapshot_and_each_restore_are_logged_with_what_was_loaded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import logging
+    import uuid
+
+    from aws_lambda_powertools import Logger, Metrics
+
+    from tests.unit.test_raw_tensors import identity, publish
+
+    monkeypatch.setenv("POWERTOOLS_LOG_LEVEL", "INFO")
+    publish(tmp_path, identity("FP32"))
+    repo = Repository(open_store(str(tmp_path)))
+    repo.get("echo-fp32")
+    out = io.StringIO()
+    logger = Logger(service=f"t-{uuid.uuid4().hex}", logger_handler=logging.StreamHandler(out))
+    runtime = FakeRuntime()
+    snapstart.register(repo, logger, Metrics(namespace="modelfn"), runtime.hooks())
+    runtime.before[0]()
+    runtime.after[0]()
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(r["message"], r.get("loaded")) for r in records] == [
+        ("snapshot", ["echo-fp32:1"]), ("restored from snapshot", None)]
+    assert repo.loaded() == [("echo-fp32", "1")]  # a restore keeps the models
+
+
 def test_snapstart_registration_is_a_no_op_off_lambda() -> None:
     from aws_lambda_powertools import Logger, Metrics
 

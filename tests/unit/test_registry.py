@@ -101,3 +101,17 @@ def test_runs_are_complete_with_their_metrics(store: Store) -> None:
     registry.check_new_run(store, "m", "r3")  # an incomplete run may be written again
     with pytest.raises(UsageError):
         registry.check_new_run(store, "m", "../r")
+
+
+def test_a_repository_lists_versions_of_a_known_model_only(tmp_path: Path) -> None:
+    from modelfn.runtime.repository import Repository
+    from tests.unit.test_raw_tensors import identity, publish
+
+    publish(tmp_path, identity("INT8"))
+    repo = Repository(open_store(str(tmp_path)))
+    assert repo.versions("echo-int8") == ["1"]
+    with pytest.raises(ModelNotFound) as info:
+        repo.versions("echo-int16")
+    assert info.value.message == "unknown model 'echo-int16'"
+    with pytest.raises(ModelNotFound, match="^invalid model name '../x'"):
+        repo.versions("../x")
