@@ -103,11 +103,17 @@ def tokenizer_json() -> bytes:
 
 
 MAX_CHARS, MAX_TOKENS = 12, 4
-TEXT = processing.text({"input": "text", "tokenizer": "tokenizer.json",
-                        "max_length": MAX_TOKENS, "pad_id": 0, "pad_token": "[PAD]",
-                        "max_chars": MAX_CHARS,
-                        "feeds": {"input_ids": "ids", "attention_mask": "mask"}},
-                       {"tokenizer.json": tokenizer_json()})
+
+
+def TEXT(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: N802
+    """The text step, made at each call: a step made at import would be the code as it
+    was then (mutation testing swaps functions in as each test runs)."""
+    step = processing.text({"input": "text", "tokenizer": "tokenizer.json",
+                            "max_length": MAX_TOKENS, "pad_id": 0, "pad_token": "[PAD]",
+                            "max_chars": MAX_CHARS,
+                            "feeds": {"input_ids": "ids", "attention_mask": "mask"}},
+                           {"tokenizer.json": tokenizer_json()})
+    return step(feed)
 
 
 def texts(*items: str) -> dict[str, np.ndarray]:
