@@ -64,6 +64,7 @@ def digits_file(path: Path, n: int) -> Path:
     return path
 
 
+@pytest.mark.slow  # 1,000 lines through digits-cnn twice, and 2 worker processes started
 def test_workers_give_the_output_of_the_file_whole(
         built_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

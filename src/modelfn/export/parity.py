@@ -318,12 +318,18 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The cosine of each row pair (a row flattened); 1 where both rows are zero."""
+    """The cosine of each row pair (a row flattened), at any scale (each row is made a
+    unit vector first); 1 where both rows are zero, 0 where one is; -1 (the worst) for a
+    row with a NaN or an infinity that the other row does not have in the same place."""
     x = a.reshape(len(a), -1).astype(np.float64)
     y = b.reshape(len(b), -1).astype(np.float64)
-    na, nb = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
-    cos = (x * y).sum(axis=1) / np.maximum(na * nb, 1e-30)
-    return np.where((na == 0) & (nb == 0), 1.0, cos)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        na, nb = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+        cos = ((x / na[:, None]) * (y / nb[:, None])).sum(axis=1)
+    same = np.array([np.array_equal(r, s, equal_nan=True) for r, s in zip(x, y, strict=True)])
+    finite = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
+    cos = np.where((na == 0) | (nb == 0), np.where((na == 0) & (nb == 0), 1.0, 0.0), cos)
+    return np.where(same, 1.0, np.where(finite, np.clip(cos, -1.0, 1.0), -1.0))
 
 
 def _retrieval(report: CandidateReport, want: np.ndarray, got: np.ndarray,
