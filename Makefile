@@ -82,7 +82,7 @@ mutate: setup
 	$(BIN)/python -m tests.prebuild .mutate/store
 	rm -rf mutants
 	@start=$$(date +%s); \
-	PATH="$(CURDIR)/$(SAM_VENV)/bin:$$PATH" MODELFN_TEST_STORE="$(CURDIR)/.mutate/store" \
+	PATH="$(CURDIR)/$(SAM_VENV)/bin:$(CURDIR)/$(VENV)/bin:$$PATH" MODELFN_TEST_STORE="$(CURDIR)/.mutate/store" \
 		$(BIN)/mutmut run --max-children 2; \
 	test -f mutants/mutmut-stats.json && \
 	$(BIN)/python -m bench.mutation --seconds $$(( $$(date +%s) - start ))
