@@ -66,6 +66,33 @@ def diff_of(root: Path, name: str, path: str) -> str:
     return " / ".join(line.strip() for line in changed)[:240]
 
 
+#: kinds of survivor, told apart by their diff (the notes judge each kind)
+KINDS = {
+    "unreached": "no fast test reaches the function",
+    "log": "a log line's words or fields",
+    "wording": "the words of a message (a string changed: XX added, or its case)",
+    "dtype/copy": "a dtype or copy= argument numpy gives the same result without",
+    "behaviour": "anything else: read it",
+}
+
+
+def kind_of(status: str, diff: str) -> str:
+    """Which of KINDS a survivor is (by its status and its one-line diff)."""
+    if status == "no tests":
+        return "unreached"
+    old, _, new = diff.partition(" / +")
+    old = old.removeprefix("-")
+    if "logger." in old or "log(" in old:
+        return "log"
+    if "XX" in new or (new.lower() == old.lower() and new != old):
+        return "wording"
+    if any(k in new and k in old for k in ("copy=", "dtype=", ".astype(")) and (
+            new.replace(" ", "") in old.replace(" ", "") or "copy=" in new or "=None" in new
+            or ", )" in new):
+        return "dtype/copy"
+    return "behaviour"
+
+
 def score(counts: dict[str, int]) -> tuple[int, int, float]:
     total = sum(n for s, n in counts.items() if s != "skipped")
     killed = sum(counts.get(s, 0) for s in KILLED)
@@ -113,20 +140,35 @@ def markdown(report: dict[str, Any], notes: str) -> str:
         b = f"{weighted / sum(weights.values()):.1%}"
     lines += [f"| **all** | {total} | {killed} | {totals.get('survived', 0)} | "
               f"{totals.get('no tests', 0)} | {totals.get('timeout', 0)} | **{s:.1%}** | {b} |",
-              "", "![scores](mutation.png)", ""]
+              ""]
+    typed = totals.get("caught by type check", 0)
+    if typed:
+        by_tests = killed - typed
+        lines += [f"Of the {total} mutants, {typed} were caught by mypy (`type_check_command`: "
+                  "a mutant `make test`'s mypy rejects never reaches a test); the tests killed "
+                  f"{by_tests} of the other {total - typed} "
+                  f"(**{by_tests / max(1, total - typed):.1%} by the tests alone**).", ""]
+    lines += ["![scores](mutation.png)", ""]
     if notes:
         lines += [notes.strip(), ""]
-    lines += ["## Every mutant left alive", "",
+    kinds: Counter[str] = Counter()
+    for data in report["modules"].values():
+        for name in data["alive"]:
+            kinds[kind_of(data["status"][name], data["diffs"].get(name, ""))] += 1
+    lines += ["## The survivors by kind", "", "| kind | mutants | what it is |", "|---|---|---|"]
+    lines += [f"| {k} | {kinds.get(k, 0)} | {what} |" for k, what in KINDS.items()]
+    lines += ["", "## Every mutant left alive", "",
               "`mutmut show NAME` prints one in full; `mutmut apply NAME` writes it into the "
-              "tree to try a test against it.", ""]
+              "tree to try a test against it. Each is tagged with its kind.", ""]
     for module, data in sorted(report["modules"].items()):
         if not data["alive"]:
             continue
         lines += [f"### {module} ({len(data['alive'])})", ""]
         for name in data["alive"]:
             short = name.split(".")[-1].replace("ǁ", ".").lstrip("x.")
-            lines.append(f"- `{short}` ({data['status'][name]}): "
-                         f"`{data['diffs'].get(name, '')}`")
+            diff = data["diffs"].get(name, "")
+            lines.append(f"- `{short}` ({data['status'][name]}, "
+                         f"{kind_of(data['status'][name], diff)}): `{diff}`")
         lines.append("")
     return "\n".join(lines)
 
