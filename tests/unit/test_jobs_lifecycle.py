@@ -7,6 +7,7 @@ edges, a JSON request and batch lines); results inline or by URL; expiry.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -274,48 +275,48 @@ def hooked(d: Deployment, url: str, **parameters: Any) -> bytes:
     return json.dumps(doc).encode()
 
 
-def test_a_finished_job_posts_its_public_state_to_its_webhook_once(s3_bucket: str) -> None:
+@pytest.fixture
+def hooked_deployment(s3_bucket: str) -> Iterator[tuple[Deployment, Any]]:
+    """A deployment whose webhooks may reach a receiver on loopback, and that receiver."""
     from tests.unit.test_webhooks import SECRET, Receiver
 
     receiver = Receiver(200)
-    try:
-        d = Deployment(s3_bucket, webhook_hosts=("127.0.0.1",), webhook_loopback=True,
-                       webhook_secret=SECRET)
-        accepted = d.jobs.accept(OWNER, d.models, "echo-fp32", "1",
-                                 hooked(d, receiver.url("/done")), None)
-        job = accepted["id"]
-        summary = d.jobs.run(d.request_key(job), d.models)
-        assert summary["webhook"] == {"delivered": True, "attempts": 1, "status": 200}
-        ((path, headers, body),) = receiver.requests
-        assert path == "/done" and headers["webhook-id"] == f"{job}.completed"
-        sent = json.loads(body)
-        assert sent["type"] == "job.completed" and sent["timestamp"].endswith("Z")
-        assert sent["data"] == d.jobs.describe(OWNER, job) | {
-            "webhook": {"events": ["completed", "failed"]}}  # sent before its outcome
-        assert "owner" not in sent["data"] and sent["data"]["status"] == "succeeded"
-        assert d.jobs.describe(OWNER, job)["webhook"] == {
-            "events": ["completed", "failed"], "delivered": True, "attempts": 1, "status": 200}
-        d.jobs.run(d.request_key(job), d.models)  # a copy of the notification
-        assert len(receiver.requests) == 1
-    finally:
-        receiver.server.shutdown()
+    yield Deployment(s3_bucket, webhook_hosts=("127.0.0.1",), webhook_loopback=True,
+                     webhook_secret=SECRET), receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
 
 
-def test_a_webhook_for_failures_only_stays_silent_when_the_job_succeeds(s3_bucket: str) -> None:
-    from tests.unit.test_webhooks import SECRET, Receiver
+def test_a_finished_job_posts_its_public_state_to_its_webhook_once(
+        hooked_deployment: tuple[Deployment, Any]) -> None:
+    d, receiver = hooked_deployment
+    accepted = d.jobs.accept(OWNER, d.models, "echo-fp32", "1",
+                             hooked(d, receiver.url("/done")), None)
+    job = accepted["id"]
+    summary = d.jobs.run(d.request_key(job), d.models)
+    assert summary["webhook"] == {"delivered": True, "attempts": 1, "status": 200}
+    ((path, headers, body),) = receiver.requests
+    assert path == "/done" and headers["webhook-id"] == f"{job}.completed"
+    sent = json.loads(body)
+    assert sent["type"] == "job.completed" and sent["timestamp"].endswith("Z")
+    assert sent["data"] == d.jobs.describe(OWNER, job) | {
+        "webhook": {"events": ["completed", "failed"]}}  # sent before its outcome
+    assert "owner" not in sent["data"] and sent["data"]["status"] == "succeeded"
+    assert d.jobs.describe(OWNER, job)["webhook"] == {
+        "events": ["completed", "failed"], "delivered": True, "attempts": 1, "status": 200}
+    d.jobs.run(d.request_key(job), d.models)  # a copy of the notification
+    assert len(receiver.requests) == 1
 
-    receiver = Receiver(200)
-    try:
-        d = Deployment(s3_bucket, webhook_hosts=("127.0.0.1",), webhook_loopback=True,
-                       webhook_secret=SECRET)
-        job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1",
-                            hooked(d, receiver.url(), webhook_events=["failed", "failed"]),
-                            None)["id"]
-        assert d.jobs.run(d.request_key(job), d.models)["webhook"] is None
-        assert receiver.requests == []
-        assert d.jobs.describe(OWNER, job)["webhook"] == {"events": ["failed"]}
-    finally:
-        receiver.server.shutdown()
+
+def test_a_webhook_for_failures_only_stays_silent_when_the_job_succeeds(
+        hooked_deployment: tuple[Deployment, Any]) -> None:
+    d, receiver = hooked_deployment
+    job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1",
+                        hooked(d, receiver.url(), webhook_events=["failed", "failed"]),
+                        None)["id"]
+    assert d.jobs.run(d.request_key(job), d.models)["webhook"] is None
+    assert receiver.requests == []
+    assert d.jobs.describe(OWNER, job)["webhook"] == {"events": ["failed"]}
 
 
 def test_webhook_events_need_a_webhook_and_name_known_events(s3_bucket: str) -> None:

@@ -61,15 +61,23 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver(200)
-    yield r
-    r.server.shutdown()
-    r.server.server_close()
+def serve() -> Iterator[Any]:
+    """``serve(*answers)``: a Receiver, shut down after the test."""
+    started: list[Receiver] = []
+
+    def start(*answers: int) -> Receiver:
+        started.append(Receiver(*answers))
+        return started[-1]
+
+    yield start
+    for r in started:
+        r.server.shutdown()
+        r.server.server_close()
 
 
-def served(*answers: int) -> Receiver:
-    return Receiver(*answers)
+@pytest.fixture
+def receiver(serve: Any) -> Receiver:
+    return serve(200)
 
 
 def test_a_delivery_posts_the_body_signed_to_the_path_and_query(receiver: Receiver) -> None:
@@ -93,13 +101,10 @@ def test_a_delivery_posts_the_body_signed_to_the_path_and_query(receiver: Receiv
 
 
 @pytest.mark.parametrize("status", [200, 204, 299])
-def test_every_2xx_is_delivered(status: int) -> None:
-    r = served(status)
-    try:
-        outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET)
-        assert outcome == {"delivered": True, "attempts": 1, "status": status}
-    finally:
-        r.server.shutdown()
+def test_every_2xx_is_delivered(serve: Any, status: int) -> None:
+    r = serve(status)
+    outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET)
+    assert outcome == {"delivered": True, "attempts": 1, "status": status}
 
 
 @pytest.mark.parametrize(("status", "error"), [
@@ -110,47 +115,39 @@ def test_every_2xx_is_delivered(status: int) -> None:
     (404, "the receiver answered 404"),
     (499, "the receiver answered 499"),
 ])
-def test_a_redirect_or_a_refusal_is_not_followed_nor_sent_again(status: int, error: str
-                                                                 ) -> None:
-    r = served(status, 200)
+def test_a_redirect_or_a_refusal_is_not_followed_nor_sent_again(serve: Any, status: int,
+                                                                 error: str) -> None:
+    r = serve(status, 200)
     waits: list[float] = []
-    try:
-        outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET,
-                                   sleep=waits.append)
-        assert outcome == {"delivered": False, "attempts": 1, "status": status,
-                           "error": error}
-        assert len(r.requests) == 1 and waits == []
-    finally:
-        r.server.shutdown()
+    outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET,
+                               sleep=waits.append)
+    assert outcome == {"delivered": False, "attempts": 1, "status": status,
+                       "error": error}
+    assert len(r.requests) == 1 and waits == []
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])
-def test_429_and_5xx_are_retried_with_backoff_until_the_attempts_run_out(status: int) -> None:
-    r = served(status)
+def test_429_and_5xx_are_retried_with_backoff_until_the_attempts_run_out(serve: Any,
+                                                                         status: int) -> None:
+    r = serve(status)
     waits: list[float] = []
-    try:
-        outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET,
-                                   sleep=waits.append)
-        assert outcome == {"delivered": False, "attempts": webhooks.ATTEMPTS,
-                           "status": status, "error": f"the receiver answered {status}"}
-        assert len(r.requests) == webhooks.ATTEMPTS
-        assert waits == [1.0, 2.0, 4.0] == list(webhooks.BACKOFF)
-        # every try is the same message: one id, signed again with its own timestamp
-        assert {h["webhook-id"] for _, h, _ in r.requests} == {"j.failed"}
-    finally:
-        r.server.shutdown()
+    outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET,
+                               sleep=waits.append)
+    assert outcome == {"delivered": False, "attempts": webhooks.ATTEMPTS,
+                       "status": status, "error": f"the receiver answered {status}"}
+    assert len(r.requests) == webhooks.ATTEMPTS
+    assert waits == [1.0, 2.0, 4.0] == list(webhooks.BACKOFF)
+    # every try is the same message: one id, signed again with its own timestamp
+    assert {h["webhook-id"] for _, h, _ in r.requests} == {"j.failed"}
 
 
-def test_a_retry_that_is_answered_clears_the_error() -> None:
-    r = served(503, 502, 201)
+def test_a_retry_that_is_answered_clears_the_error(serve: Any) -> None:
+    r = serve(503, 502, 201)
     waits: list[float] = []
-    try:
-        outcome = webhooks.deliver(r.url(), "j.completed", b"{}", LOOPBACK, SECRET,
-                                   sleep=waits.append)
-        assert outcome == {"delivered": True, "attempts": 3, "status": 201}
-        assert waits == [1.0, 2.0]
-    finally:
-        r.server.shutdown()
+    outcome = webhooks.deliver(r.url(), "j.completed", b"{}", LOOPBACK, SECRET,
+                               sleep=waits.append)
+    assert outcome == {"delivered": True, "attempts": 3, "status": 201}
+    assert waits == [1.0, 2.0]
 
 
 def test_a_receiver_that_is_not_listening_is_retried_and_the_error_names_the_failure(
@@ -166,17 +163,14 @@ def test_a_receiver_that_is_not_listening_is_retried_and_the_error_names_the_fai
     assert waits == list(webhooks.BACKOFF)
 
 
-def test_more_attempts_than_waits_keep_the_longest_wait(monkeypatch: pytest.MonkeyPatch
-                                                         ) -> None:
+def test_more_attempts_than_waits_keep_the_longest_wait(serve: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(webhooks, "ATTEMPTS", 6)
-    r = served(500)
+    r = serve(500)
     waits: list[float] = []
-    try:
-        outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET,
-                                   sleep=waits.append)
-        assert outcome["attempts"] == 6 and waits == [1.0, 2.0, 4.0, 4.0, 4.0]
-    finally:
-        r.server.shutdown()
+    outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET,
+                               sleep=waits.append)
+    assert outcome["attempts"] == 6 and waits == [1.0, 2.0, 4.0, 4.0, 4.0]
 
 
 def test_a_url_refused_when_the_job_ends_sends_nothing(receiver: Receiver) -> None:

@@ -326,7 +326,7 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         na, nb = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
         cos = ((x / na[:, None]) * (y / nb[:, None])).sum(axis=1)
-    same = np.array([np.array_equal(r, s, equal_nan=True) for r, s in zip(x, y, strict=True)])
+    same = ((x == y) | (np.isnan(x) & np.isnan(y))).all(axis=1)
     finite = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
     cos = np.where((na == 0) | (nb == 0), np.where((na == 0) & (nb == 0), 1.0, 0.0), cos)
     return np.where(same, 1.0, np.where(finite, np.clip(cos, -1.0, 1.0), -1.0))
