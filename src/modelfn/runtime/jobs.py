@@ -391,8 +391,10 @@ class Jobs:
         return {"key": key, "bytes": self.store.size(key), "content_type": "application/jsonl",
                 "summary": {k: counts[k] for k in ("lines", "predictions", "errors")}}
 
-    def _write_status(self, owner: str, status: dict[str, Any], state: str) -> None:
-        status["status"], status["updated"] = state, _iso(time.time())
+    def _write_status(self, owner: str, status: dict[str, Any], state: str | None) -> None:
+        """The state written; ``state`` None keeps it and its ``updated`` (a record added)."""
+        if state is not None:
+            status["status"], status["updated"] = state, _iso(time.time())
         self.store.write_bytes(job_file(owner, status["id"], JOB_STATUS), json_bytes(status))
 
     def _finish(self, owner: str, status: dict[str, Any], state: str) -> None:
@@ -419,7 +421,7 @@ class Jobs:
         else:
             hook["delivery"] = webhooks.deliver(hook["url"], f"{status['id']}.{event}",
                                                 payload, self.settings, secret)
-        self._write_status(owner, status, status["status"])
+        self._write_status(owner, status, None)  # the outcome changed nothing the webhook sent
 
     def secret(self) -> str:
         """The webhook secret: the setting, else the Secrets Manager secret (read once)."""
