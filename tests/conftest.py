@@ -74,12 +74,39 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         gc.freeze()  # what the fork server holds: not traversed again by every fork
 
 
+#: the CPU lock this mutant's fork holds until it exits (see _pin_to_a_free_cpu)
+_cpu_lock: list[Any] = []
+
+
+def _pin_to_a_free_cpu() -> None:
+    """Under a mutant, this fork runs on a CPU of its own: the first one no other fork
+    holds the lock of (``make mutate`` runs a fork per core). Its onnxruntime sessions
+    and torch then use one thread instead of one per core each, contending with the
+    other fork's: the model tests of two concurrent runs took 5.7 s pinned, 8.0 s not."""
+    import fcntl
+
+    for cpu in sorted(os.sched_getaffinity(0)):
+        path = Path(tempfile.gettempdir()) / f"modelfn-mutate-cpu{cpu}.lock"
+        lock = path.open("w")  # noqa: SIM115 (held open until the fork exits)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        _cpu_lock.append(lock)
+        os.sched_setaffinity(0, {cpu})
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+        return
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under a mutant (``make mutate``), the tests that reach it run fastest first: mutmut
     stops at the first failure, so a killed mutant costs its quickest killing test
     rather than whatever came first. Outside mutation testing nothing is reordered."""
     if not _under_a_mutant():
         return
+    _pin_to_a_free_cpu()
     durations = _mutmut_durations()
     items.sort(key=lambda item: durations.get(item.nodeid, float("inf")))
 

@@ -112,3 +112,18 @@ def test_a_local_writer_leaves_nothing_when_interrupted(tmp_path: Path) -> None:
         raise RuntimeError("interrupted")
     assert not (tmp_path / "outputs/x.jsonl").exists()
     assert list((tmp_path / "outputs").iterdir()) == []  # no temporary file left either
+
+
+@pytest.mark.parametrize(("predictions", "seconds", "timings"), [
+    (10, 4.0, {"total_seconds": 4.0, "inference_seconds": 0.5, "rows_per_second": 2.5}),
+    (1, 3.0, {"total_seconds": 3.0, "inference_seconds": 0.5, "rows_per_second": 0.3}),
+    (2, 1.234567, {"total_seconds": 1.2346, "inference_seconds": 0.5,
+                   "rows_per_second": 1.6}),
+    (5, 0.0, {"total_seconds": 0.0, "inference_seconds": 0.5, "rows_per_second": 0.0}),
+])
+def test_a_summary_reports_its_rate_rounded(predictions: int, seconds: float,
+                                            timings: dict[str, float]) -> None:
+    summary = batch.Summary("in.jsonl", "out.jsonl", lines=predictions,
+                            predictions=predictions, seconds=seconds,
+                            inference_seconds=0.49999)
+    assert summary.as_dict()["timings"] == timings

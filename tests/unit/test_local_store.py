@@ -100,6 +100,11 @@ def test_a_store_not_there_yet_is_checked_where_it_would_be_made(tmp_path: Path)
     blocked = LocalStore(tmp_path / "file" / "st")
     with pytest.raises(StoreError, match=f"cannot write {blocked.root}: Not a directory"):
         blocked.check_writable()
+    # a folder that takes no file even from root (sysfs makes no regular files): the
+    # check is made in the folder itself, not wherever temporary files go
+    sysfs = LocalStore("/sys/modelfn-store")
+    with pytest.raises(StoreError, match="^cannot write /sys/modelfn-store: "):
+        sysfs.check_writable()
 
 
 def test_publish_folder_appears_whole_with_nested_files(store: LocalStore) -> None:

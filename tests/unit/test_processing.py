@@ -111,3 +111,37 @@ def test_classification_gives_the_label_of_the_largest_logit_even_at_the_limits(
     assert out["label"].tolist() == ["b", "c", "a"]
     assert np.isfinite(out["probabilities"]).all()
     assert out["probabilities"].dtype == np.float32
+
+
+# --- images ---------------------------------------------------------------------------
+
+IMAGE = {"input": "pixels", "feed": "x", "layout": [1, 2, 2], "value_range": [0, 16]}
+
+
+def test_an_image_is_scaled_then_centred_on_its_mean_and_divided_by_its_std() -> None:
+    step = processing.image({**IMAGE, "scale": 0.5, "mean": 1.0, "std": 4.0}, {})
+    pixels = np.array([[0, 2, 8, 16], [16, 8, 2, 0]], dtype=np.uint8)
+    got = step({"pixels": pixels})["x"]
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (2, 1, 2, 2)
+    want = (pixels.astype(np.float64) * 0.5 - 1.0) / 4.0
+    np.testing.assert_array_equal(got.reshape(2, 4), want)
+    assert got[0, 0, 0].tolist() == [-0.25, 0.0]  # rows laid out as [channel, h, w]
+
+
+def test_an_image_without_mean_is_only_scaled_and_std_defaults_to_one() -> None:
+    pixels = np.array([[0, 2, 8, 16]], dtype=np.float32)
+    scaled = processing.image({**IMAGE, "scale": 0.25}, {})({"pixels": pixels})["x"]
+    assert scaled.ravel().tolist() == [0.0, 0.5, 2.0, 4.0]
+    centred = processing.image({**IMAGE, "mean": 2.0}, {})({"pixels": pixels})["x"]
+    assert centred.ravel().tolist() == [-2.0, 0.0, 6.0, 14.0]
+
+
+@pytest.mark.parametrize("pixels", [[0, 0, 0, 17], [-1, 0, 0, 0], [-1, 0, 0, 17]])
+def test_an_image_with_a_value_past_either_end_of_its_range_is_refused(
+        pixels: list[float]) -> None:
+    from modelfn.errors import InvalidInput
+
+    step = processing.image(IMAGE, {})
+    assert step({"pixels": np.array([[0, 0, 16, 16]], np.float32)})["x"].max() == 16.0
+    with pytest.raises(InvalidInput, match=r"input 'pixels': values must lie in \[0, 16\]"):
+        step({"pixels": np.array([pixels], np.float32)})

@@ -135,6 +135,18 @@ def test_dumps_escapes_strings_that_are_not_utf8() -> None:
     # a lone surrogate (from a body that was not UTF-8) cannot be written as UTF-8
     raw = dumps({"error": "bad \udcff byte", "data": np.zeros(2, dtype=np.float32)})
     assert json.loads(raw) == {"error": "bad \udcff byte", "data": [0.0, 0.0]}
+    # as compact as orjson's: no space after a separator (a body's size is a limit)
+    assert raw == b'{"error":"bad \\udcff byte","data":[0.0,0.0]}'
+
+
+def test_dumps_names_what_json_has_no_type_for() -> None:
+    class Opaque:
+        pass
+
+    # numpy values in the standard library's path too (a lone surrogate sends it there)
+    assert dumps({"s": "\udcff", "n": np.int16(3)}) == b'{"s":"\\udcff","n":3}'
+    with pytest.raises(TypeError, match="^Opaque is not JSON serializable$"):
+        dumps({"s": "\udcff", "o": Opaque()})
 
 
 @pytest.mark.parametrize(("raw", "fast"), [

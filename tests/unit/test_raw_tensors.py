@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from modelfn import registry
 from modelfn.config import BatchLimits
-from modelfn.errors import ModelUnavailable
+from modelfn.errors import InvalidInput, ModelUnavailable
 from modelfn.local.lambda_context import LocalContext
 from modelfn.runtime import batch
 from modelfn.runtime.manifest import Manifest, Tensor
@@ -321,6 +321,26 @@ def test_preprocess_none_needs_the_graphs_own_inputs() -> None:
         from_files(retyped, files)
 
 
+def test_a_declared_range_refuses_a_value_past_either_end_alone() -> None:
+    """An input's ``range`` is inclusive at both ends; one value past one end is enough
+    to refuse the request (422), whatever the other values are."""
+    from modelfn.errors import InvalidInput
+    from modelfn.runtime.protocol import InferRequest, RequestInput
+
+    manifest, files = identity("INT64")
+    ranged = Tensor("x", "INT64", DYNAMIC, range=(0, 4))
+    served = from_files(manifest._replace(inputs=[ranged], graph_inputs=[ranged]), files)
+
+    def validate(values: list[int]) -> dict[str, np.ndarray]:
+        return served.validate(InferRequest([RequestInput("x", "INT64", [1, 3], values)]))[0]
+
+    assert validate([0, 2, 4])["x"].tolist() == [[0, 2, 4]]  # both ends accepted
+    for bad in ([0, 1, 5], [-1, 4, 4], [2, 2, 2 ** 40]):
+        with pytest.raises(InvalidInput, match=r"input 'x': values must lie in \[0, 4\] "
+                                               r"for this model"):
+            validate(bad)
+
+
 # --- Lambda's response limit ---------------------------------------------------------------
 
 def test_a_response_over_6_mib_gets_413_saying_what_to_do(
@@ -389,3 +409,27 @@ def test_batch_file_with_rows_of_different_sequence_lengths(tmp_path: Path) -> N
         assert r["outputs"] == {"total": int(ids_[flags_].sum()),
                                 "inverted": (~flags_).tolist()}, r
     assert (summary.predictions, summary.errors) == (10, 2)
+
+
+def test_rows_stack_into_one_request_by_their_form(tmp_path: Path) -> None:
+    # a one-input model's rows are its input's values, or that input by name; a model
+    # of several inputs takes them by name. Rows of mixed forms do not stack: they are
+    # then run one by one (each its own answer or error).
+    publish(tmp_path, identity("INT32"))
+    publish(tmp_path, masked_sum())
+    repo = Repository(open_store(str(tmp_path)))
+    echo, masked = repo.get("echo-int32"), repo.get("masked-sum")
+
+    def stacked(model: Any, inputs: list[Any]) -> list[tuple[str, list[int], list[Any]]]:
+        rows = [batch._Row(i, i, model, value) for i, value in enumerate(inputs)]
+        return [(t.name, t.shape, t.data) for t in batch._stacked(model, rows).inputs]
+
+    assert stacked(echo, [[1, 2], [3, 4]]) == [("x", [2, 2], [[1, 2], [3, 4]])]
+    assert stacked(echo, [{"x": [1, 2]}, {"x": [3, 4]}]) == [("x", [2, 2], [[1, 2], [3, 4]])]
+    assert stacked(masked, [{"ids": [1], "flags": [True]}, {"flags": [False], "ids": [2]}]) \
+        == [("ids", [2, 1], [[1], [2]]), ("flags", [2, 1], [[True], [False]])]
+    for mixed in ([[1, 2], {"x": [3, 4]}], [{"x": [3, 4]}, [1, 2]]):
+        with pytest.raises(InvalidInput, match="rows of different forms"):
+            stacked(echo, mixed)
+    with pytest.raises(InvalidInput, match="a row lacks an input"):
+        stacked(masked, [{"ids": [1], "flags": [True]}, {"ids": [1], "mask": [True]}])

@@ -115,3 +115,28 @@ def test_a_repository_lists_versions_of_a_known_model_only(tmp_path: Path) -> No
     assert info.value.message == "unknown model 'echo-int16'"
     with pytest.raises(ModelNotFound, match="^invalid model name '../x'"):
         repo.versions("../x")
+
+
+def test_a_repository_loads_a_model_once_with_its_limits(tmp_path: Path) -> None:
+    from modelfn.runtime.repository import Repository
+    from modelfn.store.local import LocalStore
+    from tests.unit.test_raw_tensors import identity, publish
+
+    class Counting(LocalStore):
+        reads: list[str] = []
+
+        def read_bytes(self, key: str) -> bytes:
+            self.reads.append(key)
+            return super().read_bytes(key)
+
+    publish(tmp_path, identity("FP32"))
+    repo = Repository(Counting(tmp_path), max_batch=3, threads=1)
+    assert repo.loaded() == []
+    first = repo.get("echo-fp32")
+    assert repo.get("echo-fp32") is first and repo.get("echo-fp32", "1") is first
+    assert repo.loaded() == [("echo-fp32", "1")]
+    assert first.max_batch == 3
+    assert first.session.get_session_options().intra_op_num_threads == 1
+    # the manifest is read once, however often the model is asked for
+    assert sum(key.endswith("manifest.json") for key in Counting.reads) == 1
+    assert [m["loaded"] for m in repo.index()] == [["1"]]

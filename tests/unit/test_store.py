@@ -35,6 +35,15 @@ def test_store_bytes_round_trip(any_store: registry.Store) -> None:
     assert any_store.children("a") == ["b"]
 
 
+def test_stored_documents_are_indented_with_sorted_keys(any_store: registry.Store) -> None:
+    # what a person reads with `cat` or the S3 console, and what diffs cleanly
+    layout = b'{\n  "a": [\n    1,\n    "\\u00e9"\n  ],\n  "b": null\n}\n'
+    any_store.write_json("doc.json", {"b": None, "a": [1, "\u00e9"]})
+    assert any_store.read_bytes("doc.json") == layout
+    any_store.update_json("upd.json", lambda old: {"b": None, "a": [1, "\u00e9"]})
+    assert any_store.read_bytes("upd.json") == layout
+
+
 def test_store_publish_and_resolve(any_store: registry.Store) -> None:
     publish(any_store, "1")
     publish(any_store, "2")

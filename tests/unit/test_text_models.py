@@ -326,7 +326,21 @@ def test_texts_run_by_length_give_each_text_its_own_answer(built_store: Path) ->
     model = Repository(open_store(str(built_store))).get("textcls")
     batch = EVAL_TEXTS[::7][:3 * model_mod.BUCKET_ROWS]
     batch[5] = "the app keeps crashing " * 40  # one long text among short ones
+    session, widths = model.session, []
+
+    class Recording:  # the real session, and the width of each batch it is given
+        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+            widths.append({k: v.shape for k, v in feeds.items()})
+            return session.run(names, feeds)
+
+    model.session = Recording()  # type: ignore[assignment]
     together = model.run({"text": texts(*batch)})
+    model.session = session
+    # three chunks of BUCKET_ROWS; only the long text's is padded to its length
+    assert [len(set(w.values())) for w in widths] == [1, 1, 1]
+    shapes = sorted(next(iter(w.values())) for w in widths)
+    assert [rows for rows, _ in shapes] == [model_mod.BUCKET_ROWS] * 3
+    assert shapes[0][1] <= shapes[1][1] < shapes[2][1]
     alone = [model.run({"text": texts(t)}) for t in batch]
     assert np.allclose(together["probabilities"],
                        np.concatenate([a["probabilities"] for a in alone]), atol=1e-5)
