@@ -85,7 +85,7 @@ mutate: setup
 	PATH="$(CURDIR)/$(SAM_VENV)/bin:$(CURDIR)/$(VENV)/bin:$$PATH" MODELFN_TEST_STORE="$(CURDIR)/.mutate/store" \
 		$(BIN)/mutmut run --max-children 2; \
 	test -f mutants/mutmut-stats.json && \
-	$(BIN)/python -m bench.mutation --seconds $$(( $$(date +%s) - start ))
+	$(BIN)/python -m bench.mutation --before bench/results/mutation-before.json --seconds $$(( $$(date +%s) - start ))
 
 clean:
 	rm -rf .aws-sam .pytest_cache .ruff_cache mutants

@@ -22,6 +22,9 @@ from modelfn.store.keys import is_token, job_file, job_from_key
     ("respond-async", True), ("RESPOND-ASYNC", True), ("wait=10, respond-async", True),
     ("respond-async; x=1", True), ("return=minimal", False), ("", False), (None, False),
     ("respond-asynchronously", False),
+    # RFC 7240: token [= value] *(; parameter), commas with or without spaces
+    ("wait=10,respond-async", True), ("respond-async; a=1; b=2", True),
+    ("respond-async=1", True), ("wait=respond-async", False), ("x; respond-async", False),
 ])
 def test_prefer_respond_async_is_found_among_preferences(header: str | None,
                                                          wanted: bool) -> None:
@@ -37,6 +40,7 @@ def test_a_job_belongs_to_the_caller_the_authorizer_named() -> None:
                                                                    "sub": "u2"}}}}}
     owners = {owner_of(principal(e)) for e in (iam, jwt, other)}
     assert len(owners) == 3
+    assert all(len(owner) == 32 and is_token(owner) for owner in owners)
     assert owner_of(principal({"requestContext": {}})) == "anonymous"
     assert owner_of(principal(iam)) == owner_of(principal(iam))
 

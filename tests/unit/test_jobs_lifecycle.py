@@ -74,6 +74,10 @@ def test_a_job_is_queued_then_run_once_and_answers_inline(deployment: Deployment
     outputs = done["response"]["outputs"]
     assert outputs[0]["name"] == "y" and outputs[0]["data"] == [0, 1, 2, 3, 4, 5]
     assert "owner" not in done and "attempt" not in done
+    assert sorted(done) == ["created", "expires", "id", "model", "response", "status",
+                            "updated", "version"]
+    assert (done["id"], done["model"], done["version"]) == (job, "echo-fp32", "1")
+    assert jobs_mod._seconds(done["updated"]) >= jobs_mod._seconds(done["created"])
     # a copy of the notification runs nothing again
     before = d.store.read_bytes(f"async/{OWNER}/{job}/status.json")
     assert d.jobs.run(d.request_key(job), d.models)["status"] == "succeeded"
@@ -358,3 +362,134 @@ def test_the_webhook_secret_is_read_from_secrets_manager_once(s3_bucket: str) ->
     assert d.jobs.secret() == SECRET
     boto3.client("secretsmanager").put_secret_value(SecretId=arn, SecretString="rotated")
     assert d.jobs.secret() == SECRET  # read at the first job, kept for the process
+
+
+def publish_wider(d: Deployment) -> None:
+    """echo-fp32 version 2, which takes rows of 4 (version 1 takes rows of 3)."""
+    manifest, files = identity("FP32", shape=[-1, 4])
+    registry.publish_version(d.store, manifest.name, "2",
+                             {**files, "manifest.json": manifest._replace(version="2").to_json()})
+
+
+def test_a_job_runs_the_version_and_the_binary_body_it_was_sent(deployment: Deployment) -> None:
+    """A job for version 1 runs version 1, though a newer one takes other shapes; a body
+    in the binary data extension is read as one; a binary answer is given by URL with
+    the length of its JSON header."""
+    from tests.unit.test_protocol import binary_request
+
+    d = deployment
+    publish_wider(d)
+    x = np.arange(6, dtype=np.float32)
+    header, data = binary_request([("x", "FP32", [2, 3], x.tobytes())],
+                                  outputs=[{"name": "y", "parameters": {"binary_data": True}}])
+    accepted = d.jobs.accept(OWNER, d.models, "echo-fp32", "1", header + data,
+                             str(len(header)))
+    assert accepted["version"] == "1"
+    assert d.jobs.run(d.request_key(accepted["id"]), d.models)["status"] == "succeeded"
+    result = d.jobs.describe(OWNER, accepted["id"])["result"]
+    assert result["content_type"] == "application/octet-stream"
+    raw = requests.get(result["url"], timeout=30).content
+    length = result["inference_header_content_length"]
+    assert result["bytes"] == len(raw) == length + x.nbytes
+    answer = json.loads(raw[:length])
+    assert answer["model_version"] == "1" and answer["outputs"][0]["shape"] == [2, 3]
+    assert np.array_equal(np.frombuffer(raw[length:], "<f4"), x)
+
+
+def test_an_upload_runs_on_the_version_named_and_past_the_models_batch(
+        deployment: Deployment) -> None:
+    """An upload's rows run in slices of the model's batch, however many (a request
+    body's rows stay within it); a version that does not exist is refused up front."""
+    from modelfn.errors import ModelNotFound
+
+    d = deployment
+    publish_wider(d)
+    d.models.get("echo-fp32", "1").max_batch = 3
+    body = d.body(rows=7)
+    upload = d.jobs.create_upload(OWNER, {"size": len(body)})
+    put(upload, body)
+    naming = json.dumps({"upload": upload["upload"]}).encode()
+    with pytest.raises(ModelNotFound):
+        d.jobs.accept(OWNER, d.models, "echo-fp32", "7", naming, None)
+    job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1", naming, None)["id"]
+    assert d.jobs.run(d.request_key(job), d.models)["status"] == "succeeded"
+    outputs = d.jobs.describe(OWNER, job)["response"]["outputs"]
+    assert outputs[0]["shape"] == [7, 3] and outputs[0]["data"] == list(range(21))
+    with pytest.raises(InvalidInput, match="batch size 7 is outside 1..3"):  # in a body
+        d.jobs.accept(OWNER, d.models, "echo-fp32", "1", body, None)
+
+
+def test_a_first_delivery_that_the_store_fails_is_retried(
+        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = Deployment(s3_bucket, attempts=2)
+    job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1", d.body(), None)["id"]
+    real = S3Store.write_bytes
+
+    def no_results(self: S3Store, key: str, data: bytes) -> None:
+        if "/result." in key:
+            raise StoreError("cannot write the result: SlowDown")
+        real(self, key, data)
+
+    monkeypatch.setattr(S3Store, "write_bytes", no_results)
+    with pytest.raises(StoreError):
+        d.jobs.run(d.request_key(job), d.models)  # a delivery is the first unless told
+    status = d.store.read_json(f"async/{OWNER}/{job}/status.json")
+    assert status["status"] == "running" and status["attempt"] == 1
+
+
+@pytest.mark.parametrize(("message", "error"), [
+    ("x" * 400, "the model failed: RuntimeError: " + "x" * 300),
+    ("  \n", "the model failed: RuntimeError"),
+    ("first line\nsecond", "the model failed: RuntimeError: first line"),
+])
+def test_a_model_failure_is_told_in_one_short_line(deployment: Deployment, message: str,
+                                                   error: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    d = deployment
+    job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1", d.body(), None)["id"]
+
+    def broken(self: LoadedModel, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(LoadedModel, "run", broken)
+    assert d.jobs.run(d.request_key(job), d.models)["error"] == error
+
+
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone is not UTC (a laptop's): job times must not move."""
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_job_times_are_utc_and_expire_when_they_say(s3_bucket: str, new_york: None) -> None:
+    assert jobs_mod._iso(86400 * 365) == "1971-01-01T00:00:00Z"
+    assert jobs_mod._seconds("1971-01-01T00:00:00Z") == 86400 * 365
+    d = Deployment(s3_bucket, retention_days=3, presign_seconds=600)
+    now = jobs_mod.time.time()
+    accepted = d.jobs.accept(OWNER, d.models, "echo-fp32", "1", d.body(), None)
+    created = jobs_mod._seconds(accepted["created"])
+    assert abs(created - now) <= 5
+    assert jobs_mod._seconds(accepted["expires"]) - created == 3 * 86400
+    upload = d.jobs.create_upload(OWNER, {"size": 10})
+    assert 595 <= jobs_mod._seconds(upload["expires"]) - now <= 605
+
+
+def test_a_result_of_exactly_the_inline_limit_is_inline(deployment: Deployment,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    d = deployment
+    job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1", d.body(), None)["id"]
+    d.jobs.run(d.request_key(job), d.models)
+    size = len(d.store.read_bytes(f"async/{OWNER}/{job}/result.json"))
+    for limit, inline in ((size, True), (size - 1, False)):
+        monkeypatch.setattr(jobs_mod, "INLINE_RESULT_BYTES", limit)
+        done = d.jobs.describe(OWNER, job)
+        assert ("response" in done) is inline and ("result" in done) is not inline
+        if not inline:
+            expires = jobs_mod._seconds(done["result"]["expires"])
+            assert 0 < expires - jobs_mod.time.time() <= d.settings.presign_seconds + 5
