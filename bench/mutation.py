@@ -6,8 +6,9 @@ mutant that survived, as bench/results/mutation.md (and .json, and a chart).
 ``--before``: the .json of an earlier run (its scores become the "before" column);
 ``--seconds``: how long the run took (``make mutate`` measures it); ``--notes``: the
 judgement of the survivors (why each kind is equivalent or not worth a test), kept with
-the results. Score = (killed + timeout) / (every mutant but those skipped), as mutmut's
-own badge counts it: a mutant that no fast test reaches counts as surviving."""
+the results. Score = (killed + timeout) / (every mutant but those skipped and, in a
+stopped run, those not checked), as mutmut's own badge counts it: a mutant that no fast
+test reaches counts as surviving."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from typing import Any
 from bench.common import RESULTS, machine, now, save_figure, subplots
 
 KILLED = ("killed", "timeout", "caught by type check")
+#: not in the score: skipped by configuration, or not reached by a run that was stopped
+UNCOUNTED = ("skipped", "not checked")
 
 
 def read_run(root: Path, only: set[str] | None = None) -> dict[str, Any]:
@@ -45,7 +48,7 @@ def read_run(root: Path, only: set[str] | None = None) -> dict[str, Any]:
                         if only is None or (k in only and v is not None)}
             if not statuses:
                 continue
-            alive = sorted(k for k, s in statuses.items() if s not in KILLED and s != "skipped")
+            alive = sorted(k for k, s in statuses.items() if s not in KILLED + UNCOUNTED)
             modules[str(path)] = {"counts": dict(Counter(statuses.values())), "alive": alive,
                                   "status": {k: statuses[k] for k in alive}}
         return modules
@@ -94,7 +97,7 @@ def kind_of(status: str, diff: str) -> str:
 
 
 def score(counts: dict[str, int]) -> tuple[int, int, float]:
-    total = sum(n for s, n in counts.items() if s != "skipped")
+    total = sum(n for s, n in counts.items() if s not in UNCOUNTED)
     killed = sum(counts.get(s, 0) for s in KILLED)
     return killed, total, (killed / total if total else 0.0)
 
@@ -141,6 +144,11 @@ def markdown(report: dict[str, Any], notes: str) -> str:
     lines += [f"| **all** | {total} | {killed} | {totals.get('survived', 0)} | "
               f"{totals.get('no tests', 0)} | {totals.get('timeout', 0)} | **{s:.1%}** | {b} |",
               ""]
+    unchecked = totals.get("not checked", 0)
+    if unchecked:
+        lines += [f"**The run was stopped before its end**: {unchecked} mutants were not "
+                  "checked (the costliest: mutmut runs them last) and are not counted above.",
+                  ""]
     typed = totals.get("caught by type check", 0)
     if typed:
         by_tests = killed - typed
