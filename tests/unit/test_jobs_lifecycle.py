@@ -130,10 +130,8 @@ def test_a_model_that_fails_fails_the_job_saying_why(deployment: Deployment,
     assert d.jobs.describe(OWNER, job)["error"] == summary["error"]
 
 
-def test_a_store_that_keeps_failing_fails_the_job_on_the_last_attempt(
-        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    d = Deployment(s3_bucket, attempts=3)
-    job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1", d.body(), None)["id"]
+def fail_result_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 refuses every write of a job's result (the rest of the store works)."""
     real = S3Store.write_bytes
 
     def no_results(self: S3Store, key: str, data: bytes) -> None:
@@ -142,6 +140,13 @@ def test_a_store_that_keeps_failing_fails_the_job_on_the_last_attempt(
         real(self, key, data)
 
     monkeypatch.setattr(S3Store, "write_bytes", no_results)
+
+
+def test_a_store_that_keeps_failing_fails_the_job_on_the_last_attempt(
+        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = Deployment(s3_bucket, attempts=3)
+    job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1", d.body(), None)["id"]
+    fail_result_writes(monkeypatch)
     with pytest.raises(StoreError):
         d.jobs.run(d.request_key(job), d.models, attempt=2)
     assert d.jobs.describe(OWNER, job)["status"] == "running"  # retried, not failed
@@ -423,14 +428,7 @@ def test_a_first_delivery_that_the_store_fails_is_retried(
         s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     d = Deployment(s3_bucket, attempts=2)
     job = d.jobs.accept(OWNER, d.models, "echo-fp32", "1", d.body(), None)["id"]
-    real = S3Store.write_bytes
-
-    def no_results(self: S3Store, key: str, data: bytes) -> None:
-        if "/result." in key:
-            raise StoreError("cannot write the result: SlowDown")
-        real(self, key, data)
-
-    monkeypatch.setattr(S3Store, "write_bytes", no_results)
+    fail_result_writes(monkeypatch)
     with pytest.raises(StoreError):
         d.jobs.run(d.request_key(job), d.models)  # a delivery is the first unless told
     status = d.store.read_json(f"async/{OWNER}/{job}/status.json")
