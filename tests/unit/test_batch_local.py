@@ -76,6 +76,17 @@ def test_one_bad_row_does_not_sink_its_micro_batch(built_store: Path) -> None:
     assert "[0, 16]" in rows[5]["error"] and summary.predictions == 9
 
 
+def test_lines_are_numbered_from_the_first_line_given(built_store: Path) -> None:
+    """A part of a file starts further on: its lines keep the file's numbers."""
+    lines = [b'{"id": "a", "inputs": "not a list"}', b"[]", b"{"]
+    written: list[bytes] = []
+    batch.run_lines(lines, Repository(open_store(str(built_store))), written.append,
+                    summary=batch.Summary("in", "out"), default_model="digits-cnn",
+                    first_line=41)
+    rows = [json.loads(line) for chunk in written for line in chunk.splitlines()]
+    assert [r["line"] for r in rows] == [41, 42, 43]
+
+
 def test_process_object_on_a_local_store(store_copy: Path) -> None:
     store = open_store(str(store_copy))
     repo = Repository(store)

@@ -33,6 +33,11 @@ def test_versions_are_numbered_in_number_order_then_named_ones(store: Store) -> 
     assert registry.resolve_version(store, "m") == "b-test"  # the last, without aliases
 
 
+def test_a_name_that_cannot_be_a_model_is_refused_naming_it(store: Store) -> None:
+    with pytest.raises(ModelNotFound, match=r"^invalid model name 'bad name!': "):
+        registry.versions(store, "bad name!")
+
+
 def test_model_names_are_those_with_a_version(store: Store) -> None:
     publish(store, "1", "b")
     publish(store, "1", "a")
