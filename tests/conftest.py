@@ -102,7 +102,7 @@ def _pin_to_a_free_cpu() -> None:
 
 #: under a mutant, the seconds (by mutmut's stats run) of tests outside the mutated
 #: module's own and its package's that run for it (see pytest_collection_modifyitems)
-_OTHER_TESTS_S = "1"
+_OTHER_TESTS_S = "0.5"
 #: what a test costs in a fork beyond its stats-run duration (pytest's own work, its
 #: fixtures' set-up): measured in forks, 160 tests of 2.3 s by the stats took 5.2 s
 _PER_TEST_S = 0.02
