@@ -108,7 +108,9 @@ def markdown(report: dict[str, Any], notes: str) -> str:
              f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, Python "
              f"{report['machine']['python']}; {report['date']}.", "",
              f"Tool: mutmut {report['mutmut']} (`make mutate`), `--max-children 2`, the fast "
-             "tests (`tests/unit -m 'not slow'`, the examples' store built once). "
+             "tests (`tests/unit -m 'not slow'`, the examples' store built once); for each "
+             "mutant the tests of its module and its package that reach it, then the other "
+             "tests that reach it fastest first, 0.5 s of them (tests/conftest.py). "
              + (f"Run time: {report['seconds'] / 60:.1f} min." if report.get("seconds") else "")
              + (" **A sample**: up to 60 mutants a module drawn at random (seeded) from every "
                 "mutant mutmut makes, each run as a full run would; the counts below are of "
