@@ -110,7 +110,8 @@ def markdown(report: dict[str, Any], notes: str) -> str:
              f"Tool: mutmut {report['mutmut']} (`make mutate`), `--max-children 2`, the fast "
              "tests (`tests/unit -m 'not slow'`, the examples' store built once); for each "
              "mutant the tests of its module and its package that reach it, then the other "
-             "tests that reach it fastest first, 0.5 s of them (tests/conftest.py). "
+             "tests that reach it fastest first, up to a budget (`MODELFN_MUTATE_OTHER_S`, "
+             "0.5 s by default: tests/conftest.py). "
              + (f"Run time: {report['seconds'] / 60:.1f} min." if report.get("seconds") else "")
              + (" **A sample**: up to 60 mutants a module drawn at random (seeded) from every "
                 "mutant mutmut makes, each run as a full run would; the counts below are of "
