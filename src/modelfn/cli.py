@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import modelfn
-from modelfn.errors import ModelfnError, UsageError
+from modelfn.errors import BuildIncomplete, ModelfnError, UsageError
 from modelfn.store import Store, open_store
 from modelfn.store import keys as k
 
@@ -52,7 +52,13 @@ def writing(uri: str | None) -> tuple[Store, bool]:
     return store, not store.is_present()
 
 
-def _port(value: int) -> int:
+def _port(value: int | None) -> int:
+    """``--port``, else ``$MODELFN_PORT``, else 8080."""
+    if value is None:
+        text = os.environ.get("MODELFN_PORT") or "8080"
+        if not text.isdigit():
+            raise UsageError(f"MODELFN_PORT={text!r}: a TCP port is 0..65535 (0: any free one)")
+        value = int(text)
     if not 0 <= value <= 65535:
         raise UsageError(f"--port {value}: a TCP port is 0..65535 (0: any free one)")
     return value
@@ -128,39 +134,77 @@ def _progress(args: argparse.Namespace) -> Any:
     return lambda line: print(line, flush=True)
 
 
+def _attempt(name: str, work: Any, failed: dict[str, str] | None, log: Any) -> Any:
+    """``work()``; with ``failed`` (``build --all``), a model's failure is logged and
+    kept there, and the others go on."""
+    try:
+        return work()
+    except ModelfnError as exc:
+        if failed is None:
+            raise
+        details = getattr(exc, "details", None)
+        if details:
+            log(details.rstrip())
+        failed[name] = exc.message
+        log(f"{name}: not built: {exc.message}")
+        return None
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    from modelfn.export.build import build
+    from modelfn import registry
+    from modelfn.export.build import build, needs_training
+    from modelfn.export.optimize import check_precision
     from modelfn.project import load_project
 
     project = load_project(args.config)
     if args.all == bool(args.name):
         raise UsageError("name one model to build, or --all for every model of "
                          f"{project.describe()}")
-    names = list(project.models) if args.all else [args.name]
     if args.all and (args.version or args.run):
         raise UsageError("--version and --run name one model's version and run: not with "
                          "--all")
-    from modelfn.export.optimize import check_precision
-
-    for name in names:  # an unknown name or a precision a model cannot take fails before
-        check_precision(project.get(name), args.precision)  # any work
-    store, new = writing(args.store)
     log = _progress(args)
+    failed: dict[str, str] = {}
+
+    def attempt(name: str, work: Any) -> Any:
+        return _attempt(name, work, failed if args.all else None, log)
+
+    # an unknown name, a missing file or a precision a model cannot take fails before
+    # any work
+    def checked(name: str) -> bool:
+        check_precision(project.get(name), args.precision)
+        return True
+
+    names = [name for name in (list(project.models) if args.all else [args.name])
+             if attempt(name, lambda n=name: checked(n))]
+    store, new = writing(args.store)
     if new:
         log(f"modelfn: no store at {store.uri} yet: the build creates it")
-    manifests = [build(name, store, version=args.version, run_id=args.run,
-                       precision=args.precision, project=project, log=log)
-                 for name in names]
+
+    def one(name: str) -> Manifest:
+        spec = project.get(name)
+        if args.all and needs_training(spec) and registry.latest_run(store, name) is None:
+            raise BuildIncomplete(f"no training run in {store.uri}: `modelfn train {name}` "
+                                  "makes one (or `modelfn up` trains and builds what the "
+                                  "store lacks)")
+        return build(spec, store, version=args.version, run_id=args.run,
+                     precision=args.precision, project=project, log=log)
+
+    manifests = [m for m in (attempt(name, lambda n=name: one(n)) for name in names) if m]
     if args.json:
         docs = [m.to_dict() for m in manifests]
         print(json.dumps(docs if args.all else docs[0], indent=2))
+    if failed:
+        built = ", ".join(m.name for m in manifests) or "none"
+        raise BuildIncomplete(f"built {built}; not built: {', '.join(failed)} (each said "
+                              "why above)")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from modelfn.local.apigw import serve
 
-    _port(args.port)
+    args.port = _port(args.port)
     store_uri = reading(args.store).uri
     trigger = None
     if args.with_s3:
@@ -200,23 +244,43 @@ def cmd_up(args: argparse.Namespace) -> int:
     from modelfn.project import load_project
     from modelfn.training import run
 
-    _port(args.port)
+    args.port = _port(args.port)
     project = load_project(args.config)
-    specs = [project.get(name) for name in args.model or project.models]
+    names = args.model or list(project.models)
+    for name in names:
+        if name not in project.models:
+            project.get(name)  # an unknown name is a usage error before any work
     store, new = writing(args.store)
     if new:
         print(f"modelfn: no store at {store.uri} yet: creating it", flush=True)
     args.store = store.uri
     print(f"modelfn: the models of {project.describe()}: "
-          f"{', '.join(s.name for s in specs)}", flush=True)
-    for spec in specs:
-        if needs_training(spec) and registry.latest_run(store, spec.name) is None:
-            print(f"no training run of {spec.name} in {store.uri}: training one", flush=True)
-            metrics = run.train(spec, store)
-            print(f"trained {spec.name}: {_trained(metrics)}")
-        if not registry.versions(store, spec.name):
-            print(f"no built version of {spec.name} in {store.uri}: building one", flush=True)
-            build(spec, store)
+          f"{', '.join(names)}", flush=True)
+    failed = []
+    for name in names:
+        try:
+            spec = project.get(name)  # a missing file is this model's error alone
+            if needs_training(spec) and registry.latest_run(store, spec.name) is None:
+                print(f"no training run of {spec.name} in {store.uri}: training one",
+                      flush=True)
+                metrics = run.train(spec, store)
+                print(f"trained {spec.name}: {_trained(metrics)}")
+            if not registry.versions(store, spec.name):
+                print(f"no built version of {spec.name} in {store.uri}: building one",
+                      flush=True)
+                build(spec, store)
+        except ModelfnError as exc:  # one model's mistake does not stop the others serving
+            details = getattr(exc, "details", None)
+            if details:
+                print(details.rstrip(), file=sys.stderr)
+            print(f"modelfn: error: {name} not built: {exc.message}", file=sys.stderr,
+                  flush=True)
+            failed.append(name)
+    if failed and not registry.model_names(store):
+        raise BuildIncomplete(f"no model to serve: {', '.join(failed)} failed to build")
+    if failed:
+        print(f"modelfn: serving the others; {', '.join(failed)} not built (above)",
+              file=sys.stderr, flush=True)
     for model in registry.model_names(store):
         print(f"  {model}: versions {', '.join(registry.versions(store, model))}")
     return cmd_serve(args)
@@ -530,8 +594,9 @@ def parser() -> argparse.ArgumentParser:
         _store_arg(s)
         s.add_argument("--host", default="127.0.0.1",
                        help="the address to listen on (default: 127.0.0.1)")
-        s.add_argument("--port", type=int, default=8080,
-                       help="the port to listen on (default: 8080; 0: any free one)")
+        s.add_argument("--port", type=int,
+                       help="the port to listen on (default: $MODELFN_PORT or 8080; 0: any "
+                            "free one)")
         s.add_argument("--quiet", action="store_true", help="no access log")
         s.add_argument("--with-s3", action="store_true",
                        help="also run S3 + SQS on loopback (moto) and deliver uploads under "

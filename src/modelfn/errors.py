@@ -118,6 +118,10 @@ class ExportParityError(ModelfnError):
     """The exported model does not reproduce the PyTorch model within tolerance."""
 
 
+class BuildIncomplete(ModelfnError):
+    """``build --all`` or ``up``: some models were not built (each said why)."""
+
+
 class AlreadyExists(ModelfnError):
     """A version that exists already: versions are immutable."""
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import MODELFN, example_split, free_port, start, stop
+from tests.conftest import MODELFN, ROOT, example_split, free_port, start, stop
 from tests.openapi_check import check_response
 
 
@@ -80,27 +80,63 @@ def test_e2e_keep_alive_client_is_served_on_one_connection(served: str) -> None:
             assert reply.ok and reply.json() == {"live": True}
 
 
-def test_e2e_up_trains_builds_and_serves_an_empty_store(tmp_path: Path) -> None:
-    """`make run`'s command on a fresh store (minilm left out: its build is tested apart)."""
+def test_e2e_make_run_builds_all_three_examples_on_a_fresh_store(tmp_path: Path) -> None:
+    """The README's main command, `make run`, exactly: on a fresh store it trains and
+    builds what the store lacks and serves all three examples. First `build --all` on
+    that fresh store: it builds minilm (nothing to train), says digits-cnn and textcls
+    have no training run, and exits 2."""
+    import os
+    import signal
+    import threading
+    import time
+
+    store = tmp_path / "fresh"
+    built = run("build", "--all", store=store)
+    assert built.returncode == 2 and "Traceback" not in built.stderr, built.stderr
+    assert "published minilm version 1" in built.stdout
+    for name in ("digits-cnn", "textcls"):
+        assert f"{name}: not built: no training run in" in built.stdout + built.stderr
+    assert built.stderr.strip().splitlines()[-1] == (
+        "modelfn: error: built minilm; not built: digits-cnn, textcls (each said why above)")
+
     port = free_port()
-    proc = start(["up", "--store", str(tmp_path / "fresh"), "--model", "digits-cnn",
-                  "--model", "textcls"], port, drain=True)
+    env = {**os.environ, "MODELFN_STORE": str(store), "MODELFN_PORT": str(port),
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    captured: list[str] = []
+    reader = threading.Thread(target=lambda: captured.extend(proc.stdout or []), daemon=True)
+    reader.start()
     try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "".join(captured)
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
         meta = requests.get(f"http://127.0.0.1:{port}/v2/models", timeout=30).json()
         assert [(m["name"], m["versions"]) for m in meta["models"]] == [
-            ("digits-cnn", ["1"]), ("textcls", ["1"])]
-        manifest = json.loads((tmp_path / "fresh/models/digits-cnn/1/manifest.json").read_text())
+            ("digits-cnn", ["1"]), ("minilm", ["1"]), ("textcls", ["1"])]
+        manifest = json.loads((store / "models/digits-cnn/1/manifest.json").read_text())
         assert manifest["training"]["final"]["holdout_accuracy"] >= 0.97
         body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
                             "data": ["where is my package? the tracking is stuck"]}]}
         resp = requests.post(f"http://127.0.0.1:{port}/v2/models/textcls/infer", json=body,
                              timeout=30)
-        assert resp.status_code == 200
-        assert resp.json()["outputs"][1]["data"] == ["delivery"]
+        assert resp.status_code == 200 and resp.json()["outputs"][1]["data"] == ["delivery"]
+        embed = requests.post(f"http://127.0.0.1:{port}/v2/models/minilm/infer", json={
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
+                        "data": ["a cat sat", "the dog ran"]}]}, timeout=30)
+        assert embed.status_code == 200
     finally:
-        out = stop(proc)
-    assert out.count("training one") == 2 and out.count("building one") == 2
-    assert "parity gate passed" in out
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        reader.join(timeout=30)
+    out = "".join(captured)
+    assert out.count("training one") == 2 and out.count("building one") == 2, out
+    assert "parity gate passed" in out and "Traceback" not in out
 
 
 def test_e2e_binary_content_type_arrives_base64_and_is_decoded(served: str) -> None:

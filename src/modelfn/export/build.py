@@ -33,7 +33,7 @@ Log = Callable[[str], None]
 def needs_training(spec: ModelSpec) -> bool:
     """Whether the model is built from a training run modelfn makes (a training callable
     and no checkpoint file)."""
-    return spec.get("train") is not None and spec.get("checkpoint") is None
+    return spec.train is not None and spec.keys.get("checkpoint") is None
 
 
 def build(model: str | ModelSpec, store: Store, *, version: str | None = None,
