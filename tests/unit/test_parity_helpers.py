@@ -78,7 +78,7 @@ class Counting:
 
     def __init__(self, model: LoadedModel) -> None:
         self.model, self.calls, self.wanted = model, [], []  # type: ignore[var-annotated]
-        self.manifest = model.manifest
+        self.manifest, self.batched = model.manifest, model.batched
 
     def run(self, arrays: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]:
         self.calls.append(len(next(iter(arrays.values()))))

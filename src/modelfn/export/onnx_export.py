@@ -69,5 +69,6 @@ def check_single_file(data: bytes) -> dict[str, Any]:
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise ExportError(f"ONNX tensor {tensor.name!r} references external data")
-    return {"opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+    return {"opset": max((o.version for o in proto.opset_import
+                          if o.domain in ("", "ai.onnx")), default=None),
             "ir_version": proto.ir_version}

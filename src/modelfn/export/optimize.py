@@ -134,6 +134,18 @@ def graph_content(model: bytes) -> tuple[list[dict[str, Any]], str]:
                 "Gemm is not what onnxruntime's dynamic int8 quantizes)")
 
 
+def default_candidates(spec: ModelSpec, model: bytes, raw: bool
+                       ) -> tuple[list[dict[str, Any]], str]:
+    """The candidates of a section that lists none: the graph's content decides, except
+    for raw tensor outputs with no eval rows, which get none: int8 there would be judged
+    on random inputs alone, and a user of raw tensors expects them as the graph computes
+    them (listing ``optimize`` asks for it)."""
+    if raw and spec.keys.get("eval") is None:
+        return [], ("raw tensor outputs and no eval rows: served as the graph computes "
+                    "them; list `optimize` to try int8")
+    return graph_content(model)
+
+
 def inapplicable(kind: str, model: bytes) -> str | None:
     """Why ``kind`` cannot change this graph (None: it can): no op with a stored weight
     among those its quantizer quantizes."""
@@ -155,11 +167,13 @@ def check_precision(spec: ModelSpec, precision: str) -> None:
                          f"module; this model's source is {spec.source!r}")
 
 
-def candidates(spec: ModelSpec, model: bytes, precision: str) -> tuple[list[dict[str, Any]], str]:
-    """(the candidates to attempt, where the list came from) for ``precision``."""
+def candidates(spec: ModelSpec, model: bytes, precision: str, raw: bool = False
+               ) -> tuple[list[dict[str, Any]], str]:
+    """(the candidates to attempt, where the list came from) for ``precision``; ``raw``:
+    the model serves raw tensors (no postprocessing)."""
     listed = spec.get("optimize")
     configured, origin = ((listed, f"{spec.where('optimize')}") if listed is not None
-                          else graph_content(model))
+                          else default_candidates(spec, model, raw))
     if precision == "auto":
         return configured, origin
     if precision == "fp32":
@@ -184,17 +198,21 @@ class Optimizer:
     def __init__(self, spec: ModelSpec, prepared: Prepared, fp32: LoadedModel,
                  measure: SpeedMeasure | None, log: Log) -> None:
         self.spec, self.prepared, self.fp32, self.log = spec, prepared, fp32, log
+        self.draw = prepared.draw or common.DRAWS[0]
         self.measure = measure or measure_speed
         self.calibration, self.gate_rows, self.calibration_source = self._split()
         if self.gate_rows:
             self.batches = common.stack(common.row_arrays(fp32, self.gate_rows,
                                                           spec.where("eval")))
         else:
-            self.batches = common.gate_batches(spec, fp32, None, prepared.texts)[0]
-        self.typical = min(int(spec.get("typical_batch")), fp32.max_batch)
+            self.batches = common.gate_batches(spec, fp32, None, prepared.texts,
+                                               draw=self.draw)[0]
+        # whole tensors (no batch axis): one request is the typical one
+        self.typical = min(int(spec.get("typical_batch")), fp32.max_batch) if fp32.batched \
+            else 1
         sizes = sorted({1, self.typical})
         speed_batches, _ = common.gate_batches(spec, fp32, self.gate_rows, prepared.texts,
-                                               sizes=sizes, seed=2)
+                                               sizes=sizes, seed=2, draw=self.draw)
         self.feeds = {size: self._graph_feeds(batch)
                       for size, batch in zip(sizes, speed_batches, strict=True)}
         self.fp32_metric = self._metric(fp32)
@@ -228,7 +246,8 @@ class Optimizer:
                     f"{len(held)} of the {len(rows)} eval rows, held apart from the gate's "
                     f"{len(rest)}")
         batches, _ = common.gate_batches(spec, self.fp32, None, self.prepared.texts,
-                                         sizes=[CALIBRATION_BATCH] * 4, seed=1)
+                                         sizes=[CALIBRATION_BATCH] * 4, seed=1,
+                                         draw=self.draw)
         return (batches, rows, "seeded random inputs (the section names no calibration "
                 "file and too few eval rows to hold some apart)")
 
@@ -422,12 +441,14 @@ def optimize(spec: ModelSpec, prepared: Prepared, fp32: LoadedModel, fp32_bytes:
     ``fp32`` is the fp32 model as served (``fp32_bytes``, optimized offline; its gate
     passed)."""
     fp32_session = dict(fp32.manifest.session)
-    todo, origin = candidates(spec, prepared.onnx, precision)
+    todo, origin = candidates(spec, prepared.onnx, precision,
+                              raw=prepared.manifest.postprocess["kind"] == "none")
     record: dict[str, Any] = {"requested": precision, "candidates_from": origin,
                               "fp32_size": len(fp32_bytes), "attempts": []}
     if not todo:
         record.update(shipped="fp32", speedup=None, size=len(fp32_bytes),
                       reason=f"no candidates ({origin})")
+        log(f"fp32 ships: no candidates ({origin})")
         return fp32_bytes, fp32_session, record
     started = time.perf_counter()
     opt = Optimizer(spec, prepared, fp32, measure, log)

@@ -57,6 +57,8 @@ class ParityReport(GateReport):
     min_agreement: float | None
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     batch_sizes: list[int] = field(default_factory=list)
+    #: a model served as whole tensors (no batch axis): the shapes of each feed set
+    whole_shapes: list[dict[str, list[int]]] = field(default_factory=list)
     agreement: float | None = None
     holdout_size: int = 0
     disagreements: int = 0
@@ -65,8 +67,9 @@ class ParityReport(GateReport):
     @property
     def summary(self) -> str:
         worst = max(self.max_abs_diff.values(), default=0.0)
-        text = (f"max |diff| {worst:.3g} against {self.against} (atol {self.atol:g}) at "
-                f"batch sizes {self.batch_sizes}")
+        where = (f"on {len(self.whole_shapes)} sets of whole tensors" if self.whole_shapes
+                 else f"at batch sizes {self.batch_sizes}")
+        text = f"max |diff| {worst:.3g} against {self.against} (atol {self.atol:g}) {where}"
         if self.agreement is not None:
             text += f", agreement {self.agreement:.4f} ({self.holdout_size} eval rows)"
         return text
@@ -97,33 +100,25 @@ def check_parity(reference: Callable[[Arrays], Arrays], served: LoadedModel,
         return expected, got
 
     worst = dict.fromkeys(outputs, 0.0)
+    if not batches:
+        report.failures.append("no inputs to compare on (a check with nothing to check)")
     for batch in batches:
-        size = len(next(iter(batch.values())))
-        report.batch_sizes.append(size)
-        expected, got = both(batch)
+        if served.batched:
+            size = len(next(iter(batch.values())))
+            report.batch_sizes.append(size)
+            at = f"batch {size}"
+        else:
+            shapes = {k: list(np.shape(v)) for k, v in batch.items()}
+            report.whole_shapes.append(shapes)
+            at = "inputs " + ", ".join(f"{k} {v}" for k, v in shapes.items())
+        try:
+            expected, got = both(batch)
+        except Exception as exc:  # onnxruntime's (or the user's module's) own errors
+            report.failures.append(f"{at}: {' '.join(str(exc).split())[:300]}")
+            continue
         for name in outputs:
-            e, g = np.asarray(expected[name]), got[name]
-            if e.shape != g.shape:
-                report.failures.append(f"batch {size}: {name} has shape {list(g.shape)}, "
-                                       f"{against} {list(e.shape)}")
-                continue
-            if e.dtype.kind in "fc":
-                ok = np.isclose(g, e, rtol=rtol, atol=atol, equal_nan=True)
-                with np.errstate(invalid="ignore"):  # inf - inf where both are inf
-                    diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
-                finite = diff[np.isfinite(diff)]
-                worst[name] = max(worst[name], float(finite.max()) if finite.size else 0.0)
-            else:
-                ok = g == e
-                if not ok.all():
-                    worst[name] = max(worst[name], float(np.abs(
-                        g.astype(np.float64) - e.astype(np.float64)).max()))
-            if not ok.all():
-                report.failures.append(
-                    f"batch {size}: {name}: {int((~ok).sum())} of {ok.size} values differ "
-                    f"from {against} by more than atol {atol:g}"
-                    + (f" + rtol {rtol:g}" if rtol else "")
-                    + f" (max |diff| {worst[name]:.3g})")
+            _compare_output(report, at, name, np.asarray(expected[name]),
+                            np.asarray(got[name]), worst)
     report.max_abs_diff = worst
 
     post = manifest.postprocess
@@ -141,6 +136,46 @@ def check_parity(reference: Callable[[Arrays], Arrays], served: LoadedModel,
                                    f"is below {min_agreement} ({report.disagreements} of "
                                    f"{report.holdout_size} eval rows differ)")
     return report
+
+
+#: the least atol and rtol an FP16 output is held to (float16 has an 11-bit mantissa:
+#: two graphs computing the same value in a different order differ by about 1e-3 of it)
+FP16_TOLERANCE = 1e-3
+
+
+def _compare_output(report: ParityReport, at: str, name: str, e: np.ndarray, g: np.ndarray,
+                    worst: dict[str, float]) -> None:
+    """One output of the served graph (``g``) against the reference's (``e``): floats
+    within ``atol + rtol * |e|``, integers, booleans and strings exactly."""
+    against, atol, rtol = report.against, report.atol, report.rtol
+    if e.dtype == np.float16:  # half precision: a unit in the last place is ~1e-3 of a value
+        atol, rtol = max(atol, FP16_TOLERANCE), max(rtol, FP16_TOLERANCE)
+    if e.shape != g.shape:
+        report.failures.append(f"{at}: {name} has shape {list(g.shape)}, {against} "
+                               f"{list(e.shape)}")
+        return
+    if e.dtype.kind in "OSU" or g.dtype.kind in "OSU":  # strings: exactly
+        ok = np.asarray(g.astype(object) == e.astype(object), dtype=bool)
+        if not ok.all():
+            report.failures.append(f"{at}: {name}: {int((~ok).sum())} of {ok.size} strings "
+                                   f"differ from {against}")
+        return
+    if e.dtype.kind in "fc":
+        ok = np.isclose(g, e, rtol=rtol, atol=atol, equal_nan=True)
+        with np.errstate(invalid="ignore"):  # inf - inf where both are inf
+            diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
+        finite = diff[np.isfinite(diff)]
+        worst[name] = max(worst[name], float(finite.max()) if finite.size else 0.0)
+    else:
+        ok = g == e
+        if not ok.all():
+            worst[name] = max(worst[name], float(np.abs(
+                g.astype(np.float64) - e.astype(np.float64)).max()))
+    if not ok.all():
+        report.failures.append(
+            f"{at}: {name}: {int((~ok).sum())} of {ok.size} values differ from {against} by "
+            f"more than atol {atol:g}" + (f" + rtol {rtol:g}" if rtol else "")
+            + f" (max |diff| {worst[name]:.3g})")
 
 
 # --- sentence embeddings ----------------------------------------------------------------
@@ -291,7 +326,11 @@ class CandidateReport(GateReport):
 
 def run_mixed(served: LoadedModel, batch: Arrays, outputs: Sequence[str]) -> Arrays:
     """``served.run`` over ``batch`` in chunks of the mixed sizes (padding differs from
-    chunk to chunk, as it does in service), the outputs in the rows' order."""
+    chunk to chunk, as it does in service), the outputs in the rows' order. A model
+    served as whole tensors runs once, each output as one row (a new first axis)."""
+    if not served.batched:
+        got = served.run(dict(batch), list(outputs))
+        return {o: np.asarray(got[o])[None] for o in outputs}
     n = len(next(iter(batch.values())))
     parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
     start, i = 0, 0
@@ -393,7 +432,7 @@ def check_candidate(fp32: LoadedModel, candidate: LoadedModel, batches: Sequence
         for n in names:
             want[n].append(a[n])
             got[n].append(b[n])
-        report.rows += len(next(iter(batch.values())))
+        report.rows += len(next(iter(batch.values()))) if fp32.batched else 1
     same, total, cosines = _compare(report, list(manifest.outputs), want, got)
     if total:
         report.min_agreement = min_agreement

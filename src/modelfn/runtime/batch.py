@@ -186,7 +186,12 @@ class BatchRun:
         waiting = [r for r in waiting if r.result is None]
         if waiting:
             started = time.perf_counter()
-            self._run(waiting, stacked)
+            model = waiting[0].model
+            assert model is not None
+            if model.batched:
+                self._run(waiting, stacked)
+            else:  # a line is one request of whole tensors: run it alone
+                self._run_alone(model, waiting)
             self.summary.inference_seconds += time.perf_counter() - started
         out = bytearray()
         for row in self._rows:
@@ -237,9 +242,23 @@ class BatchRun:
             return
         self._results(model, rows, outputs)
 
+    def _run_alone(self, model: LoadedModel, rows: list[_Row]) -> None:
+        for row in rows:
+            try:
+                self._results(model, [row], model.run(row.arrays or {}))
+            except InvalidInput as exc:
+                row.result = _error(row.line, row.id, exc.message)
+
     def _results(self, model: LoadedModel, rows: list[_Row],
                  outputs: dict[str, np.ndarray]) -> None:
         self.summary.models[model.name] = model.version
+        if not model.batched:
+            [row] = rows
+            row.result = {"line": row.line, "id": row.id, "model": model.name,
+                          "version": model.version,
+                          "outputs": {name: v[()] if not v.ndim else v
+                                      for name, v in outputs.items()}}
+            return
         n = len(rows)
         # numpy rows: orjson writes them itself (float32 in its shortest form)
         values = {name: (v if v.ndim and len(v) == n else None, v[()] if not v.ndim else v)
@@ -272,6 +291,8 @@ def _validate(rows: list[_Row]) -> dict[str, np.ndarray] | None:
     model = rows[0].model
     assert model is not None
     try:
+        if not model.batched:  # whole tensors: each line is checked (and run) alone
+            raise InvalidInput("no batch axis")
         arrays, _ = model.validate(_stacked(model, rows), max_batch=len(rows))
         arrays = _canonical(model, arrays, len(rows))
     except InvalidInput:
@@ -321,6 +342,8 @@ def _canonical(model: LoadedModel, arrays: dict[str, np.ndarray], rows: int
                ) -> dict[str, np.ndarray]:
     """Rows in the input's declared shape (e.g. [1, 64] for an [8, 8] row), so that rows
     given in different accepted forms can share a micro-batch."""
+    if not model.batched:
+        return arrays
     for spec in model.manifest.inputs:
         rest = spec.shape[1:]
         if -1 not in rest:
@@ -333,7 +356,8 @@ def _canonical(model: LoadedModel, arrays: dict[str, np.ndarray], rows: int
 
 
 def _request(model: LoadedModel, inputs: Any, booleans: bool = True) -> InferRequest:
-    """One line's ``inputs`` as a one-row v2 request for ``model``."""
+    """One line's ``inputs`` as a one-row v2 request for ``model`` (for a model with no
+    batch axis, its whole tensors)."""
     specs = model.manifest.inputs
     if not isinstance(inputs, dict):
         if len(specs) != 1:
@@ -350,8 +374,8 @@ def _request(model: LoadedModel, inputs: Any, booleans: bool = True) -> InferReq
                 raise InvalidInput(f"input {spec.name!r} must be a string")
             tensors.append(RequestInput(spec.name, "BYTES", [1], [value]))
             continue
-        try:
-            shape = [1, *np.shape(value)]
+        try:  # a row of a batch, or a model's whole tensor where it has no batch axis
+            shape = [1, *np.shape(value)] if model.batched else list(np.shape(value))
         except ValueError:  # ragged nesting
             raise InvalidInput(f"input {spec.name!r}: not a rectangular array") from None
         tensors.append(RequestInput(spec.name, spec.datatype, shape, value,

@@ -314,7 +314,8 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
 
     @app.route("GET", "/v2/models/<name>", "/v2/models/<name>/versions/<version>")
     def model_metadata(req: Request, name: str, version: str | None = None) -> Response:
-        return json_response(200, describe(repo.manifest(name, version), repo.versions(name)))
+        return json_response(200, describe(repo.manifest(name, version), repo.versions(name),
+                                           repo.max_batch))
 
     @app.route("GET", "/v2/models/<name>/ready", "/v2/models/<name>/versions/<version>/ready")
     def model_ready(req: Request, name: str, version: str | None = None) -> Response:

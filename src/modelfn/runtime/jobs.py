@@ -117,7 +117,10 @@ def _webhook(parameters: Any, settings: JobSettings) -> dict[str, Any] | None:
 
 def run_rows(model: LoadedModel, arrays: dict[str, np.ndarray],
              wanted: list[str] | None) -> dict[str, np.ndarray]:
-    """``model.run`` over any number of rows, in slices of the model's batch limit."""
+    """``model.run`` over any number of rows, in slices of the model's batch limit (a
+    model with no batch axis: its whole tensors, once)."""
+    if not model.batched:
+        return model.run(arrays, wanted)
     rows = len(next(iter(arrays.values())))
     step = model.max_batch
     if rows <= step:

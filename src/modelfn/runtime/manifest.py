@@ -12,7 +12,7 @@ The JSON layout::
      "inputs": [tensor], "outputs": [tensor],                the API's tensors
      "graph": {"inputs": [tensor], "outputs": [tensor]},     the ONNX graph's own
      "preprocess": {"kind", ...}, "postprocess": {"kind", ...},
-     "limits": {"max_batch"}, "session": {"graph_optimization_level"},
+     "limits": {"max_batch", "batched"}, "session": {"graph_optimization_level"},
      "files": {rel: {"sha256", "size"}},
      "source": {...}, "training": {...}, "export": {...}, "optimization": {...},
      "evaluation": {...}}
@@ -162,6 +162,10 @@ class Manifest(NamedTuple):
     #: the eval report (modelfn.export.evaluate) on the project file's eval rows; empty
     #: where the model declares none
     evaluation: Mapping[str, Any] = _EMPTY
+    #: whether the first axis of every input and output is a batch of independent rows;
+    #: False: the graph has no such axis, and is served whole tensors at their declared
+    #: shapes (Triton's ``max_batch_size: 0``)
+    batched: bool = True
 
     # --- reading ----------------------------------------------------------------------
 
@@ -207,7 +211,10 @@ class Manifest(NamedTuple):
                     and isinstance(entry.get("size"), int)):
                 raise _Invalid(f"file {rel!r} has no sha256 and size")
             files[rel] = FileEntry(entry["sha256"], entry["size"])
-        limit = (doc.get("limits") or {}).get("max_batch")
+        limits = doc.get("limits") or {}
+        limit, batched = limits.get("max_batch"), limits.get("batched", True)
+        if not isinstance(batched, bool):
+            raise _Invalid("limits batched must be true or false")
         return cls(
             name=str(doc["name"]), version=str(doc["version"]), task=str(doc["task"]),
             inputs=[Tensor.from_dict(t) for t in doc["inputs"]],
@@ -224,7 +231,7 @@ class Manifest(NamedTuple):
             optimization=dict(doc.get("optimization") or {}),
             session=_session(doc.get("session")),
             quantization=dict(doc.get("quantization") or {}),
-            evaluation=dict(doc.get("evaluation") or {}))
+            evaluation=dict(doc.get("evaluation") or {}), batched=batched)
 
     # --- writing ----------------------------------------------------------------------
 
@@ -238,7 +245,8 @@ class Manifest(NamedTuple):
             "graph": {"inputs": [t.to_dict() for t in self.graph_inputs],
                       "outputs": [t.to_dict() for t in self.graph_outputs]},
             "preprocess": self.preprocess, "postprocess": self.postprocess,
-            "limits": {} if self.max_batch is None else {"max_batch": self.max_batch},
+            "limits": {**({} if self.max_batch is None else {"max_batch": self.max_batch}),
+                       **({} if self.batched else {"batched": False})},
             "files": {rel: {"sha256": e.sha256, "size": e.size}
                       for rel, e in self.files.items()},
             "source": dict(self.source), "training": dict(self.training),

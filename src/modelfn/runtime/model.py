@@ -16,7 +16,12 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+from onnxruntime.capi.onnxruntime_pybind11_state import (
+    Fail,
+    InvalidArgument,
+    NotImplemented,
+    RuntimeException,
+)
 
 from modelfn.config import DEFAULT_MAX_BATCH
 from modelfn.errors import InvalidInput, ModelUnavailable
@@ -105,6 +110,12 @@ class LoadedModel:
         token_feeds = self.manifest.preprocess.get("feeds", {})
         self._mask_feed = token_feeds.get("attention_mask")
         self._seq_arrays = set(token_feeds.values())
+        #: graph outputs with a dynamic second axis: the token axis of a text model
+        self._token_outputs = {t.name for t in self.manifest.graph_outputs
+                               if len(t.shape) >= 2 and t.shape[1] == -1}
+        #: False: whole tensors at their declared shapes, no batch axis (Triton's
+        #: max_batch_size 0)
+        self.batched = self.manifest.batched
 
     def validate(self, request: InferRequest, max_batch: int | None = None
                  ) -> tuple[dict[str, np.ndarray], int]:
@@ -119,6 +130,8 @@ class LoadedModel:
             if tensor is None:
                 raise InvalidInput(f"missing input {spec.name!r}")
             arrays[spec.name] = self._input_array(spec, tensor, max_batch or self.max_batch)
+            if not self.batched:
+                continue
             if batch is not None and tensor.shape[0] != batch:
                 raise InvalidInput(f"input {spec.name!r}: batch size {tensor.shape[0]} "
                                    f"differs from the other inputs' ({batch}); every input "
@@ -127,8 +140,7 @@ class LoadedModel:
         if given:
             raise InvalidInput(f"unknown input(s) {sorted(given)}; this model takes "
                                f"{self.manifest.input_names()}")
-        assert batch is not None
-        return arrays, batch
+        return arrays, 1 if batch is None else batch
 
     def _input_array(self, spec: Tensor, tensor: RequestInput, max_batch: int) -> np.ndarray:
         where = f"input {spec.name!r}"
@@ -139,15 +151,20 @@ class LoadedModel:
         if not any(_shape_matches(tensor.shape, p) for p in shapes):
             raise InvalidInput(f"{where}: shape {tensor.shape} does not match "
                                f"{' or '.join(map(str, shapes))} (-1: any size)")
-        if not tensor.shape:  # a rank-0 tensor: no batch axis to count rows on
-            raise InvalidInput(f"{where}: shape [] has no batch axis; every input is a "
-                               "batch of rows, [batch, ...]")
-        batch = tensor.shape[0]
-        if not 1 <= batch <= max_batch:
-            raise InvalidInput(f"{where}: batch size {batch} is outside 1..{max_batch}")
-        if spec.datatype == "BYTES":
-            return to_strings(tensor)
-        array = to_array(tensor, DATATYPES[spec.datatype])
+        if self.batched:
+            if not tensor.shape:  # a rank-0 tensor: no batch axis to count rows on
+                raise InvalidInput(f"{where}: shape [] has no batch axis; every input is a "
+                                   "batch of rows, [batch, ...]")
+            batch = tensor.shape[0]
+            if not 1 <= batch <= max_batch:
+                raise InvalidInput(f"{where}: batch size {batch} is outside 1..{max_batch}")
+        if spec.datatype == "BYTES":  # text for the tokenizer: flat; a raw tensor: its shape
+            strings = to_strings(tensor)
+            return strings if self.manifest.preprocess["kind"] == "text" else \
+                strings.reshape(tensor.shape)
+        # raw tensors in binary: NaN and infinities reach the graph (it decides)
+        array = to_array(tensor, DATATYPES[spec.datatype],
+                         finite=self.manifest.preprocess["kind"] != "none")
         if spec.range is not None and array.size:
             lo, hi = spec.range
             if array.min() < lo or array.max() > hi:
@@ -174,6 +191,9 @@ class LoadedModel:
                 computed.update(part)
         else:
             computed.update(self._by_length(computed, mask))
+        if mask is not None and self.manifest.postprocess["kind"] == "none":
+            for n in set(names) & self._token_outputs:  # a text's states stop at its end
+                computed[n] = _zero_padding(computed[n], mask)
         return {n: computed[n] for n in names}
 
     def _graph_and_post(self, computed: dict[str, np.ndarray]
@@ -182,9 +202,10 @@ class LoadedModel:
         feeds = {n: computed[n] for n in self._graph_inputs}
         try:
             results = self.session.run(self._graph_outputs, feeds)
-        except (InvalidArgument, Fail) as exc:
+        except (InvalidArgument, Fail, NotImplemented, RuntimeException) as exc:
             # inputs that pass the manifest's checks and that the graph still refuses:
-            # e.g. two inputs whose dynamic axes must agree (a mask as long as its ids)
+            # e.g. two inputs whose dynamic axes must agree (a mask as long as its ids),
+            # or values a kernel is not defined for (a max over an empty set of bools)
             raise InvalidInput(f"the model cannot run on these inputs: {_ort_reason(exc)}"
                                ) from None
         out = dict(zip(self._graph_outputs, results, strict=True))
@@ -205,16 +226,37 @@ class LoadedModel:
             width = max(int(lengths[idx].max()), 1)
             chunk = {k: (v[idx, :width] if k in self._seq_arrays else v[idx])
                      for k, v in computed.items()}
-            for name, values in self._graph_and_post(chunk)[1].items():
+            graph, post = self._graph_and_post(chunk)
+            # raw token states (no postprocessing): the graph's outputs are the API's
+            made = {**graph, **post} if self.manifest.postprocess["kind"] == "none" else post
+            for name, values in made.items():
+                if name in self._token_outputs:  # a token axis: padded to
+                    pad = [(0, 0), (0, mask.shape[1] - width)] + [(0, 0)] * (values.ndim - 2)
+                    values = np.pad(values, pad)  # the request's longest text, with zeros
                 if name not in assembled:
                     assembled[name] = np.empty((len(order), *values.shape[1:]), values.dtype)
                 assembled[name][idx] = values
         return assembled
 
 
-def model_metadata(manifest: Manifest, versions: list[str]) -> dict[str, Any]:
+def _zero_padding(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``values`` with zeros at the padded positions of a token axis (where ``mask`` is
+    0), so that a text's result does not depend on the texts it was sent with."""
+    if values.ndim < 2 or values.shape[:2] != mask.shape:
+        return values
+    keep = mask.astype(bool).reshape(*mask.shape, *([1] * (values.ndim - 2)))
+    return np.where(keep, values, np.zeros((), values.dtype))
+
+
+def model_metadata(manifest: Manifest, versions: list[str],
+                   max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, Any]:
+    """The v2 model metadata; ``parameters.max_batch_size`` is the most rows a request
+    may hold (the model's limit under the deployment's ``max_batch``), 0 for a model
+    served whole tensors with no batch axis (as Triton writes it)."""
     def tensors(specs: list[Tensor]) -> list[dict[str, Any]]:
         return [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in specs]
+
+    limit = min(max_batch, manifest.max_batch or max_batch) if manifest.batched else 0
 
     return {
         "name": manifest.name,
@@ -222,7 +264,8 @@ def model_metadata(manifest: Manifest, versions: list[str]) -> dict[str, Any]:
         "platform": manifest.platform,
         "inputs": tensors(manifest.inputs),
         "outputs": tensors(manifest.outputs),
-        "parameters": {"version": manifest.version, "task": manifest.task},
+        "parameters": {"version": manifest.version, "task": manifest.task,
+                       "max_batch_size": limit},
     }
 
 

@@ -229,14 +229,16 @@ def _requested_outputs(value: Any) -> tuple[list[str] | None, dict[str, bool]]:
     return [o["name"] for o in value], flags
 
 
-def to_array(tensor: RequestInput, dtype: Any) -> np.ndarray:
+def to_array(tensor: RequestInput, dtype: Any, finite: bool = True) -> np.ndarray:
     """A numeric or BOOL request tensor as a numpy array of ``dtype`` and its declared
     shape. JSON data must be numbers for a numeric datatype and ``true``/``false`` for
-    BOOL; integers are never truncated nor wrapped, floats never overflow to infinity."""
+    BOOL; integers are never truncated nor wrapped, floats never overflow to infinity.
+    ``finite``: binary floats must be finite too (False: a raw tensor's NaN, e.g. a
+    missing value an imputer fills, reaches the graph as sent)."""
     where = f"input {tensor.name!r}"
     target = np.dtype(dtype)
     if tensor.binary is not None:
-        return _binary_array(tensor, target, where)
+        return _binary_array(tensor, target, where, finite)
     what = "true/false" if target.kind == "b" else "numbers"
     try:
         arr = np.asarray(tensor.data)
@@ -310,7 +312,8 @@ def _exact_integers(data: Any, target: np.dtype, where: str) -> np.ndarray:
     return out
 
 
-def _binary_array(tensor: RequestInput, dtype: np.dtype, where: str) -> np.ndarray:
+def _binary_array(tensor: RequestInput, dtype: np.dtype, where: str, finite: bool = True
+                  ) -> np.ndarray:
     """Raw little-endian, row-major bytes (the binary data extension) as an array;
     BOOL is one byte per element, 0 or 1."""
     assert tensor.binary is not None
@@ -324,7 +327,7 @@ def _binary_array(tensor: RequestInput, dtype: np.dtype, where: str) -> np.ndarr
             raise InvalidInput(f"{where}: BOOL values must be bytes 0 or 1")
         return raw.astype(np.bool_).reshape(tensor.shape)
     out = np.frombuffer(tensor.binary, dtype=dtype.newbyteorder("<")).astype(dtype)
-    if out.dtype.kind == "f" and not np.isfinite(out).all():
+    if finite and out.dtype.kind == "f" and not np.isfinite(out).all():
         raise InvalidInput(f"{where}: values must be finite (no NaN, no Infinity)")
     return out.reshape(tensor.shape)
 

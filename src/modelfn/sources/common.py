@@ -49,6 +49,9 @@ class Prepared:
     #: text model without them: what the optimization candidates are gated on
     rows: list[dict[str, Any]] | None = None
     texts: list[str] | None = None
+    #: how the gates draw random inputs where the section gives none (an ONNX file's
+    #: graph decides: index and divisor inputs need small integers)
+    draw: Draw | None = None
     #: structured pruning of the source module (torch only): given the fraction of
     #: channels to remove, the candidate's table and the log, the pruned model's ONNX
     #: export, the gate of that export against the pruned module, and what was done
@@ -136,9 +139,9 @@ def api_tensors(spec: ModelSpec, graph_inputs: list[Tensor], graph_outputs: list
     (raw tensors, Triton-style), else what the processing kinds take and give."""
     graph_in = {t.name: t for t in graph_inputs}
     for t in graph_inputs:
-        if t.datatype == "BYTES" and pre["kind"] != "text":
+        if t.datatype == "BYTES" and pre["kind"] not in ("text", "none"):
             raise spec.error("preprocess", f"the graph's input {t.name!r} is a string tensor: "
-                             "modelfn serves strings only through kind = \"text\"")
+                             f"kind = {pre['kind']!r} does not make strings")
     if pre["kind"] == "none":  # the declared ranges are checked at the API
         ranges = {t.name: t.range for t in spec.inputs if t.range is not None}
         inputs = [t._replace(range=ranges.get(t.name)) for t in graph_inputs]
@@ -193,8 +196,10 @@ def api_outputs(spec: ModelSpec, graph_outputs: list[Tensor], post: dict[str, An
 
 def manifest(spec: ModelSpec, version: str, *, task: str, graph_inputs: list[Tensor],
              graph_outputs: list[Tensor], pre: dict[str, Any], post: dict[str, Any],
-             source: dict[str, Any], training: dict[str, Any] | None = None) -> Manifest:
-    """A new bundle's manifest (no files yet)."""
+             source: dict[str, Any], training: dict[str, Any] | None = None,
+             batched: bool = True) -> Manifest:
+    """A new bundle's manifest (no files yet); ``batched``: False for a graph served as
+    whole tensors (no batch axis)."""
     if post["kind"] == "classification":
         post = {"logits": graph_outputs[0].name, **post}
     elif post["kind"] == "embedding":
@@ -211,7 +216,8 @@ def manifest(spec: ModelSpec, version: str, *, task: str, graph_inputs: list[Ten
         graph_inputs=graph_inputs, graph_outputs=graph_outputs, preprocess=pre,
         postprocess=post, schema=SCHEMA_VERSION,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        max_batch=int(spec.get("max_batch")), source=source, training=training or {})
+        max_batch=int(spec.get("max_batch")), source=source, training=training or {},
+        batched=batched)
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -263,29 +269,150 @@ def sample(batch: Arrays, n: int, rng: np.random.Generator) -> Arrays:
     return {k: v[idx] for k, v in batch.items()}
 
 
-def random_inputs(tensors: list[TensorSpec] | list[Tensor], batch: int, rng: np.random.Generator,
-                  dynamic: int) -> Arrays:
-    """Seeded random API inputs of the declared shapes: ``batch`` rows, every other
-    dynamic axis ``dynamic`` long (axes sharing a name share it); values in the
-    tensor's ``range``, else normal(0, 1) for floats and [0, 10) for integers."""
+@dataclass(frozen=True)
+class Draw:
+    """How seeded random inputs are drawn where a tensor declares no ``range`` or
+    ``values``: integers in ``[ints[0], ints[1])``, floats standard normal or uniform in
+    [0.5, 2) (``positive``) or [0, 0.9) (``unit``: ratios, probabilities), dynamic
+    axes (other than the batch) ``dynamic[0]`` long in one batch and ``dynamic[1]`` in
+    the next."""
+
+    ints: tuple[int, int] = (0, 10)
+    floats: str = "normal"
+    dynamic: tuple[int, int] = (3, 9)
+
+    def describe(self) -> str:
+        return (f"integers in [{self.ints[0]}, {self.ints[1]}), {self.floats} floats, "
+                f"dynamic axes {self.dynamic[0]} and {self.dynamic[1]} long")
+
+
+#: what :func:`find_draw` tries, in order: index, axis and divisor inputs (Gather,
+#: Squeeze axes, Mod) need small or non-zero integers; Log and Sqrt positive floats;
+#: some graphs a dynamic axis of 1, and a convolutional network's dynamic height and
+#: width a size it can downsample
+DRAWS = (Draw(), Draw(ints=(0, 2)), Draw(ints=(0, 1)), Draw(ints=(1, 2)),
+         Draw(floats="positive"), Draw(ints=(1, 2), floats="positive"), Draw(floats="unit"),
+         Draw(dynamic=(1, 1)), Draw(ints=(0, 1), dynamic=(1, 1)),
+         Draw(ints=(1, 2), floats="positive", dynamic=(1, 1)),
+         Draw(dynamic=(32, 48)), Draw(dynamic=(224, 256)))
+
+
+def random_inputs(tensors: list[TensorSpec] | list[Tensor], batch: int | None,
+                  rng: np.random.Generator, dynamic: int, draw: Draw = DRAWS[0]) -> Arrays:
+    """Seeded random API inputs of the declared shapes: ``batch`` rows (None: whole
+    tensors, the first axis as declared), every other dynamic axis ``dynamic`` long;
+    values from the tensor's ``values`` or in its ``range``, else as ``draw`` says."""
     out: Arrays = {}
     for t in tensors:
-        dims = [batch] + [d if isinstance(d, int) and d > 0 else dynamic
-                          for d in list(t.shape)[1:]]
+        shape = list(t.shape)
+        rest = shape if batch is None else shape[1:]
+        dims = ([] if batch is None else [batch]) + [
+            d if isinstance(d, int) and d >= 0 else dynamic for d in rest]
         dtype = np.dtype(DATATYPES[t.datatype])
         lo, hi = t.range or (None, None)
-        if dtype.kind == "b":
-            out[t.name] = rng.random(dims) < 0.5
+        values = getattr(t, "values", None)
+        if values is not None:
+            out[t.name] = np.asarray(rng.choice(np.asarray(values), size=dims)).astype(dtype)
+        elif t.datatype == "BYTES":  # a raw string tensor: words
+            words = np.asarray(["alpha", "beta", "gamma", "delta", "the cat", "a b c", ""],
+                               dtype=object)
+            out[t.name] = np.asarray(rng.choice(words, size=dims), dtype=object)
+        elif dtype.kind == "b":
+            out[t.name] = np.asarray(rng.random(dims) < 0.5)
         elif dtype.kind in "iu":
             info = np.iinfo(dtype)
-            low = max(int(lo if lo is not None else 0), info.min)
-            high = min(int(hi if hi is not None else 10), info.max)
-            out[t.name] = rng.integers(low, high, size=dims, endpoint=hi is not None,
-                                       dtype=dtype)
+            low = max(int(lo if lo is not None else draw.ints[0]), info.min)
+            high = min(int(hi if hi is not None else draw.ints[1]), info.max)
+            out[t.name] = np.asarray(rng.integers(low, high, size=dims,
+                                                  endpoint=hi is not None, dtype=dtype))
         elif lo is not None and hi is not None:
-            out[t.name] = rng.uniform(lo, hi, size=dims).astype(dtype)
+            out[t.name] = np.asarray(rng.uniform(lo, hi, size=dims)).astype(dtype)
+        elif draw.floats == "positive":
+            out[t.name] = np.asarray(rng.uniform(0.5, 2.0, size=dims)).astype(dtype)
+        elif draw.floats == "unit":
+            out[t.name] = np.asarray(rng.uniform(0.0, 0.9, size=dims)).astype(dtype)
         else:
-            out[t.name] = rng.standard_normal(dims).astype(dtype)
+            out[t.name] = np.asarray(rng.standard_normal(dims)).astype(dtype)
+    return out
+
+
+def _runs(reference: Callable[[Arrays], Arrays], feeds: Arrays) -> bool | None:
+    """True: the reference runs on ``feeds`` and every float output is finite; False:
+    it runs, with a NaN or an infinity; None: it fails."""
+    try:
+        got = reference(feeds)
+    except Exception:  # onnxruntime's (or the user's module's) own errors
+        return None
+    return all(np.isfinite(v).all() for v in map(np.asarray, got.values())
+               if v.dtype.kind in "fc")
+
+
+def random_batches(spec: ModelSpec, declared: list[Any], sizes: list[int], batched: bool,
+                   seed: int, draw: Draw) -> list[Arrays]:
+    """The gate's seeded random inputs: one set a size (``sizes`` rows each where the
+    model is batched, whole tensors where not), dynamic axes at the draw's two lengths
+    in turn."""
+    rng = np.random.default_rng(spec.get("seed") + seed)
+    return [random_inputs(declared, n if batched else None, rng, dynamic=draw.dynamic[i % 2],
+                          draw=draw) for i, n in enumerate(sizes)]
+
+
+def find_draw(spec: ModelSpec, declared: list[TensorSpec], batched: bool,
+              reference: Callable[[Arrays], Arrays]) -> Draw:
+    """The first draw of :data:`DRAWS` on whose inputs (the very sets the gate feeds)
+    the reference runs, preferring one with finite outputs; else a ConfigError saying
+    how to give the gate its inputs."""
+    sizes = list(spec.get("parity_batch_sizes"))
+    fallback = None
+    for draw in DRAWS:
+        results = [_runs(reference, feeds) for feeds in
+                   random_batches(spec, declared, sizes, batched, 0, draw)]
+        if None in results:
+            continue
+        if all(results):
+            return draw
+        fallback = fallback or draw
+    if fallback is not None:
+        return fallback
+    names = ", ".join(t.name for t in declared)
+    raise ConfigError(f"{spec.where('inputs')}: the graph fails on every kind of random "
+                      f"input the gate tries ({names}): declare each input's range or "
+                      "values ([[models.NAME.inputs]] name, range = [lo, hi] or values = "
+                      "[...]) or give sample inputs (samples = \"inputs.npz\")")
+
+
+def read_samples(spec: ModelSpec, inputs: list[Tensor]) -> list[Arrays]:
+    """The section's sample inputs: each .npz file one set of API inputs (numpy.savez,
+    one array per input name), cast to the inputs' datatypes and checked against their
+    shapes; batched models take rows of every file."""
+    samples = spec.get("samples")
+    out = []
+    for name in samples if isinstance(samples, list) else [samples]:
+        path = spec.path("samples", name)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except Exception as exc:  # numpy's own: not a zip, a pickled array, ...
+            raise spec.error("samples", f"{path.name}: not a numpy .npz file of arrays "
+                             f"({type(exc).__name__}: {exc})") from None
+        want = {t.name: t for t in inputs}
+        if set(arrays) != set(want):
+            raise spec.error("samples", f"{path.name} holds {sorted(arrays)}; the model "
+                             f"takes {sorted(want)}")
+        for k, a in arrays.items():
+            t = want[k]
+            dims = list(t.shape)
+            ok = len(a.shape) == len(dims) and all(
+                d < 0 or d == n for d, n in zip(dims, a.shape, strict=True))
+            if not ok:
+                raise spec.error("samples", f"{path.name}: {k} has shape {list(a.shape)}; "
+                                 f"the model takes {dims} (-1: any length)")
+            try:
+                arrays[k] = a.astype(DATATYPES[t.datatype], casting="same_kind")
+            except TypeError:
+                raise spec.error("samples", f"{path.name}: {k} is {a.dtype}; the model "
+                                 f"takes {t.datatype}") from None
+        out.append(arrays)
     return out
 
 
@@ -298,15 +425,18 @@ def random_texts(tokenizer_json: bytes, n: int, rng: np.random.Generator) -> lis
 
 def gate_batches(spec: ModelSpec, served: LoadedModel, rows: list[dict[str, Any]] | None,
                  texts: list[str] | None = None, sizes: list[int] | None = None,
-                 seed: int = 0) -> tuple[list[Arrays], Arrays | None]:
+                 seed: int = 0, draw: Draw = DRAWS[0]) -> tuple[list[Arrays], Arrays | None]:
     """(batches at ``sizes`` (default: the section's parity batch sizes), every eval
-    row in one batch or None): from the eval rows when given, else seeded random
-    inputs (the section's seed, plus ``seed``)."""
+    row in one batch or None): from the eval rows when given, else the section's sample
+    inputs, else seeded random inputs drawn as ``draw`` says (the section's seed, plus
+    ``seed``). A model served as whole tensors gets one set of inputs a size."""
     rng = np.random.default_rng(spec.get("seed") + seed)
-    sizes = sizes or spec.get("parity_batch_sizes")
+    sizes = [min(n, served.max_batch) for n in sizes or spec.get("parity_batch_sizes")]
     manifest = served.manifest
     if rows:
         groups = stack(row_arrays(served, rows, spec.where("eval")))
+        if not served.batched:
+            return groups, None
         biggest = max(groups, key=lambda g: len(next(iter(g.values()))))
         batches = [sample(biggest, n, rng) for n in sizes]
         holdout = groups[0] if len(groups) == 1 else None
@@ -319,12 +449,33 @@ def gate_batches(spec: ModelSpec, served: LoadedModel, rows: list[dict[str, Any]
             arr[:] = list(rng.choice(texts, size=n))
             batches.append({manifest.inputs[0].name: arr})
         return batches, None
-    declared = list(spec.inputs) if spec.inputs else manifest.inputs
+    if spec.get("samples") is not None:
+        sets = read_samples(spec, manifest.inputs)
+        if not served.batched:
+            return [sets[i % len(sets)] for i in range(max(len(sizes), len(sets)))], None
+        groups = stack(sets)
+        biggest = max(groups, key=lambda g: len(next(iter(g.values()))))
+        return [sample(biggest, n, rng) for n in sizes], None
+    declared: list[Any] = declared_inputs(spec, manifest.inputs)
     if manifest.preprocess["kind"] == "image":
         pre = manifest.preprocess
         lo, hi = pre.get("value_range", (0.0, 1.0))
         tensor = manifest.inputs[0]
         declared = [TensorSpec(tensor.name, "FP32", tuple(tensor.shape), (lo, hi))]
     # other dynamic axes at two lengths, neither the export example's
-    return [random_inputs(declared, n, rng, dynamic=(3, 9)[i % 2])
-            for i, n in enumerate(sizes)], None
+    return random_batches(spec, declared, sizes, served.batched, seed, draw), None
+
+
+def declared_inputs(spec: ModelSpec, inputs: list[Tensor]) -> list[TensorSpec]:
+    """The API inputs with what the section declares of them (range, values); a
+    section's full declaration (torch: datatype and shape too) as it is."""
+    mine = {t.name: t for t in spec.inputs}
+    out = []
+    for t in inputs:
+        d = mine.get(t.name)
+        if d is not None and d.datatype:
+            out.append(d)
+        else:
+            out.append(TensorSpec(t.name, t.datatype, tuple(t.shape),
+                                  d.range if d else t.range, "", d.values if d else None))
+    return out
