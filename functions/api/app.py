@@ -35,3 +35,13 @@ COLD_START_METRIC = os.environ.get("POWERTOOLS_METRICS_DISABLED", "").lower() !=
 def lambda_handler(event: dict, context: LambdaContext) -> dict:
     logger.set_correlation_id(request_id(event))
     return app.resolve(event, context)
+
+
+@logger.inject_lambda_context
+def stream_handler(event: dict, context: LambdaContext) -> dict | tuple:
+    """The same routes for a function that streams its response (response mode
+    ``streaming``: ``modelfn.generate.lambda_stream`` runs it, as does the local
+    server): a streamed body is (status and headers, its chunks); any other response is
+    the dict ``lambda_handler`` returns."""
+    logger.set_correlation_id(request_id(event))
+    return app.resolve_stream(event, context)

@@ -117,7 +117,8 @@ def parameter_default(name: str) -> Any:
 
 PROJECT_FILE = "modelfn.toml"
 SOURCES = ("torch", "onnx", "transformers")
-TRANSFORMERS_TASKS = ("text-classification", "sentence-embedding", "feature-extraction")
+TRANSFORMERS_TASKS = ("text-classification", "sentence-embedding", "feature-extraction",
+                      "text-generation")
 PRE_KINDS = ("none", "image", "text")
 POST_KINDS = ("none", "classification", "embedding")
 #: v2 datatypes a graph tensor may have (BYTES only through the text preprocessing)
@@ -158,7 +159,7 @@ COMMON: dict[str, tuple[type | tuple[type, ...], Any]] = {
 }
 #: what ``--precision`` takes: auto, fp32, a candidate kind, or int8 (the int8 kinds the
 #: section lists, else the one its graph's content suggests)
-PRECISIONS = ("auto", "fp32", "int8", "dynamic-int8", "static-int8", "prune")
+PRECISIONS = ("auto", "fp32", "int8", "dynamic-int8", "static-int8", "prune", "int4")
 #: keys an earlier modelfn took, and what replaced them
 RENAMED = {
     "quantize": 'optimize, a list of candidates (e.g. optimize = ["dynamic-int8"])',
@@ -177,6 +178,14 @@ CANDIDATES: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
 #: what an exporter takes (an ONNX file is not exported)
 EXPORT: dict[str, tuple[type | tuple[type, ...], Any]] = {"opset": (int, 18),
                                                           "export_batch": (int, 2)}
+#: what a ``task = "text-generation"`` folder takes (modelfn.generate.build): the gates'
+#: prompts and held-out text, their sizes and thresholds, and the serving limits
+GENERATION: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "prompts": (str, None), "heldout": (str, None), "heldout_tokens": (int, 4096),
+    "gate_tokens": (int, 32), "speed_tokens": (int, 64),
+    "max_perplexity_increase": ((int, float), 0.05), "min_greedy_agreement": ((int, float), 0.9),
+    "max_prompt_tokens": (int, None), "max_tokens": (int, 512), "max_seconds": ((int, float), 60),
+}
 #: the keys of each source
 SOURCE_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "torch": {"module": (str, None), "args": (dict, {}), "checkpoint": (str, None),
@@ -186,7 +195,7 @@ SOURCE_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     # whether the first axis is a batch of independent rows (default: the graph decides)
     "onnx": {"path": (str, None), "inputs": (list, None), "batched": (bool, None)},
     "transformers": {"path": (str, None), "max_length": (int, None),
-                     "max_chars": (int, 10000), **EXPORT},
+                     "max_chars": (int, 10000), **EXPORT, **GENERATION},
 }
 TENSOR_KEYS = ("name", "datatype", "shape", "range", "values", "description")
 #: what an onnx section says of a graph input (its datatype and shape are the graph's)
@@ -443,7 +452,7 @@ def parse_model(name: str, section: dict[str, Any], file: Path,
 
 
 #: keys that name a file or folder
-FILE_KEYS = ("path", "checkpoint", "eval", "calibration", "samples")
+FILE_KEYS = ("path", "checkpoint", "eval", "calibration", "samples", "prompts", "heldout")
 
 
 def check_files(spec: ModelSpec) -> None:
@@ -484,6 +493,11 @@ def _check_source(spec: ModelSpec, where: Callable[[str], str]) -> None:
             raise ConfigError(f"{where('task')}: must be one of "
                               f"{', '.join(map(repr, TRANSFORMERS_TASKS))}, not "
                               f"{keys['task']!r}")
+        if keys["task"] != "text-generation":
+            given = [g for g in GENERATION if g in spec.keys and spec.keys[g] != GENERATION[g][1]]
+            if given:
+                raise ConfigError(f"{where(given[0])}: only a task = \"text-generation\" "
+                                  "model takes it")
     else:
         required("module", '"file.py:callable" or "package.module:callable" returning '
                            "a torch.nn.Module")

@@ -202,7 +202,7 @@ def test_transformers_task_is_checked(tmp_path: Path,
     err = build(tmp_path, '[models.m]\nsource = "transformers"\npath = "bert"\n'
                           'task = "translation"\n', capsys)
     assert "[models.m] task: must be one of 'text-classification', 'sentence-embedding', " \
-           "'feature-extraction', not 'translation'" in err
+           "'feature-extraction', 'text-generation', not 'translation'" in err
 
 
 def test_empty_eval_file_is_a_check_with_nothing_to_check(

@@ -85,4 +85,4 @@ def test_layer_requirements_hold_no_torch() -> None:
     names = {line.split("==")[0].strip().lower() for line in lines
              if line.strip() and not line.startswith("#")}
     assert names == {"numpy", "onnxruntime", "aws-lambda-powertools", "jmespath",
-                     "typing_extensions", "tokenizers", "orjson"}
+                     "typing_extensions", "tokenizers", "orjson", "onnxruntime-genai"}

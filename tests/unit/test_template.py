@@ -261,7 +261,7 @@ def deployed_api(**parameters: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def test_every_route_requires_iam_auth_by_default() -> None:
     body, deployed = deployed_api()
     operations = [op for item in body["paths"].values() for op in item.values()]
-    assert len(operations) == len(openapi_document()["paths"]) == 13
+    assert len(operations) == len(openapi_document()["paths"]) == 21
     (scheme_name,) = body["components"]["securitySchemes"]
     for op in operations:  # no route without the scheme, none opting out
         assert op["security"] == [{scheme_name: []}]

@@ -55,6 +55,12 @@ def build(model: str | ModelSpec, store: Store, *, version: str | None = None,
 
     spec = model if isinstance(model, ModelSpec) else (project or load_project()).get(model)
     name = spec.name
+    if spec.get("task") == "text-generation":  # a decoder: onnxruntime-genai's own path
+        from modelfn.export import generate
+
+        generate.check_precision(spec, precision)
+        return generate.build(spec, store, version or registry.next_version(store, name),
+                              precision, log)
     check_precision(spec, precision)
     version = version or registry.next_version(store, name)
     registry.check_new_version(store, name, version)

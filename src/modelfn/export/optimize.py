@@ -162,6 +162,9 @@ def check_precision(spec: ModelSpec, precision: str) -> None:
     """``precision`` is one this model can be built at (before any work is done)."""
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision == "int4":
+        raise UsageError(f"{spec.name}: --precision int4 is weight-only quantization of a "
+                         'text-generation model (task = "text-generation"); use int8')
     if precision == "prune" and spec.source != "torch":
         raise UsageError(f"{spec.name}: --precision prune removes channels from a torch "
                          f"module; this model's source is {spec.source!r}")

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import ModuleType
@@ -30,7 +30,9 @@ from modelfn.project import function_file
 
 APIGW_MAX_BODY = 10 * 1024 * 1024
 TEXT_TYPES = ("application/json", "text/", "application/xml", "application/x-www-form-urlencoded")
-Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
+#: a Lambda handler: its response dict, or for a streamed response (status and
+#: headers, the body's chunks)
+Handler = Callable[[dict[str, Any], Any], Any]
 
 
 def load_function(name: str, module_name: str | None = None) -> ModuleType:
@@ -166,8 +168,11 @@ def make_server(handler: Handler, host: str = "127.0.0.1", port: int = 8080,
             event = http_event(self.command, self.path, headers, body, self.client_address[0])
             with lock:
                 result = handler(event, LocalContext(function_name="modelfn-api"))
-            status, headers, payload = _response(result)
-            self._send(status, headers, payload)
+                if isinstance(result, tuple):  # a streamed response: sent as it is made
+                    status = send_stream(self, *result)
+                else:
+                    status, headers, payload = _response(result)
+                    self._send(status, headers, payload)
             if not quiet:
                 sys.stderr.write(f"{self.command} {urlsplit(self.path).path} {status} "
                                  f"{(time.perf_counter() - started) * 1000:.1f}ms\n")
@@ -202,6 +207,32 @@ def make_server(handler: Handler, host: str = "127.0.0.1", port: int = 8080,
     return server
 
 
+def send_stream(request: BaseHTTPRequestHandler, prelude: dict[str, Any],
+                chunks: Iterator[bytes]) -> int:
+    """A streamed response in chunked transfer encoding, a chunk per piece the handler
+    yields; a client that goes away closes the handler's iterator (which stops its
+    work). Returns the status."""
+    status = int(prelude.get("statusCode", 200))
+    head = [f"HTTP/1.1 {status} {request.responses.get(status, ('',))[0]}"]
+    head += [f"{k}: {v}" for k, v in (prelude.get("headers") or {}).items()
+             if k.lower() not in ("content-length", "transfer-encoding")]
+    head.append("Transfer-Encoding: chunked")
+    try:
+        request.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        for chunk in chunks:
+            if chunk:
+                request.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                request.wfile.flush()
+        request.wfile.write(b"0\r\n\r\n")
+    except OSError:  # the client went away
+        request.close_connection = True
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    return status
+
+
 def _response(result: Any) -> tuple[int, dict[str, str], bytes]:
     """Map a handler result to HTTP as API Gateway does for payload format 2.0."""
     if not isinstance(result, dict) or "statusCode" not in result:
@@ -223,7 +254,9 @@ def serve(host: str = "127.0.0.1", port: int = 8080, store: str | None = None,
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")  # no EMF noise on stdout
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
     app = load_function("api")
-    server = make_server(app.lambda_handler, host, port, quiet)
+    # the streaming handler: generation streams as a function with response streaming
+    # does; every other response is the buffered one
+    server = make_server(getattr(app, "stream_handler", app.lambda_handler), host, port, quiet)
     if ready:
         ready(server)
     try:

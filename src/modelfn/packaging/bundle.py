@@ -37,7 +37,7 @@ BASE_IMAGE = "public.ecr.aws/lambda/python:3.12"
 HANDLER = "app.lambda_handler"
 #: modelfn's sources the runtime needs (the runtime layer's Makefile copies the same)
 RUNTIME_SOURCES = ("__init__.py", "errors.py", "config.py", "registry.py", "store/*.py",
-                   "runtime/*.py", "runtime/*.json")
+                   "runtime/*.py", "runtime/*.json", "generate/*.py")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import json
 import re
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -59,10 +59,16 @@ class Response:
     #: the body already encoded (JSON, or with the binary data extension: a JSON
     #: header of Inference-Header-Content-Length bytes, then the binary tensors)
     raw: bytes | None = None
+    #: a streamed body (server-sent events): sent as it is made where the function
+    #: streams its response, gathered whole on the buffered path
+    stream: Iterable[bytes] | None = None
 
     def to_lambda(self) -> dict[str, Any]:
         """The HTTP API (payload 2.0) response; binary bodies go base64, as API Gateway
-        requires."""
+        requires. A streamed body is gathered here (the buffered path)."""
+        if self.stream is not None:
+            return {"statusCode": self.status, "isBase64Encoded": False,
+                    "headers": self.headers, "body": b"".join(self.stream).decode()}
         body = self.raw if self.raw is not None else dumps(self.body)
         if HEADER_LENGTH in self.headers:
             return {"statusCode": self.status, "isBase64Encoded": True,
@@ -215,13 +221,31 @@ class Api:
             emf.request_error(self.metrics, kind, status)
 
     def resolve(self, event: Any, context: Any = None) -> dict[str, Any]:
+        return self.respond(event).to_lambda()
+
+    def resolve_stream(self, event: Any, context: Any = None
+                       ) -> dict[str, Any] | tuple[dict[str, Any], Iterator[bytes]]:
+        """As :meth:`resolve`, for a function that streams its response: a streamed body
+        is (the status and headers, its chunks as they are made); any other response is
+        the same dict :meth:`resolve` returns."""
+        response = self.respond(event)
+        if response.stream is None:
+            return response.to_lambda()
+        return {"statusCode": response.status, "headers": response.headers}, \
+            iter(response.stream)
+
+    def respond(self, event: Any) -> Response:
+        path = ""
         try:
-            response = self._dispatch(Request.from_event(event))
+            request = Request.from_event(event)
+            path = request.path
+            return self._dispatch(request)
         except ModelfnError as exc:
             if exc.status >= 500:
                 self.logger.warning("model unavailable", extra={"reason": exc.message})
             self.count_error(type(exc).__name__, exc.status)
-            response = json_response(exc.status, {"error": exc.message})
+            return json_response(exc.status, error_body(path, exc.status, exc.message,
+                                                        type(exc).__name__))
         except Exception as exc:
             # Logged: the exception's type and where it was raised, never its message
             # (which may quote the request's data) nor the body. The client gets a
@@ -231,8 +255,21 @@ class Api:
                 "raised_at": [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
                               for f in traceback.extract_tb(exc.__traceback__)][-8:]})
             self.count_error("InternalError", 500)
-            response = json_response(500, {"error": "internal error"})
-        return response.to_lambda()
+            return json_response(500, error_body(path, 500, "internal error", "InternalError"))
+
+
+#: the error type an OpenAI client reads, by status
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                 415: "invalid_request_error", 422: "invalid_request_error"}
+
+
+def error_body(path: str, status: int, message: str, kind: str) -> dict[str, Any]:
+    """``{"error": message}`` (the v2 protocol's), or under ``/v1/`` the OpenAI API's
+    ``{"error": {"message", "type", "param", "code"}}``, which its SDKs read."""
+    if path.startswith("/v1/"):
+        return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"),
+                          "param": None, "code": kind}}
+    return {"error": message}
 
 
 @cache
@@ -343,6 +380,10 @@ def create_app(repo: Repository, settings: Settings, logger: Logger,
         emf.inference(metrics, name, concrete, elapsed_ms, batch)
         binary = {} if header_length is None else {HEADER_LENGTH: str(header_length)}
         return Response(200, None, binary, raw=body)
+
+    from modelfn.generate.routes import register as generation_routes
+
+    generation_routes(app, repo, settings, logger)
 
     @app.route("GET", "/openapi.json")
     def openapi(req: Request) -> Response:

@@ -166,6 +166,9 @@ class Manifest(NamedTuple):
     #: False: the graph has no such axis, and is served whole tensors at their declared
     #: shapes (Triton's ``max_batch_size: 0``)
     batched: bool = True
+    #: a generative decoder's serving record (task ``text-generation``; see
+    #: :mod:`modelfn.generate`): context length, eos ids, limits, defaults
+    generation: Mapping[str, Any] = _EMPTY
 
     # --- reading ----------------------------------------------------------------------
 
@@ -231,7 +234,8 @@ class Manifest(NamedTuple):
             optimization=dict(doc.get("optimization") or {}),
             session=_session(doc.get("session")),
             quantization=dict(doc.get("quantization") or {}),
-            evaluation=dict(doc.get("evaluation") or {}), batched=batched)
+            evaluation=dict(doc.get("evaluation") or {}), batched=batched,
+            generation=dict(doc.get("generation") or {}))
 
     # --- writing ----------------------------------------------------------------------
 
@@ -254,6 +258,7 @@ class Manifest(NamedTuple):
             "export": dict(self.export), "optimization": dict(self.optimization),
             "evaluation": dict(self.evaluation),
             **({"quantization": dict(self.quantization)} if self.quantization else {}),
+            **({"generation": dict(self.generation)} if self.generation else {}),
         }
 
     def to_json(self) -> bytes:

@@ -296,6 +296,10 @@ def load(store: Store, name: str, version: str, manifest: Manifest | None = None
     """
     where = f"{name} version {version}"
     manifest = manifest or read_manifest(store, name, version)
+    if manifest.platform == "onnxruntime_genai":  # a generative decoder: its own runtime
+        from modelfn.generate.decoder import load as load_decoder
+
+        return load_decoder(store, manifest, max_batch, threads)
     blobs: dict[str, bytes] = {}
     model_path: Path | None = None
     for rel in manifest.files:
