@@ -412,6 +412,8 @@ def _eval(manifest: Manifest) -> str:
         return f"macro-F1 {report['macro_f1']:.3f}"
     if "recall_at_1" in report:
         return f"recall@1 {report['recall_at_1']:.3f}"
+    if "perplexity" in report:
+        return f"ppl {report['perplexity']:.2f}"
     return "-"
 
 
@@ -426,9 +428,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     name, _, version = args.model.partition(":")
     data = Path(args.data)
-    rows = ev.read_rows(data)
     store = reading(args.store)
     model = Repository.from_settings(Settings.from_env(), store).get(name, version or None)
+    if model.manifest.task == "text-generation":
+        return _eval_decoder(model, data)
+    rows = ev.read_rows(data)
     report = ev.evaluate(model, rows, where=str(data))
     out = Path(args.out) if args.out else Path("eval") / f"{model.name}-{model.version}"
     with data.open("rb") as fh:
@@ -450,6 +454,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(lines)
     print(f"{model.name} version {model.version}: {report.summary}")
     print(f"eval: wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _eval_decoder(model: Any, data: Any) -> int:
+    """A decoder on held-out text: perplexity (teacher-forced), first token and tokens/s."""
+    from modelfn.generate.measure import Logits, decode_speed, perplexity, windows
+
+    try:
+        text = data.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{data}: cannot read it as UTF-8 text ({exc})") from None
+    texts = windows(model, text, 65536)
+    if not texts:
+        raise UsageError(f"{data}: encodes to fewer than 2 tokens: nothing to measure")
+    ppl, _ = perplexity(Logits(model.folder), texts)
+    speed = decode_speed(model, texts[0][:32], 64)
+    tokens = sum(len(t) for t in texts)
+    print(f"{model.name} version {model.version} ({model.manifest.precision}): perplexity "
+          f"{ppl:.3f} on {tokens} tokens of {data}; first token {speed['ttft_ms']:.1f} ms, "
+          f"decode {speed['decode_tokens_per_second']:.1f} tokens/s")
     return 0
 
 

@@ -186,6 +186,9 @@ GENERATION: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "max_perplexity_increase": ((int, float), 0.05), "min_greedy_agreement": ((int, float), 0.9),
     "max_prompt_tokens": (int, None), "max_tokens": (int, 512), "max_seconds": ((int, float), 60),
 }
+#: what a section trained by modelfn takes (a transformers folder: text-generation only)
+TRAINABLE: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "train": (str, None), "params": (dict, {}), "data": (dict, {})}
 #: the keys of each source
 SOURCE_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "torch": {"module": (str, None), "args": (dict, {}), "checkpoint": (str, None),
@@ -194,8 +197,10 @@ SOURCE_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     # inputs: per graph input, the values the gate feeds it (range, values); batched:
     # whether the first axis is a batch of independent rows (default: the graph decides)
     "onnx": {"path": (str, None), "inputs": (list, None), "batched": (bool, None)},
+    # train/params/data: a text-generation folder whose weights a training run makes
     "transformers": {"path": (str, None), "max_length": (int, None),
-                     "max_chars": (int, 10000), **EXPORT, **GENERATION},
+                     "max_chars": (int, 10000), "train": (str, None), "params": (dict, {}),
+                     "data": (dict, {}), **EXPORT, **GENERATION},
 }
 TENSOR_KEYS = ("name", "datatype", "shape", "range", "values", "description")
 #: what an onnx section says of a graph input (its datatype and shape are the graph's)
@@ -494,7 +499,8 @@ def _check_source(spec: ModelSpec, where: Callable[[str], str]) -> None:
                               f"{', '.join(map(repr, TRANSFORMERS_TASKS))}, not "
                               f"{keys['task']!r}")
         if keys["task"] != "text-generation":
-            given = [g for g in GENERATION if g in spec.keys and spec.keys[g] != GENERATION[g][1]]
+            given = [g for g in (*GENERATION, "train", "params", "data")
+                     if g in spec.keys and spec.keys[g] != {**GENERATION, **TRAINABLE}[g][1]]
             if given:
                 raise ConfigError(f"{where(given[0])}: only a task = \"text-generation\" "
                                   "model takes it")

@@ -80,11 +80,12 @@ def test_e2e_keep_alive_client_is_served_on_one_connection(served: str) -> None:
             assert reply.ok and reply.json() == {"live": True}
 
 
-def test_e2e_make_run_builds_all_three_examples_on_a_fresh_store(tmp_path: Path) -> None:
+def test_e2e_make_run_builds_all_four_examples_on_a_fresh_store(tmp_path: Path) -> None:
     """The README's main command, `make run`, exactly: on a fresh store it trains and
-    builds what the store lacks and serves all three examples. First `build --all` on
-    that fresh store: it builds minilm (nothing to train), says digits-cnn and textcls
-    have no training run, and exits 2."""
+    builds what the store lacks and serves all four examples (the decoder, codegen, over
+    the OpenAI-compatible routes through the openai SDK). First `build --all` on that
+    fresh store: it builds minilm (nothing to train), says codegen, digits-cnn and
+    textcls have no training run, and exits 2."""
     import os
     import signal
     import threading
@@ -94,10 +95,11 @@ def test_e2e_make_run_builds_all_three_examples_on_a_fresh_store(tmp_path: Path)
     built = run("build", "--all", store=store)
     assert built.returncode == 2 and "Traceback" not in built.stderr, built.stderr
     assert "published minilm version 1" in built.stdout
-    for name in ("digits-cnn", "textcls"):
+    for name in ("codegen", "digits-cnn", "textcls"):
         assert f"{name}: not built: no training run in" in built.stdout + built.stderr
     assert built.stderr.strip().splitlines()[-1] == (
-        "modelfn: error: built minilm; not built: digits-cnn, textcls (each said why above)")
+        "modelfn: error: built minilm; not built: codegen, digits-cnn, textcls (each said why "
+        "above)")
 
     port = free_port()
     env = {**os.environ, "MODELFN_STORE": str(store), "MODELFN_PORT": str(port),
@@ -118,7 +120,7 @@ def test_e2e_make_run_builds_all_three_examples_on_a_fresh_store(tmp_path: Path)
                 time.sleep(0.5)
         meta = requests.get(f"http://127.0.0.1:{port}/v2/models", timeout=30).json()
         assert [(m["name"], m["versions"]) for m in meta["models"]] == [
-            ("digits-cnn", ["1"]), ("minilm", ["1"]), ("textcls", ["1"])]
+            ("codegen", ["1"]), ("digits-cnn", ["1"]), ("minilm", ["1"]), ("textcls", ["1"])]
         manifest = json.loads((store / "models/digits-cnn/1/manifest.json").read_text())
         assert manifest["training"]["final"]["holdout_accuracy"] >= 0.97
         body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
@@ -130,12 +132,20 @@ def test_e2e_make_run_builds_all_three_examples_on_a_fresh_store(tmp_path: Path)
             "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
                         "data": ["a cat sat", "the dog ran"]}]}, timeout=30)
         assert embed.status_code == 200
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        chunks = list(client.completions.create(model="codegen", prompt="def get(self):\n",
+                                                max_tokens=16, stream=True))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert "".join(c.choices[0].text for c in chunks) == client.completions.create(
+            model="codegen", prompt="def get(self):\n", max_tokens=16).choices[0].text
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
         reader.join(timeout=30)
     out = "".join(captured)
-    assert out.count("training one") == 2 and out.count("building one") == 2, out
+    assert out.count("training one") == 3 and out.count("building one") == 3, out
     assert "parity gate passed" in out and "Traceback" not in out
 
 

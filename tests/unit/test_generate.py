@@ -452,3 +452,25 @@ def test_buffered_path_gathers_the_stream(api: ModuleType) -> None:
     assert result["headers"]["Content-Type"].startswith("text/event-stream")
     assert result["body"].rstrip().endswith("data: [DONE]")
     assert np.all([c.startswith("data: ") for c in result["body"].strip().split("\n\n")])
+
+
+def test_an_s3_batch_style_file_of_prompts_generates_each_line(root: Path, client: Any) -> None:
+    """A JSONL file of prompts through the batch path (what the S3 batch function runs):
+    each line's text_output is the completion the API gives for it."""
+    import subprocess
+    import sys
+
+    lines = root / "prompts.jsonl"
+    lines.write_text("".join(json.dumps({"id": str(i), "inputs": p}) + "\n"
+                             for i, p in enumerate(PROMPTS[:3])))
+    done = subprocess.run([str(Path(sys.executable).with_name("modelfn")), "batch", str(lines),
+                           "--model", "llama", "--store", str(root / "store"), "--quiet"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(x) for x in (root / "prompts.predictions.jsonl").read_text()
+           .splitlines()]
+    assert [o["id"] for o in out] == ["0", "1", "2"]
+    for o, prompt in zip(out, PROMPTS[:3], strict=True):
+        want = client.completions.create(model="llama", prompt=prompt).choices[0]
+        assert o["outputs"]["text_output"] == want.text
+        assert o["outputs"]["finish_reason"] == want.finish_reason

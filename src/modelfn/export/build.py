@@ -60,7 +60,7 @@ def build(model: str | ModelSpec, store: Store, *, version: str | None = None,
 
         generate.check_precision(spec, precision)
         return generate.build(spec, store, version or registry.next_version(store, name),
-                              precision, log)
+                              precision, log, run_id)
     check_precision(spec, precision)
     version = version or registry.next_version(store, name)
     registry.check_new_version(store, name, version)

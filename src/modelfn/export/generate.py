@@ -39,6 +39,7 @@ from modelfn import registry
 from modelfn.errors import ExportError, ExportParityError, UsageError
 from modelfn.generate import PLATFORM, TASK
 from modelfn.generate.decoder import FINISH_REASON, TEXT_INPUT, TEXT_OUTPUT, Decoder
+from modelfn.generate.measure import Logits, decode_speed, perplexity, windows
 from modelfn.generate.params import Sampling
 from modelfn.packaging.limits import mib
 from modelfn.project import ModelSpec
@@ -82,23 +83,52 @@ def _config(spec: ModelSpec, folder: Path) -> dict[str, Any]:
     return config
 
 
-def run_builder(folder: Path, out: Path, precision: str, cache: Path, where: str,
-                log: Log) -> float:
-    """onnxruntime-genai's model builder, in a child process; returns its seconds."""
+#: runs the model builder once per precision in one child process (torch and
+#: transformers imported once): argv lists as JSON; a line per precision built
+BUILDER_CHILD = """
+import json, runpy, sys, time
+for precision, argv in json.loads(sys.argv[1]):
     started = time.perf_counter()
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder),
-               "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
-    if BUILDER_OPTIONS[precision]:
-        command += ["--extra_options", *BUILDER_OPTIONS[precision]]
+    sys.argv = ["builder", *argv]
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+    print(f"MODELFN-BUILT {precision} {time.perf_counter() - started:.3f}", flush=True)
+"""
+
+
+def run_builder(folder: Path, outs: dict[str, Path], cache: Path, where: str,
+                log: Log) -> dict[str, float]:
+    """onnxruntime-genai's model builder at each precision (``outs``: precision → output
+    folder), in one child process; returns each one's seconds."""
+    jobs = []
+    for precision, out in outs.items():
+        argv = ["-i", str(folder), "-o", str(out), "-p", precision, "-e", "cpu",
+                "-c", str(cache)]
+        if BUILDER_OPTIONS[precision]:
+            argv += ["--extra_options", *BUILDER_OPTIONS[precision]]
+        jobs.append([precision, argv])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0 or not (out / "genai_config.json").is_file():
-        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-        raise ExportError(f"{where}: onnxruntime-genai's model builder failed at {precision}: "
-                          + (lines[-1][:300] if lines else f"exit {done.returncode}"))
-    seconds = time.perf_counter() - started
-    log(f"  {precision}: built in {seconds:.1f}s, "
-        f"{mib(sum(f.stat().st_size for f in out.iterdir() if f.is_file()))}")
+    proc = subprocess.Popen([sys.executable, "-c", BUILDER_CHILD, json.dumps(jobs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    seconds: dict[str, float] = {}
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("MODELFN-BUILT "):
+            _, precision, took = line.split()
+            seconds[precision] = float(took)
+            out = outs[precision]
+            log(f"  {precision}: built in {float(took):.1f}s, "
+                f"{mib(sum(f.stat().st_size for f in out.iterdir() if f.is_file()))}")
+        elif line.strip():
+            tail = [*tail[-20:], line.rstrip()]
+    code = proc.wait()
+    missing = [p for p, out in outs.items() if not (out / "genai_config.json").is_file()]
+    if code != 0 or missing:
+        errors = [ln for ln in tail if "Error" in ln or "error" in ln] or tail
+        raise ExportError(f"{where}: onnxruntime-genai's model builder failed at "
+                          f"{(missing or list(outs))[0]}: "
+                          + (errors[-1][:300] if errors else f"exit {code}"))
     return seconds
 
 
@@ -185,7 +215,7 @@ def transformers_greedy(folder: Path, prompts: list[list[int]], tokens: int,
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
-                                                 torch_dtype=torch.float32).eval()
+                                                 dtype=torch.float32).eval()
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=tokens,
                               repetition_penalty=1.0, eos_token_id=eos or None,
                               pad_token_id=(eos or [0])[0])
@@ -210,91 +240,75 @@ def greedy_tokens(decoder: Decoder, ids: list[int], tokens: int) -> list[int]:
     return list(decoder.tokens(ids, Sampling(max_tokens=tokens)))
 
 
-class Logits:
-    """Teacher-forced logits of a built folder's graph (onnxruntime, empty past): what
-    perplexity and greedy agreement are computed from."""
-
-    def __init__(self, out: Path) -> None:
-        import onnxruntime as ort
-
-        genai = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(out / "model.onnx"), opts,
-                                            providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.kv = (int(genai["num_key_value_heads"]), int(genai["head_size"]))
-
-    def __call__(self, ids: list[int]) -> np.ndarray:
-        arr = np.asarray([ids], dtype=np.int64)
-        feeds: dict[str, np.ndarray] = {"input_ids": arr, "attention_mask": np.ones_like(arr)}
-        for name, info in self.inputs.items():
-            if name.startswith("past_key_values"):
-                dtype = np.float16 if "float16" in info.type else np.float32
-                feeds[name] = np.zeros((1, *self.kv[:1], 0, self.kv[1]), dtype)
-            elif name == "position_ids":
-                feeds[name] = np.arange(len(ids), dtype=np.int64)[None]
-        return np.asarray(self.session.run(["logits"], feeds)[0][0], dtype=np.float64)
-
-
-def perplexity(logits: Logits, texts: list[list[int]]) -> tuple[float, list[np.ndarray]]:
-    """(perplexity over every next-token prediction of ``texts``, each text's argmax)."""
-    nll, count, argmax = 0.0, 0, []
-    for ids in texts:
-        out = logits(ids)[:-1]
-        shifted = out - out.max(axis=1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        nll -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
-        count += len(ids) - 1
-        argmax.append(out.argmax(axis=1))
-    return float(np.exp(nll / max(count, 1))), argmax
-
-
-def decode_speed(decoder: Decoder, prompt: list[int], tokens: int, repeats: int = 3
-                 ) -> dict[str, float]:
-    """Best of ``repeats``: time to first token (ms) and decode tokens/s after it."""
-    best_rate, best_first = 0.0, float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        first, made = None, 0
-        for _token in decoder.tokens(prompt, Sampling(max_tokens=tokens), stop_at_eos=False):
-            made += 1
-            if first is None:
-                first = time.perf_counter()
-        end = time.perf_counter()
-        if first is None or made < 2:
-            continue
-        best_first = min(best_first, (first - started) * 1000)
-        best_rate = max(best_rate, (made - 1) / max(end - first, 1e-9))
-    return {"ttft_ms": round(best_first, 2), "decode_tokens_per_second": round(best_rate, 1)}
-
-
 # --- the build ------------------------------------------------------------------------------
 
-def build(spec: ModelSpec, store: Store, version: str, precision: str, log: Log
-          ) -> Manifest:
+def trained_folder(spec: ModelSpec, store: Store, run_id: str | None, folder: Path,
+                   work: Path, log: Log) -> tuple[Path, dict[str, Any]]:
+    """The folder with the weights of a training run modelfn made (the section's
+    ``train``; its ``path`` holds the architecture and tokenizer): a copy with the run's
+    state_dict saved as save_pretrained saves it. (folder, the training record)."""
+    from modelfn.errors import TrainingError
+    from modelfn.training import loop
+
+    run_id = run_id or registry.latest_run(store, spec.name)
+    if run_id is None:
+        raise TrainingError(f"no training run of {spec.name} in {store.uri}: run "
+                            f"`modelfn train {spec.name}` first")
+    ckpt, metrics, raw = loop.load_checkpoint(store, spec.name, run_id)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = work / "trained"
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise TrainingError(f"run {run_id} of {spec.name} does not fit {folder}/config.json: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
+    model.eval().save_pretrained(out)
+    final = metrics.get("final") or {}
+    log(f"{spec.name}: run {run_id} (" + (", ".join(
+        f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)) or "no metrics")
+        + ")")
+    training = {key: metrics.get(key) for key in ("final", "seed", "device", "world_size",
+                                                  "duration_seconds", "params", "data")}
+    return out, {"run": run_id, "checkpoint_sha256": sha256(raw), **training}
+
+
+def build(spec: ModelSpec, store: Store, version: str, precision: str, log: Log,
+          run_id: str | None = None) -> Manifest:
     check_precision(spec, precision)
     folder = spec.path("path")
-    config = _config(spec, folder)
     registry.check_new_version(store, spec.name, version)
     started = time.perf_counter()
     where = spec.where("path")
-    tokenizer_json = (folder / "tokenizer.json").read_bytes()
     wanted = ["fp32"] + ([p for p in QUANTIZED if precision in ("auto", p)])
     work = Path(tempfile.mkdtemp(prefix=f"modelfn-build-{spec.name}-"))
     try:
         import onnxruntime_genai
         import transformers
 
-        log(f"{spec.name}: transformers folder {folder} ({TASK}, {config['architectures'][0]})")
+        training: dict[str, Any] = {}
+        if spec.train is not None and not (any(folder.glob("*.safetensors"))
+                                           or any(folder.glob("*.bin"))):
+            folder, training = trained_folder(spec, store, run_id, folder, work, log)
+        config = _config(spec, folder)
+        tokenizer_json = (folder / "tokenizer.json").read_bytes()
+
+        log(f"{spec.name}: transformers folder {spec.path('path')} ({TASK}, "
+            f"{config['architectures'][0]})" + (f" with the weights of run {training['run']}"
+                                                if training else ""))
         log(f"exporting with onnxruntime-genai {onnxruntime_genai.__version__}'s model builder "
             f"(KV cache): {', '.join(wanted)} ...")
-        outs, builder_seconds = {}, {}
-        for p in wanted:
-            outs[p] = work / p
-            builder_seconds[p] = run_builder(folder, outs[p], p, work / "cache", where, log)
+        outs = {p: work / p for p in wanted}
+        builder_seconds = run_builder(folder, outs, work / "cache", where, log)
         weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-        source = {"kind": "transformers", "path": str(folder), "task": TASK,
+        source = {"kind": "transformers", "path": str(spec.path("path")), "task": TASK,
                   "architecture": config["architectures"][0],
                   "weights_sha256": {w.name: sha256(w.read_bytes()) for w in weights},
                   "reference": f"transformers {transformers.__version__}"}
@@ -388,7 +402,8 @@ def build(spec: ModelSpec, store: Store, version: str, precision: str, log: Log
                       f"{heldout_from}, {m['decode_tokens_per_second']:.0f} tokens/s"}
         optimization = {"shipped": chosen, "fp32": base, "candidates": candidates}
         final = shipped._replace(generation=generation, export=export, evaluation=evaluation,
-                                 optimization=optimization).with_files(files)
+                                 optimization=optimization, training=training
+                                 ).with_files(files)
         registry.publish_version(store, spec.name, version, {**files, k.MANIFEST: final.to_json()})
         log(f"published {spec.name} version {version} ({chosen}) to {store.uri}: "
             f"{mib(sum(len(d) for d in files.values()))} in {export['build_seconds']:.1f}s")
@@ -418,11 +433,8 @@ def _heldout(spec: ModelSpec, fp32: Decoder, prompts: list[list[int]]
     samples after the eval prompts (seeded, temperature 1)."""
     window = min(256, fp32.context - 1)
     if spec.get("heldout") is not None:
-        ids = fp32.encode(spec.path("heldout").read_text(encoding="utf-8"))
-        limit = int(spec.get("heldout_tokens"))
-        ids = ids[:limit]
-        texts = [ids[i:i + window] for i in range(0, len(ids), window)]
-        texts = [t for t in texts if len(t) >= 2]
+        texts = windows(fp32, spec.path("heldout").read_text(encoding="utf-8"),
+                        int(spec.get("heldout_tokens")))
         if not texts:
             raise spec.error("heldout", "the held-out text encodes to fewer than 2 tokens")
         return texts, str(spec.get("heldout"))
