@@ -95,6 +95,9 @@ EXAMPLE_FILES = {
     "textcls": {"modelfn.toml", "model.py", "data.py", "train.py", "eval.jsonl", "tickets.jsonl",
                 "requirements.txt"},
     "minilm": {"modelfn.toml", "eval.jsonl"},
+    "codegen": {"modelfn.toml", "make_folder.py", "train.py", "prompts.txt",
+                "model/config.json", "model/tokenizer.json", "model/tokenizer_config.json",
+                "model/chat_template.jinja"},
 }
 
 _EXAMPLES = r"""
