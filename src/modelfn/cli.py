@@ -225,7 +225,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def announce(server: object) -> None:
         host, port = server.server_address[:2]  # type: ignore[attr-defined]
-        print(f"modelfn API (Open Inference Protocol v2) on http://{host}:{port}/v2 "
+        print(f"modelfn API (Open Inference Protocol v2) on http://{host}:{port}/v2, "
+              f"OpenAI-compatible generation on http://{host}:{port}/v1 "
               f"- store {store_uri}; Ctrl-C stops", flush=True)
 
     try:
