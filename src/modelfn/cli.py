@@ -19,6 +19,9 @@ from modelfn.store import Store, open_store
 from modelfn.store import keys as k
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from modelfn.generate.decoder import Decoder
     from modelfn.runtime.manifest import Manifest
 
 #: modules of the optional extras → the extra that installs them
@@ -431,7 +434,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = Path(args.data)
     store = reading(args.store)
     model = Repository.from_settings(Settings.from_env(), store).get(name, version or None)
-    if model.manifest.task == "text-generation":
+    from modelfn.generate.decoder import Decoder
+
+    if isinstance(model, Decoder):
         return _eval_decoder(model, data)
     rows = ev.read_rows(data)
     report = ev.evaluate(model, rows, where=str(data))
@@ -458,7 +463,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_decoder(model: Any, data: Any) -> int:
+def _eval_decoder(model: Decoder, data: Path) -> int:
     """A decoder on held-out text: perplexity (teacher-forced), first token and tokens/s."""
     from modelfn.generate.measure import Logits, decode_speed, perplexity, windows
 

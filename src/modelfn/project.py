@@ -199,8 +199,7 @@ SOURCE_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "onnx": {"path": (str, None), "inputs": (list, None), "batched": (bool, None)},
     # train/params/data: a text-generation folder whose weights a training run makes
     "transformers": {"path": (str, None), "max_length": (int, None),
-                     "max_chars": (int, 10000), "train": (str, None), "params": (dict, {}),
-                     "data": (dict, {}), **EXPORT, **GENERATION},
+                     "max_chars": (int, 10000), **TRAINABLE, **EXPORT, **GENERATION},
 }
 TENSOR_KEYS = ("name", "datatype", "shape", "range", "values", "description")
 #: what an onnx section says of a graph input (its datatype and shape are the graph's)
@@ -499,8 +498,8 @@ def _check_source(spec: ModelSpec, where: Callable[[str], str]) -> None:
                               f"{', '.join(map(repr, TRANSFORMERS_TASKS))}, not "
                               f"{keys['task']!r}")
         if keys["task"] != "text-generation":
-            given = [g for g in (*GENERATION, "train", "params", "data")
-                     if g in spec.keys and spec.keys[g] != {**GENERATION, **TRAINABLE}[g][1]]
+            only = {**GENERATION, **TRAINABLE}
+            given = [g for g, (_, default) in only.items() if spec.keys.get(g, default) != default]
             if given:
                 raise ConfigError(f"{where(given[0])}: only a task = \"text-generation\" "
                                   "model takes it")

@@ -39,7 +39,7 @@ from modelfn import registry
 from modelfn.errors import ExportError, ExportParityError, UsageError
 from modelfn.generate import PLATFORM, TASK
 from modelfn.generate.decoder import FINISH_REASON, TEXT_INPUT, TEXT_OUTPUT, Decoder
-from modelfn.generate.measure import Logits, decode_speed, perplexity, windows
+from modelfn.generate.measure import Logits, decode_speed, perplexity, window, windows
 from modelfn.generate.params import Sampling
 from modelfn.packaging.limits import mib
 from modelfn.project import ModelSpec
@@ -431,7 +431,7 @@ def _heldout(spec: ModelSpec, fp32: Decoder, prompts: list[list[int]]
              ) -> tuple[list[list[int]], str]:
     """Token windows of held-out text (the ``heldout`` file), or of text the fp32 model
     samples after the eval prompts (seeded, temperature 1)."""
-    window = min(256, fp32.context - 1)
+    size = window(fp32)
     if spec.get("heldout") is not None:
         texts = windows(fp32, spec.path("heldout").read_text(encoding="utf-8"),
                         int(spec.get("heldout_tokens")))
@@ -440,7 +440,7 @@ def _heldout(spec: ModelSpec, fp32: Decoder, prompts: list[list[int]]
         return texts, str(spec.get("heldout"))
     texts = []
     for i, ids in enumerate(prompts):
-        opts = Sampling(max_tokens=min(64, window - len(ids)) or 1, temperature=1.0,
+        opts = Sampling(max_tokens=max(1, min(64, size - len(ids))), temperature=1.0,
                         seed=int(spec.get("seed")) + i)
-        texts.append((ids + list(fp32.tokens(ids, opts)))[:window])
+        texts.append((ids + list(fp32.tokens(ids, opts)))[:size])
     return [t for t in texts if len(t) >= 2], "text the fp32 model sampled (seeded)"

@@ -73,8 +73,13 @@ def decode_speed(decoder: Decoder, prompt: list[int], tokens: int, repeats: int 
     return {"ttft_ms": round(best_first, 2), "decode_tokens_per_second": round(best_rate, 1)}
 
 
+def window(decoder: Decoder) -> int:
+    """Tokens per perplexity window: 256, or fewer where the context holds fewer."""
+    return min(256, decoder.context - 1)
+
+
 def windows(decoder: Decoder, text: str, limit: int) -> list[list[int]]:
     """``text``'s first ``limit`` tokens in windows the context holds (of 2 tokens at least)."""
     ids = decoder.encode(text)[:limit]
-    window = min(256, decoder.context - 1)
-    return [t for t in (ids[i:i + window] for i in range(0, len(ids), window)) if len(t) >= 2]
+    size = window(decoder)
+    return [t for t in (ids[i:i + size] for i in range(0, len(ids), size)) if len(t) >= 2]

@@ -63,8 +63,7 @@ def training_callable(spec: ModelSpec) -> Callable[..., Any]:
     """The section's ``train`` callable; one line when it has none or it cannot load."""
     from modelfn.sources import common
 
-    ref = spec.get("train") if spec.source == "torch" or spec.get("task") == "text-generation" \
-        else None
+    ref = spec.keys.get("train")  # the sources that take one: torch, text-generation
     if ref is None:
         raise TrainingError(
             f"{spec.where('train')}: the section names no training callable, so modelfn "
