@@ -191,3 +191,88 @@ def test_the_layer_builds_for_both_architectures(arch: str, tmp_path: Path,
     # package-check refuses a build whose layer does not match --arch
     assert main(["package-check", "--build-dir", str(sam_build), "--arch", "arm64"]) == 2
     assert "make sam-build ARCH=arm64" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_decoder_over_the_budget_is_an_image_whose_entry_point_streams(
+        sam_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoder bundle goes to the image path by the same budget as any bundle; the
+    image's streaming function (the template's ImageConfig: modelfn's own Runtime API
+    loop as the entry point) streams a completion asked for through the REST API."""
+    import os
+    import threading
+    import time
+    from http.server import ThreadingHTTPServer
+
+    from modelfn.export.build import build
+    from modelfn.generate.lambda_stream import DELIMITER
+    from modelfn.packaging.python import lambda_python
+    from modelfn.project import load_project
+    from tests import own_models
+    from tests.conftest import write_project
+    from tests.unit.test_generate import RuntimeApi
+
+    own_models.tiny_decoder(tmp_path, "qwen2", seed=4)
+    config = write_project(tmp_path, {"coder": {
+        "source": "transformers", "task": "text-generation", "path": "tiny-qwen2"}})
+    store = open_store(str(tmp_path / "store"))
+    build("coder", store, project=load_project(config), precision="fp32",
+          log=lambda line: None)
+    layer, function = sam_build / "RuntimeLayer", sam_build / "ApiFunction"
+    fits = bundle.package(store, "coder", tmp_path / "dist", layer, function)
+    assert fits.kind == "layer"
+    monkeypatch.setattr(bundle, "UNZIPPED_LIMIT", fits.total_unzipped - 1)
+    over = bundle.package(store, "coder", tmp_path / "dist", layer, function)
+    assert over.kind == "image"
+    context = over.path
+    assert {"genai_config.json", "model.onnx", "tokenizer.json"} <= {
+        p.name for p in (context / "modelfn-store/models/coder/1").iterdir()}
+    assert "onnxruntime-genai==" in (context / "requirements.txt").read_text()
+
+    fn = resolved(GenerationStreaming="true", ApiImageUri="1.dkr.ecr.us-east-1.amazonaws"
+                  ".com/m:1")["StreamingImageApiFunction"]["Properties"]
+    entry = fn["ImageConfig"]["EntryPoint"] + fn["ImageConfig"]["Command"]
+    assert entry[0] == "python3" and fn["ImageConfig"]["WorkingDirectory"] == bundle.TASK_ROOT
+    body = {"model": "coder", "prompt": "def main(args):\n    ", "max_tokens": 16}
+
+    def rest_event(doc: dict[str, object]) -> dict[str, object]:  # payload 1.0
+        return {"resource": "/v1/completions", "path": "/v1/completions",
+                "httpMethod": "POST", "headers": {"Content-Type": "application/json"},
+                "body": json.dumps(doc), "isBase64Encoded": False,
+                "requestContext": {"stage": "live", "requestId": "r"}}
+
+    RuntimeApi.events = [rest_event({**body, "stream": True}), rest_event(body)]
+    RuntimeApi.responses = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RuntimeApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    python = lambda_python()
+    assert python is not None, "no CPython 3.12 to stand in for the image's python3"
+    variables = {**image_environment(context), **fn["Environment"]["Variables"]}
+    env = {k: str(v).replace(bundle.TASK_ROOT, str(context)) for k, v in variables.items()}
+    env.update(LAMBDA_TASK_ROOT=str(context), PATH=os.environ["PATH"],
+               PYTHONPATH=f"{context}:{layer / 'python'}", PYTHONDONTWRITEBYTECODE="1",
+               AWS_LAMBDA_RUNTIME_API=f"127.0.0.1:{server.server_address[1]}",
+               POWERTOOLS_METRICS_DISABLED="true")
+    proc = subprocess.Popen([python, "-S", *entry[1:]], cwd=context, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(RuntimeApi.responses) < 2 and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+        server.shutdown()
+        server.server_close()
+    assert len(RuntimeApi.responses) == 2, err.decode()[-3000:]
+    (headers, streamed), (_, whole) = RuntimeApi.responses
+    assert headers["Lambda-Runtime-Function-Response-Mode"] == "streaming"
+    prelude, _, sse = streamed.partition(DELIMITER)
+    assert json.loads(prelude)["headers"]["Content-Type"].startswith("text/event-stream")
+    events = [e[len(b"data: "):] for e in sse.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]" and len(events) > 2
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    prelude, _, doc = whole.partition(DELIMITER)
+    assert json.loads(prelude)["statusCode"] == 200
+    assert text == json.loads(doc)["choices"][0]["text"] and text

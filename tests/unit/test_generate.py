@@ -474,3 +474,64 @@ def test_an_s3_batch_style_file_of_prompts_generates_each_line(root: Path, clien
         want = client.completions.create(model="llama", prompt=prompt).choices[0]
         assert o["outputs"]["text_output"] == want.text
         assert o["outputs"]["finish_reason"] == want.finish_reason
+
+
+# --- asynchronous jobs and S3 batch files, on moto as deployed --------------------------------
+
+@pytest.fixture
+def stack(root: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    import uuid
+
+    import boto3
+
+    from tests.integration.test_async import Stack
+
+    for name in ("MODELFN_STORE", "MODELFN_IDEMPOTENCY_TABLE", "MODELFN_JOBS_STORE"):
+        monkeypatch.setenv(name, "")
+    bucket = f"gen-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return Stack(bucket, str(root / "store"))
+
+
+def test_an_async_generation_job_answers_what_the_synchronous_call_does(stack: Any) -> None:
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [2],
+                        "data": PROMPTS[:2]}], "parameters": {"max_tokens": 12}}
+    status, _, sync = stack.call("POST", "/v2/models/llama/infer", body)
+    assert status == 200, sync
+    status, _, accepted = stack.call("POST", "/v2/models/llama/infer", body, prefer=True)
+    assert status == 202 and accepted["status"] == "queued", accepted
+    assert stack.run_queue() == 1
+    status, _, done = stack.call("GET", accepted["location"])
+    assert status == 200 and done["status"] == "succeeded", done
+    assert done["response"] == sync
+    # a sampling parameter out of range is refused at once, and no job is made
+    body["parameters"] = {"temperature": -1}
+    status, _, refused = stack.call("POST", "/v2/models/llama/infer", body, prefer=True)
+    assert status == 422 and "temperature" in refused["error"], refused
+    assert stack.objects("async/") == [k for k in stack.objects("async/")
+                                       if accepted["id"] in k]
+
+
+def test_a_jsonl_upload_of_prompts_runs_as_batch_lines(stack: Any, client: Any) -> None:
+    import requests
+
+    lines = [json.dumps({"id": i, "inputs": p}) for i, p in enumerate(PROMPTS[:3])]
+    lines.insert(1, json.dumps({"id": "bad", "inputs": 7}))
+    data = ("\n".join(lines) + "\n").encode()
+    _, _, upload = stack.call("POST", "/v2/uploads", {"size": len(data), "format": "jsonl"})
+    assert requests.put(upload["url"], data=data, headers=upload["headers"],
+                        timeout=30).status_code == 200
+    _, _, accepted = stack.call("POST", "/v2/models/llama/infer",
+                                {"upload": upload["upload"]}, prefer=True)
+    stack.run_queue()
+    done = stack.call("GET", accepted["location"])[2]
+    assert done["status"] == "succeeded", done
+    assert done["summary"] == {"lines": 4, "predictions": 3, "errors": 1}
+    got = requests.get(done["result"]["url"], timeout=30)
+    # generated text is any UTF-8: the download says so, and a client decodes it as such
+    assert got.headers["Content-Type"] == "application/jsonl; charset=utf-8"
+    out = [json.loads(line) for line in got.text.splitlines()]
+    assert [o["id"] for o in out] == [0, "bad", 1, 2] and "error" in out[1]
+    for o, prompt in zip([out[0], *out[2:]], PROMPTS[:3], strict=True):
+        want = client.completions.create(model="llama", prompt=prompt).choices[0]
+        assert o["outputs"]["text_output"] == want.text

@@ -146,7 +146,27 @@ def test_an_event_that_is_not_api_gateways_is_400_saying_so(app: App) -> None:
     out = app.api.resolve({"requestContext": {}})
     assert out["statusCode"] == 400
     assert json.loads(out["body"]) == {
-        "error": "not an API Gateway HTTP API (payload 2.0) event"}
+        "error": "not an API Gateway proxy event (payload 1.0 or 2.0)"}
+
+
+def test_a_rest_api_proxy_event_is_served_as_its_http_api_twin(app: App) -> None:
+    """The streaming REST API sends payload 1.0: its path has no stage, the caller is
+    the same principal as on the HTTP API."""
+    body = json.dumps(rows(2))
+    rest = {"resource": "/v2/models/{name}/infer", "path": "/v2/models/echo-fp32/infer",
+            "httpMethod": "POST", "headers": {"Content-Type": "application/json"},
+            "multiValueHeaders": {"Content-Type": ["application/json"]},
+            "body": body, "isBase64Encoded": False,
+            "requestContext": {"stage": "live", "path": "/live/v2/models/echo-fp32/infer",
+                               "requestId": "r-1", "identity": {
+                                   "userArn": "arn:aws:sts::1:assumed-role/r/session-1",
+                                   "caller": "AROA1:session-1"}}}
+    out = app.api.resolve(rest)
+    status, _, doc = app.call("POST", "/v2/models/echo-fp32/infer", rows(2))
+    assert out["statusCode"] == status == 200 and json.loads(out["body"]) == doc
+    assert http.principal(rest) == "iam:arn:aws:sts::1:assumed-role/r:AROA1"
+    assert http.Request.from_event({**rest, "httpMethod": "get"}).method == "GET"
+    assert app.api.resolve({**rest, "path": None})["statusCode"] == 400
 
 
 def test_a_bug_is_a_500_whose_log_says_where_not_what(app: App,

@@ -316,6 +316,65 @@ def test_every_route_reaches_the_live_alias_of_the_serving_function(
     assert sorted(functions) == sorted([function, "BatchFunction"])
 
 
+
+IMAGE = {"ApiImageUri": "1.dkr.ecr.us-east-1.amazonaws.com/m:1"}
+
+
+@pytest.mark.parametrize(("parameters", "function"), [
+    ({}, "StreamingApiFunction"), (IMAGE, "StreamingImageApiFunction")])
+def test_generation_streams_through_a_rest_api_whose_integrations_stream(
+        parameters: dict[str, str], function: str) -> None:
+    assert not [r for r in resolved(**parameters).values()
+                if r["Type"] == "AWS::ApiGateway::RestApi"]  # off by default
+    deployed = resolved(GenerationStreaming="true", **parameters)
+    (api,) = [r for r in deployed.values() if r["Type"] == "AWS::ApiGateway::RestApi"]
+    body = api["Properties"]["Body"]
+    served = openapi_document()["paths"]
+    streamed = {p for p in served if p.endswith("/generate_stream")} | {
+        "/v1/completions", "/v1/chat/completions"}
+    assert streamed <= set(body["paths"]) <= set(served)  # every streamed route, no other
+    fn = deployed[function]["Properties"]
+    for path, item in body["paths"].items():
+        for method, op in item.items():
+            assert method in served[path], (path, method)
+            assert op["security"] == [{"sigv4": []}]
+            integration = op["x-amazon-apigateway-integration"]
+            assert integration["type"] == "aws_proxy"
+            assert integration["responseTransferMode"] == "STREAM"
+            assert integration["timeoutInMillis"] <= int(fn["Timeout"]) * 1000
+            assert integration["uri"]["Fn::Sub"].endswith(
+                f"/2021-11-15/functions/${{{function}Aliaslive}}"
+                "/response-streaming-invocations")
+            for name in re.findall(r"{(\w+)}", path):  # REST declares its path parameters
+                assert {"name": name, "in": "path", "required": True,
+                        "schema": {"type": "string"}} in op["parameters"]
+    assert body["components"]["securitySchemes"]["sigv4"][
+        "x-amazon-apigateway-authtype"] == "awsSigv4"
+    (permission,) = [r["Properties"] for r in deployed.values()
+                     if r["Type"] == "AWS::Lambda::Permission"
+                     and "${StreamingApi}/" in json.dumps(r["Properties"]["SourceArn"])]
+    assert permission["FunctionName"] == {"Ref": f"{function}Aliaslive"}
+    assert permission["Action"] == "lambda:InvokeFunction"  # InvokeWithResponseStream's
+    (stage,) = [r["Properties"] for r in deployed.values()
+                if r["Type"] == "AWS::ApiGateway::Stage"]
+    assert stage["StageName"] == "live" and stage["TracingEnabled"] is True
+    (throttle,) = stage["MethodSettings"]
+    assert (int(throttle["ThrottlingRateLimit"]), int(throttle["ThrottlingBurstLimit"])) == (
+        100, 200)  # the HTTP API's parameters
+    # the function runs modelfn's own Runtime API loop in response mode streaming
+    if function == "StreamingApiFunction":
+        assert fn["Handler"] == "app.stream_handler"
+        assert fn["Environment"]["Variables"]["AWS_LAMBDA_EXEC_WRAPPER"] == \
+            "/var/task/stream-bootstrap"
+        assert (ROOT / "functions/api/stream-bootstrap").stat().st_mode & 0o111
+    else:
+        image = fn["ImageConfig"]
+        assert image["EntryPoint"] == ["python3", "-m", "modelfn.generate.lambda_stream"]
+        assert image["Command"] == ["app.stream_handler"]
+        assert fn["Environment"]["Variables"]["MODELFN_STORE"] == "/var/task/modelfn-store"
+    assert json.dumps(deployed).count("response-streaming-invocations") == len(
+        [op for item in body["paths"].values() for op in item.values()])
+
 def allow_statements(node: Any) -> list[dict[str, Any]]:
     """Every Allow statement anywhere in the template (function policies, roles,
     bucket and queue policies)."""

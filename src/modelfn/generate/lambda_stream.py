@@ -7,8 +7,8 @@ API (``/2018-06-01/runtime/invocation/next``), calls the handler
 (``MODELFN_STREAM_HANDLER``, default ``app.stream_handler``) and posts its response in
 response mode ``streaming``: chunked, ``application/vnd.awslambda.http-integration-response``,
 the status and headers as a JSON prelude, eight NUL bytes, then the body as it is made.
-API Gateway REST (``ResponseTransferMode: STREAM``) and function URLs
-(``InvokeMode: RESPONSE_STREAM``) send it on to the client as it comes.
+API Gateway REST (``ResponseTransferMode: STREAM``, the template's ``StreamingApi``) and
+function URLs (``InvokeMode: RESPONSE_STREAM``) send it on to the client as it comes.
 
 A response that is not streamed (every route but generation's) goes the same way, in
 one chunk. A handler that raises before responding is reported with
@@ -148,7 +148,9 @@ def main() -> None:
     if not address:
         sys.exit("modelfn.generate.lambda_stream: AWS_LAMBDA_RUNTIME_API is not set (this is "
                  "the Lambda runtime loop of a streaming function)")
-    serve(address, os.environ.get("MODELFN_STREAM_HANDLER", "app.stream_handler"))
+    # the handler: the first argument (an image's ImageConfig.Command), else the variable
+    serve(address, sys.argv[1] if len(sys.argv) > 1
+          else os.environ.get("MODELFN_STREAM_HANDLER", "app.stream_handler"))
 
 
 if __name__ == "__main__":

@@ -135,15 +135,20 @@ class Request:
 
     @classmethod
     def from_event(cls, event: Any) -> Request:
+        """An HTTP API or function URL event (payload 2.0), or a REST API proxy event
+        (payload 1.0: the streaming API's), whose ``path`` has no stage."""
         try:
-            http = event["requestContext"]["http"]
-            method, path = http["method"], http.get("path") or event["rawPath"]
+            if "httpMethod" in event:
+                method, path = event["httpMethod"], event["path"]
+            else:
+                http = event["requestContext"]["http"]
+                method, path = http["method"], http.get("path") or event["rawPath"]
             body = event.get("body")
         except (KeyError, TypeError, AttributeError, IndexError):
             method = path = body = None
         if not (isinstance(method, str) and isinstance(path, str)
                 and (body is None or isinstance(body, str))):
-            raise MalformedRequest("not an API Gateway HTTP API (payload 2.0) event")
+            raise MalformedRequest("not an API Gateway proxy event (payload 1.0 or 2.0)")
         headers = event.get("headers") or {}
         return cls(method=method.upper(), path=path, body=body,
                    is_base64_encoded=bool(event.get("isBase64Encoded")),
@@ -162,6 +167,10 @@ def principal(event: Any) -> str:
     if not isinstance(auth, dict):
         return ""
     iam, jwt = auth.get("iam"), auth.get("jwt")
+    identity = event["requestContext"].get("identity")
+    if iam is None and isinstance(identity, dict) and identity.get("userArn"):
+        # a REST API's SigV4 caller (payload 1.0): the same principal as on the HTTP API
+        iam = {"userArn": identity.get("userArn"), "callerId": identity.get("caller")}
     if isinstance(iam, dict) and (iam.get("userArn") or iam.get("callerId")):
         arn, caller = str(iam.get("userArn") or ""), str(iam.get("callerId") or "")
         if ":assumed-role/" in arn:  # the role, not the session: sessions come and go

@@ -290,7 +290,12 @@ class Jobs:
                 result["bytes"] <= INLINE_RESULT_BYTES:
             doc["response"] = json.loads(self.store.read_bytes(result["key"]))
             return doc
-        url = self.store.presign("get_object", result["key"], self.settings.presign_seconds)
+        # the download says what it is (S3 keeps the object untyped): text in UTF-8, so
+        # that a client decodes generated text as it was written
+        ctype = result["content_type"]
+        url = self.store.presign("get_object", result["key"], self.settings.presign_seconds,
+                                 ResponseContentType=ctype if ctype.endswith("octet-stream")
+                                 else f"{ctype}; charset=utf-8")
         doc["result"] = {"url": url, "expires": _iso(time.time() + self.settings.presign_seconds),
                          "bytes": result["bytes"], "content_type": result["content_type"]}
         if result.get("header_length") is not None:
