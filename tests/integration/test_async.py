@@ -100,6 +100,18 @@ class Stack:
         listed = self.s3.list_object_versions(Bucket=self.bucket, Prefix=prefix)
         return len(listed.get("Versions", []))
 
+    def jsonl_job(self, model: str, lines: list[str]) -> dict[str, Any]:
+        """The job's state once batch ``lines`` uploaded (presigned PUT) have run."""
+        data = ("\n".join(lines) + "\n").encode()
+        _, _, upload = self.call("POST", "/v2/uploads", {"size": len(data), "format": "jsonl"})
+        assert requests.put(upload["url"], data=data, headers=upload["headers"],
+                            timeout=30).status_code == 200
+        _, _, accepted = self.call("POST", f"/v2/models/{model}/infer",
+                                   {"upload": upload["upload"]}, prefer=True)
+        self.run_queue()
+        done: dict[str, Any] = self.call("GET", f"/v2/jobs/{accepted['id']}")[2]
+        return done
+
     def run_queue(self) -> int:
         ran = 0
         while self.batch.pump(wait_seconds=0):
@@ -198,14 +210,7 @@ def test_a_jsonl_upload_runs_as_batch_lines_with_their_errors(stack: Stack) -> N
     x = example_split("digits-cnn").x_holdout
     lines = [json.dumps({"id": i, "inputs": x[i].tolist()}) for i in range(5)]
     lines.insert(2, '{"id": "bad", "inputs": [1, 2]}')
-    body = ("\n".join(lines) + "\n").encode()
-    _, _, upload = stack.call("POST", "/v2/uploads", {"size": len(body), "format": "jsonl"})
-    assert requests.put(upload["url"], data=body, headers=upload["headers"],
-                        timeout=30).status_code == 200
-    _, _, accepted = stack.call("POST", "/v2/models/digits-cnn/infer",
-                                {"upload": upload["upload"]}, prefer=True)
-    stack.run_queue()
-    done = stack.call("GET", f"/v2/jobs/{accepted['id']}")[2]
+    done = stack.jsonl_job("digits-cnn", lines)
     assert done["status"] == "succeeded"
     assert done["summary"] == {"lines": 6, "predictions": 5, "errors": 1}
     out = [json.loads(line) for line in requests.get(done["result"]["url"], timeout=30)

@@ -517,14 +517,7 @@ def test_a_jsonl_upload_of_prompts_runs_as_batch_lines(stack: Any, client: Any) 
 
     lines = [json.dumps({"id": i, "inputs": p}) for i, p in enumerate(PROMPTS[:3])]
     lines.insert(1, json.dumps({"id": "bad", "inputs": 7}))
-    data = ("\n".join(lines) + "\n").encode()
-    _, _, upload = stack.call("POST", "/v2/uploads", {"size": len(data), "format": "jsonl"})
-    assert requests.put(upload["url"], data=data, headers=upload["headers"],
-                        timeout=30).status_code == 200
-    _, _, accepted = stack.call("POST", "/v2/models/llama/infer",
-                                {"upload": upload["upload"]}, prefer=True)
-    stack.run_queue()
-    done = stack.call("GET", accepted["location"])[2]
+    done = stack.jsonl_job("llama", lines)
     assert done["status"] == "succeeded", done
     assert done["summary"] == {"lines": 4, "predictions": 3, "errors": 1}
     got = requests.get(done["result"]["url"], timeout=30)
