@@ -37,7 +37,8 @@ PROMPTS = ["def main(args):\n    ", "import os\nimport sys\n", "class Parser:\n 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two decoder folders, built into one store: llama at every precision the gates
-    try (auto), qwen2 at fp32; and a llama folder without a chat template."""
+    try (auto: which ships depends on the measured speed) and again at fp32 (llama-fp32),
+    qwen2 at fp32; and a llama folder without a chat template."""
     root = tmp_path_factory.mktemp("gen")
     own_models.tiny_decoder(root, "llama", seed=1)
     own_models.tiny_decoder(root, "qwen2", seed=2)
@@ -46,6 +47,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = write_project(root, {
         "llama": {"source": "transformers", "task": "text-generation", "path": "tiny-llama",
                   "prompts": "prompts.txt", "max_tokens": 100, "max_prompt_tokens": 64},
+        "llama-fp32": {"source": "transformers", "task": "text-generation",
+                       "path": "tiny-llama"},
         "qwen": {"source": "transformers", "task": "text-generation", "path": "tiny-qwen2"},
         "plain": {"source": "transformers", "task": "text-generation",
                   "path": str(plain), "max_seconds": 0.001},
@@ -53,7 +56,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = open_store(str(root / "store"))
     project = load_project(config)
     logs: dict[str, list[str]] = {}
-    for name, precision in (("llama", "auto"), ("qwen", "fp32"), ("plain", "fp32")):
+    for name, precision in (("llama", "auto"), ("llama-fp32", "fp32"), ("qwen", "fp32"),
+                            ("plain", "fp32")):
         logs[name] = []
         build(name, store, project=project, precision=precision, log=logs[name].append)
     (root / "build.json").write_text(json.dumps(logs))
@@ -135,7 +139,8 @@ def test_each_family_builds_and_ships_the_gated_precision(root: Path, api: Modul
     assert api.repo.manifest("qwen").optimization["candidates"] == []
 
 
-@pytest.mark.parametrize("name,family", [("llama", "llama"), ("qwen", "qwen2")])
+# fp32 bundles: a quantized one (what auto may ship) need not give transformers' tokens
+@pytest.mark.parametrize("name,family", [("llama-fp32", "llama"), ("qwen", "qwen2")])
 def test_served_greedy_text_is_transformers_greedy_text(root: Path, client: Any, name: str,
                                                         family: str) -> None:
     for prompt in PROMPTS[:3]:
@@ -203,7 +208,8 @@ def test_completion_stream_through_the_openai_sdk(client: Any) -> None:
 
 
 def test_models_list_names_the_decoders(client: Any) -> None:
-    assert {m.id for m in client.models.list()} == {"llama", "qwen", "plain"}
+    assert {m.id for m in client.models.list()} == {"llama", "llama-fp32", "qwen",
+                                                       "plain"}
     assert client.models.retrieve("qwen").id == "qwen"
 
 
