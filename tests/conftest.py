@@ -407,15 +407,16 @@ INVOKE = (
 
 
 def invoke_as_lambda(path: list[Path], env: dict[str, str], event: str,
-                     cwd: str = "/") -> dict[str, Any]:
+                     cwd: str = "/", version: tuple[int, int] = (3, 12)) -> dict[str, Any]:
     """Run ``app.lambda_handler`` on ``events/<event>.json`` in a fresh CPython 3.12 with
     only ``path`` importable (-S: no site-packages), as Lambda runs a function; the
     result's status must be 200 and torch must not have been imported."""
     from modelfn.packaging.python import lambda_python
 
-    python = lambda_python()
+    python = lambda_python(version)
     if python is None:
-        pytest.skip("no local CPython 3.12 to stand in for Lambda's python3.12")
+        pytest.skip("no local CPython {0}.{1} to stand in for Lambda's python{0}.{1}"
+                    .format(*version))
     env = {"PYTHONPATH": ":".join(map(str, path)), "POWERTOOLS_METRICS_DISABLED": "true",
            "POWERTOOLS_LOG_LEVEL": "WARNING", "PATH": os.environ.get("PATH", ""),
            "PYTHONDONTWRITEBYTECODE": "1", **env}  # /opt and /var/task are read-only
@@ -423,5 +424,6 @@ def invoke_as_lambda(path: list[Path], env: dict[str, str], event: str,
                           env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["version"] == [3, 12] and result["status"] == 200 and not result["torch"]
+    assert result["version"] == list(version) and result["status"] == 200
+    assert not result["torch"]
     return result

@@ -91,8 +91,15 @@ class _Resolver:
             "Fn::Not": lambda: not self.evaluate(arg[0]),
             "Fn::And": lambda: all(self.evaluate(a) for a in arg),
             "Fn::Or": lambda: any(self.evaluate(a) for a in arg),
+            "Fn::Join": lambda: str(arg[0]).join(self.strings(arg[1])),
         }
         return functions[key]() if key in functions else node
+
+    def strings(self, node: Any) -> list[str]:
+        """A list argument: a CommaDelimitedList parameter's items, or each item's value."""
+        if isinstance(node, dict) and set(node) == {"Ref"} and node["Ref"] in self.lists:
+            return [v for v in self.values[node["Ref"]].split(",") if v]
+        return [str(self.evaluate(v)) for v in node]
 
     def walk(self, node: Any) -> Any:
         if isinstance(node, list):

@@ -505,7 +505,8 @@ def cmd_package(args: argparse.Namespace) -> int:
     checkout("modelfn package")
     build_dir = Path(args.build_dir)
     result = package(reading(args.store), args.model, Path(args.out),
-                     build_dir / "RuntimeLayer", build_dir / "ApiFunction", image=args.image)
+                     build_dir / "RuntimeLayer", build_dir / "ApiFunction", image=args.image,
+                     gpu=args.gpu)
     print(describe(result))
     return 0
 
@@ -691,6 +692,10 @@ def parser() -> argparse.ArgumentParser:
     pg.add_argument("model", metavar="NAME[:VERSION]", help="version or alias (default: live)")
     pg.add_argument("--image", action="store_true",
                     help="a container-image build context even if a layer would fit")
+    pg.add_argument("--gpu", action="store_true",
+                    help="an image for a GPU of Lambda Managed Instances (python3.13, x86_64, "
+                         "onnxruntime-gpu; CPU where no GPU is found): deploy with "
+                         "Compute=ManagedInstances AcceleratorMemoryGiB=16")
     pg.add_argument("--out", default="dist", help="where to write it (default: dist/)")
     pg.add_argument("--build-dir", default=".aws-sam/build",
                     help="sam build's output, for the runtime layer's size")

@@ -8,7 +8,9 @@ process into one object that both Lambda functions (and ``modelfn serve``) use.
 | ``MODELFN_MAX_BATCH`` | 64 | batches over it get 422 (a manifest may lower it) |
 | ``MODELFN_PRELOAD`` | empty | ``name[:version],...`` loaded at init |
 | ``MODELFN_ALIAS`` | ``live`` | the alias a request without a version is served from |
-| ``MODELFN_THREADS`` | vCPUs | onnxruntime intra-op threads |
+| ``MODELFN_THREADS`` | vCPUs / concurrency | onnxruntime intra-op threads |
+| ``MODELFN_CONCURRENCY`` | 1 | requests one environment serves at once, a process each |
+| ``MODELFN_PROVIDERS`` | ``auto`` | ``auto`` (CUDA where a GPU is, else CPU), ``cpu``, ``cuda`` |
 | ``MODELFN_BATCH_MAX_BYTES`` | 20 GiB | batch files over it are rejected |
 | ``MODELFN_BATCH_MAX_LINES`` | 500,000,000 | batch files over it are rejected |
 | ``MODELFN_BATCH_MICRO_BATCH`` | 32 | rows per onnxruntime call in a batch file |
@@ -27,17 +29,53 @@ process into one object that both Lambda functions (and ``modelfn serve``) use.
 | ``MODELFN_WEBHOOK_SECRET`` | empty | the webhooks' HMAC key (``whsec_`` + base64, or text) |
 | ``MODELFN_WEBHOOK_SECRET_ARN`` | empty | or: a Secrets Manager secret holding it |
 | ``MODELFN_WEBHOOK_LOOPBACK`` | false | local emulation only: http to 127.0.0.1/localhost allowed |
+
+``MODELFN_CONCURRENCY`` (Lambda Managed Instances; else ``AWS_LAMBDA_MAX_CONCURRENCY``):
+the processes share the environment's vCPUs, so each gets vCPUs / concurrency threads.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 from modelfn.errors import ConfigError
 
 DEFAULT_STORE = ".modelfn"
+#: MODELFN_PROVIDERS' values
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+#: cgroup v2's CPU bandwidth limit of this process's group ("max 100000": none)
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def cpu_count(cpu_max: str = CGROUP_CPU_MAX) -> int:
+    """vCPUs this process may use (Lambda: follows the memory size): the CPUs it may run
+    on, and fewer where its cgroup's CPU quota allows fewer (a container, a Lambda
+    Managed Instances environment on a larger instance: AWS's own Node.js runtime
+    client sizes its workers by this quota too)."""
+    try:
+        cpus = max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = max(1, os.cpu_count() or 1)
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read
+    return cpus
+
+
+def per_request_threads(concurrency: int, cpus: int | None = None) -> int:
+    """onnxruntime threads for each of ``concurrency`` processes sharing ``cpus``: the
+    vCPUs split between them, at least one each. More threads than that oversubscribe
+    the cores, and the p99 is what pays (bench/results/managed-concurrency.md)."""
+    cpus = cpu_count() if cpus is None else cpus
+    return max(1, cpus // max(1, concurrency))
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_BATCH = 64
 DEFAULT_ALIAS = "live"
@@ -119,6 +157,11 @@ class Settings(NamedTuple):
     alias: str = DEFAULT_ALIAS
     #: onnxruntime intra-op threads; 0: one per vCPU this process may use
     threads: int = 0
+    #: requests served at once by this environment, each in its own process (Lambda
+    #: Managed Instances): ``threads`` defaults to the vCPUs divided between them
+    concurrency: int = 1
+    #: onnxruntime's execution providers: auto (CUDA where found, else CPU), cpu, cuda
+    providers: str = "auto"
     batch: BatchLimits = BatchLimits()
     idempotency_table: str = ""
     idempotency_ttl_seconds: int = 7 * 86400
@@ -133,13 +176,22 @@ class Settings(NamedTuple):
         env = os.environ if env is None else env
         batch = BatchLimits()  # the defaults (a NamedTuple's class attributes are not)
         preload = env.get("MODELFN_PRELOAD", "")
+        concurrency = _int(env, "MODELFN_CONCURRENCY",
+                           _int(env, "AWS_LAMBDA_MAX_CONCURRENCY", 1, 1), 1)
+        providers = (env.get("MODELFN_PROVIDERS") or "auto").strip().lower()
+        if providers not in PROVIDER_CHOICES:
+            raise ConfigError(f"MODELFN_PROVIDERS={providers!r}: expected one of "
+                              f"{', '.join(PROVIDER_CHOICES)}")
         return cls(
             store=env.get("MODELFN_STORE") or DEFAULT_STORE,
             max_body_bytes=_int(env, "MODELFN_MAX_BODY_BYTES", DEFAULT_MAX_BODY, 1),
             max_batch=_int(env, "MODELFN_MAX_BATCH", DEFAULT_MAX_BATCH, 1),
             preload=tuple(p.strip() for p in preload.split(",") if p.strip()),
             alias=env.get("MODELFN_ALIAS") or DEFAULT_ALIAS,
-            threads=_int(env, "MODELFN_THREADS", 0),
+            threads=_int(env, "MODELFN_THREADS", 0) or (
+                per_request_threads(concurrency) if concurrency > 1 else 0),
+            concurrency=concurrency,
+            providers=providers,
             batch=BatchLimits(
                 max_bytes=_int(env, "MODELFN_BATCH_MAX_BYTES", batch.max_bytes, 1),
                 max_lines=_int(env, "MODELFN_BATCH_MAX_LINES", batch.max_lines, 1),

@@ -276,3 +276,22 @@ def test_a_decoder_over_the_budget_is_an_image_whose_entry_point_streams(
     prelude, _, doc = whole.partition(DELIMITER)
     assert json.loads(prelude)["statusCode"] == 200
     assert text == json.loads(doc)["choices"][0]["text"] and text
+
+
+def test_gpu_image_context_swaps_in_the_cuda_builds(built_store: Path, tmp_path: Path) -> None:
+    """modelfn package --image --gpu: python3.13 (Lambda Managed Instances), onnxruntime's
+    and onnxruntime-genai's CUDA builds instead of (never beside) the CPU ones, the
+    providers chosen at run time."""
+    assert main(["package", "digits-cnn", "--image", "--gpu", "--out", str(tmp_path),
+                 "--store", str(built_store)]) == 0
+    (context,) = tmp_path.iterdir()
+    assert context.name.endswith("-gpu-image")
+    instructions = dockerfile(context)
+    assert instructions[0] == ("FROM", "public.ecr.aws/lambda/python:3.13")
+    assert "MODELFN_PROVIDERS=auto" in dict(instructions)["ENV"]
+    pins = [line.split("==")[0] for line in (context / "requirements.txt").read_text()
+            .splitlines() if line and not line.startswith("#")]
+    assert "onnxruntime-gpu[cuda,cudnn]" in pins and "onnxruntime-genai-cuda" in pins
+    assert "onnxruntime" not in pins and "onnxruntime-genai" not in pins
+    cpu = (ROOT / "layers/runtime/requirements.txt").read_text()
+    assert len(pins) == len([x for x in cpu.splitlines() if x and not x.startswith("#")])

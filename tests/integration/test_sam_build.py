@@ -96,6 +96,19 @@ def test_built_function_answers_under_python312(sam_build: Path, built_store: Pa
         assert check(result["body"]["outputs"]), (event, result["body"])
 
 
+def test_managed_function_answers_under_python313_with_its_layer(
+        sam_build: Path, built_store: Path) -> None:
+    """Compute=ManagedInstances: ManagedApiFunction on RuntimeLayer313 (cp313 wheels),
+    as one of an environment's concurrent processes (MODELFN_CONCURRENCY)."""
+    so = list((sam_build / "RuntimeLayer313/python/onnxruntime/capi").glob("*.so"))
+    assert any("cpython-313" in s.name for s in so), so
+    path = [sam_build / "ManagedApiFunction", sam_build / "RuntimeLayer313/python"]
+    result = invoke_as_lambda(path, {"MODELFN_STORE": str(built_store),
+                                     "MODELFN_CONCURRENCY": "2"}, "api-infer",
+                              version=(3, 13))
+    assert result["body"]["outputs"][1]["data"] == ["7"]
+
+
 def test_sam_validate_lint(sam_build: Path) -> None:
     env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1", "SAM_CLI_TELEMETRY": "0"}
     proc = subprocess.run([sam_cli(), "validate", "--lint"], cwd=ROOT, env=env,

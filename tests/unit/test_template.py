@@ -24,11 +24,18 @@ def test_template_passes_cfn_lint() -> None:
 
 
 def test_template_targets_python312_on_the_chosen_architecture() -> None:
+    # on demand python3.12; on Lambda Managed Instances (Managed*) python3.13, the oldest
+    # they run, each on the layer built for it
     for name, fn in resources("AWS::Serverless::Function").items():
         if fn["Properties"].get("PackageType") != "Image":
-            assert fn["Properties"]["Runtime"] == "python3.12", name
-    for layer in resources("AWS::Serverless::LayerVersion").values():
-        assert layer["Properties"]["CompatibleRuntimes"] == ["python3.12"]
+            managed = name.startswith("Managed")
+            assert fn["Properties"]["Runtime"] == ("python3.13" if managed else
+                                                   "python3.12"), name
+            layer = "RuntimeLayer313" if managed else "RuntimeLayer"
+            assert layer in json.dumps(fn["Properties"]["Layers"]), name
+    layers = resources("AWS::Serverless::LayerVersion")
+    assert layers["RuntimeLayer"]["Properties"]["CompatibleRuntimes"] == ["python3.12"]
+    assert layers["RuntimeLayer313"]["Properties"]["CompatibleRuntimes"] == ["python3.13"]
     assert template()["Parameters"]["Architecture"]["Default"] == "x86_64"
     for arch in ("x86_64", "arm64"):
         deployed = resolved(Architecture=arch)
@@ -118,14 +125,18 @@ def test_the_kms_grant_appears_only_with_the_key_and_names_only_it(image: str) -
     assert not [s for s in allow_statements(resolved(**extra)) if "kms:" in json.dumps(s)]
     deployed = resolved(KmsKeyArn=KEY, **extra)
     grants = [s for s in allow_statements(deployed) if "kms:" in json.dumps(s)]
-    roles = {name: r for name, r in of_type(deployed, "AWS::IAM::Role").items()
-             if name.endswith("FunctionRole")}
-    assert len(roles) == 2 and len(grants) == 2  # one a function role, nowhere else
-    for role in roles.values():
-        (grant,) = [s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]
+    # one in each function's access policy (ApiAccessPolicy, BatchAccessPolicy), which
+    # the functions' roles attach; nowhere else
+    policies = of_type(deployed, "AWS::IAM::ManagedPolicy")
+    assert set(policies) == {"ApiAccessPolicy", "BatchAccessPolicy"} and len(grants) == 2
+    for name, policy in policies.items():
+        (grant,) = [s for s in policy["PolicyDocument"]["Statement"]
                     if "kms:" in json.dumps(s)]
         assert grant["Action"] == ["kms:Decrypt", "kms:GenerateDataKey"]
         assert grant["Resource"] == KEY
+        (role,) = [r for r in of_type(deployed, "AWS::IAM::Role").values()
+                   if {"Ref": name} in r.get("ManagedPolicyArns", [])]
+        assert not [p for p in role.get("Policies", []) if "kms:" in json.dumps(p)]
 
 
 def test_access_logs_go_to_a_private_tls_only_bucket_that_is_never_logged_itself() -> None:
@@ -440,8 +451,11 @@ def _param_default(name: str) -> Any:
 
 
 def _statements(function: str) -> list[dict[str, Any]]:
-    props = template()["Resources"][function]["Properties"]
-    return [s for policy in props["Policies"] for s in policy.get("Statement", [])]
+    """The function's unconditional grants, from the access policy it attaches."""
+    resources_ = template()["Resources"]
+    (ref,) = resources_[function]["Properties"]["Policies"]
+    document = resources_[ref["Ref"]]["Properties"]["PolicyDocument"]
+    return [s for s in document["Statement"] if "Sid" in s]  # not the !If-wrapped ones
 
 
 def test_batch_files_and_job_requests_notify_the_batch_queue_only() -> None:
@@ -550,8 +564,9 @@ def test_split_files_fan_out_on_the_batch_queue_with_least_privilege_as_deployed
     deployed = resolved(BatchPartLines="5000", BatchPartBytes="8388608",
                         BatchMaxConcurrency="7")
     role = deployed["BatchFunctionRole"]["Properties"]
-    by_sid = {s["Sid"]: s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]
-              if "Sid" in s}
+    assert {"Ref": "BatchAccessPolicy"} in role["ManagedPolicyArns"]
+    policy = deployed["BatchAccessPolicy"]["Properties"]["PolicyDocument"]
+    by_sid = {s["Sid"]: s for s in policy["Statement"] if "Sid" in s}
     # its own queue (the parts), its own table (the count), batch-parts/ (the part files)
     assert by_sid["SendParts"]["Action"] == "sqs:SendMessage"
     assert by_sid["SendParts"]["Resource"] == {"Fn::GetAtt": ["BatchQueue", "Arn"]}

@@ -40,13 +40,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from modelfn.config import DEFAULT_MAX_BATCH
+from modelfn.config import DEFAULT_MAX_BATCH, cpu_count
 from modelfn.errors import ExportParityError, ModelfnError, UsageError
 from modelfn.export import graph, parity, quantize
 from modelfn.packaging.limits import mib
 from modelfn.project import PRECISIONS, ModelSpec, candidate_defaults
 from modelfn.runtime.manifest import Manifest
-from modelfn.runtime.model import LoadedModel, cpu_count, from_files
+from modelfn.runtime.model import LoadedModel, from_files
 from modelfn.sources import common
 from modelfn.sources.common import Arrays, Log, Prepared
 

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from modelfn.config import cpu_count
 from modelfn.errors import InvalidInput, LimitExceeded, ModelUnavailable
 from modelfn.generate.params import Sampling, sampling
 from modelfn.runtime.manifest import Manifest
-from modelfn.runtime.model import LoadedModel, cpu_count
+from modelfn.runtime.model import LoadedModel
 from modelfn.runtime.protocol import InferRequest, to_strings
 from modelfn.store import Store
 from modelfn.store import keys as k
@@ -111,8 +112,8 @@ class TextStream:
 class Decoder(LoadedModel):
     """One decoder bundle, loaded (see the module's doc)."""
 
-    def __init__(self, manifest: Manifest, folder: Path, max_batch: int, threads: int = 0
-                 ) -> None:
+    def __init__(self, manifest: Manifest, folder: Path, max_batch: int, threads: int = 0,
+                 providers: str = "cpu") -> None:
         import onnxruntime_genai as og
 
         self.name, self.version, self.manifest = manifest.name, manifest.version, manifest
@@ -129,9 +130,11 @@ class Decoder(LoadedModel):
         self.stats = Stats()
         try:
             config = og.Config(str(folder))
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": threads or cpu_count(),
-                "inter_op_num_threads": 1, "log_severity_level": 3}}}}))
+            options: dict[str, Any] = {"intra_op_num_threads": threads or cpu_count(),
+                                       "inter_op_num_threads": 1, "log_severity_level": 3}
+            if providers != "cpu" and decoder_gpu(providers):
+                options["provider_options"] = [{"cuda": {}}]  # onnxruntime-genai-cuda
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
             self.model = og.Model(config)
             self.tokenizer = og.Tokenizer(self.model)
             from tokenizers import Tokenizer
@@ -357,9 +360,25 @@ def _folder(store: Store, manifest: Manifest, where: str) -> Path:
     return folder
 
 
-def load(store: Store, manifest: Manifest, max_batch: int, threads: int = 0) -> Decoder:
+def load(store: Store, manifest: Manifest, max_batch: int, threads: int = 0,
+         providers: str = "cpu") -> Decoder:
     where = f"{manifest.name} version {manifest.version}"
-    return Decoder(manifest, _folder(store, manifest, where), max_batch, threads)
+    return Decoder(manifest, _folder(store, manifest, where), max_batch, threads, providers)
+
+
+def decoder_gpu(choice: str) -> bool:
+    """Whether a decoder runs on CUDA for MODELFN_PROVIDERS ``choice`` (auto or cuda):
+    onnxruntime-genai built for CUDA (onnxruntime-genai-cuda) and a GPU visible."""
+    import onnxruntime_genai as og
+
+    from modelfn.runtime.model import gpu_present
+
+    built = bool(getattr(og, "is_cuda_available", lambda: False)())
+    if choice == "cuda" and not (built and gpu_present()):
+        raise ModelUnavailable("MODELFN_PROVIDERS=cuda, but " + (
+            "no GPU is visible (/dev/nvidia*)" if built else
+            "this onnxruntime-genai is not built for CUDA (onnxruntime-genai-cuda)"))
+    return built and gpu_present()
 
 
 def from_folder(manifest: Manifest, folder: str | os.PathLike[str], max_batch: int = 8,

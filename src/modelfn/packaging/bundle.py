@@ -34,6 +34,13 @@ LAYER_STORE = "/opt/modelfn-store"
 TASK_ROOT = "/var/task"
 IMAGE_STORE = f"{TASK_ROOT}/modelfn-store"
 BASE_IMAGE = "public.ecr.aws/lambda/python:3.12"
+#: --gpu: Lambda Managed Instances with a GPU run python3.13+ on x86_64 only
+GPU_BASE_IMAGE = "public.ecr.aws/lambda/python:3.13"
+#: --gpu: the CPU packages' CUDA builds (the same modules: never both in one image).
+#: onnxruntime-gpu's newest release is one behind the CPU pin; its cuda and cudnn
+#: extras bring CUDA 12's and cuDNN 9's libraries as wheels (no CUDA in the base image)
+GPU_REQUIREMENTS = {"onnxruntime": "onnxruntime-gpu[cuda,cudnn]==1.31.1",
+                    "onnxruntime-genai": "onnxruntime-genai-cuda==0.18.0"}
 HANDLER = "app.lambda_handler"
 #: modelfn's sources the runtime needs (the runtime layer's Makefile copies the same)
 RUNTIME_SOURCES = ("__init__.py", "errors.py", "config.py", "registry.py", "store/*.py",
@@ -77,13 +84,34 @@ def models_layer(store: Store, name: str, version: str, out: Path) -> Path:
     return path
 
 
-def dockerfile(name: str, version: str) -> str:
-    return f"""\
+def gpu_requirements(text: str) -> str:
+    """The runtime layer's requirements with the CUDA builds in place of the CPU ones."""
+    out = []
+    for line in text.splitlines():
+        package = line.split("==")[0].strip()
+        out.append(GPU_REQUIREMENTS.get(package, line))
+    return "\n".join(out) + "\n"
+
+
+def dockerfile(name: str, version: str, gpu: bool = False) -> str:
+    if gpu:
+        header = f"""\
+# modelfn API for {name} version {version} on a GPU: `modelfn package {name}:{version} --image
+# --gpu`, for Lambda Managed Instances with AcceleratorMemoryGiB (x86_64 only). onnxruntime's
+# CUDA execution provider where the environment has a GPU, the CPU otherwise
+# (MODELFN_PROVIDERS=auto). Build and push where Docker runs (README, "Container images"):
+#   docker build --platform linux/amd64 -t modelfn-{name}:{version}-gpu .
+FROM {GPU_BASE_IMAGE}
+"""
+    else:
+        header = f"""\
 # modelfn API for {name} version {version}: `modelfn package {name}:{version} --image`
 # Build and push where Docker runs (README, "Container images"):
 #   docker build --platform linux/amd64 -t modelfn-{name}:{version} .   (or linux/arm64)
 FROM {BASE_IMAGE}
-
+"""
+    gpu_env = " \\\n    MODELFN_PROVIDERS=auto" if gpu else ""
+    return header + f"""
 # the runtime layer's pins, installed for this image's Python and architecture (no torch)
 COPY requirements.txt ${{LAMBDA_TASK_ROOT}}/
 RUN pip install --no-cache-dir --only-binary=:all: -r ${{LAMBDA_TASK_ROOT}}/requirements.txt \\
@@ -99,16 +127,18 @@ RUN python -m compileall -q --invalidation-mode unchecked-hash ${{LAMBDA_TASK_RO
 ENV MODELFN_STORE={IMAGE_STORE} \\
     MODELFN_PRELOAD={name}:{version} \\
     POWERTOOLS_SERVICE_NAME=modelfn-api \\
-    POWERTOOLS_METRICS_NAMESPACE=modelfn
+    POWERTOOLS_METRICS_NAMESPACE=modelfn{gpu_env}
 
 CMD ["{HANDLER}"]
 """
 
 
-def image_context(store: Store, name: str, version: str, out: Path) -> Path:
-    """A ``docker build`` context for the API function with the bundle inside."""
+def image_context(store: Store, name: str, version: str, out: Path, gpu: bool = False
+                  ) -> Path:
+    """A ``docker build`` context for the API function with the bundle inside (``gpu``:
+    for a GPU of Lambda Managed Instances, with onnxruntime's CUDA builds)."""
     root = checkout("modelfn package --image")
-    context = out / f"{name}-{version}-image"
+    context = out / f"{name}-{version}-{'gpu-' if gpu else ''}image"
     shutil.rmtree(context, ignore_errors=True)
     (context / "modelfn").mkdir(parents=True)
     source = Path(__file__).resolve().parents[1]  # src/modelfn
@@ -118,22 +148,24 @@ def image_context(store: Store, name: str, version: str, out: Path) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, dest)
     shutil.copyfile(root / "functions/api/app.py", context / "app.py")
-    shutil.copyfile(root / "layers/runtime/requirements.txt", context / "requirements.txt")
+    requirements = (root / "layers/runtime/requirements.txt").read_text()
+    (context / "requirements.txt").write_text(gpu_requirements(requirements) if gpu
+                                              else requirements)
     copy_bundle(store, name, version, context / "modelfn-store")
-    (context / "Dockerfile").write_text(dockerfile(name, version))
+    (context / "Dockerfile").write_text(dockerfile(name, version, gpu))
     (context / ".dockerignore").write_text("**/__pycache__\n")
     return context
 
 
 def package(store: Store, ref: str, out: Path, layer_dir: Path | None,
-            function_dir: Path | None, image: bool = False) -> Packaged:
+            function_dir: Path | None, image: bool = False, gpu: bool = False) -> Packaged:
     """A models layer when runtime layer + function + bundle fit 250 MiB unzipped (and
     ``image`` is not asked for), else an image context."""
     name, _, wanted = ref.partition(":")
     version = registry.resolve_version(store, name, wanted or None)
     bundle = measure_bundle(store, name, version)
     out.mkdir(parents=True, exist_ok=True)
-    if not image:
+    if not (image or gpu):
         parts = [bundle]
         for what, folder in (("runtime layer", layer_dir), ("function", function_dir)):
             if folder is None or not folder.is_dir():
@@ -147,7 +179,7 @@ def package(store: Store, ref: str, out: Path, layer_dir: Path | None,
         print(f"{name}:{version} with the runtime is {mib(total)} unzipped, over "
               f"Lambda's {mib(UNZIPPED_LIMIT)} for a function and its layers: "
               "packaging a container image instead")
-    context = image_context(store, name, version, out)
+    context = image_context(store, name, version, out, gpu)
     size = sum(p.stat().st_size for p in context.rglob("*") if p.is_file())
     return Packaged("image", context, name, version, bundle, size)
 

@@ -52,7 +52,39 @@ def parameters(root: Path, config_env: str, overrides: list[str]) -> dict[str, s
         check_value(key, value, declared[key])
     values = {k: str(spec.get("Default", "")) for k, spec in declared.items()} | merged
     check_rules(template().get("Rules", {}), values, declared)
+    check_platform(values, merged)
     return dict(sorted(merged.items()))
+
+
+#: instance families with NVIDIA GPUs (g4dn, g5, g6, g6e, p4d, p5 ...)
+GPU_FAMILY = re.compile(r"^(g\d|p\d)[a-z0-9-]*\.")
+
+
+def check_platform(values: dict[str, str], asked: dict[str, str]) -> None:
+    """What Lambda refuses with a capacity provider that CloudFormation's Rules cannot
+    say (they have no arithmetic, no pattern match): ``asked`` is what the profile and
+    command line set, ``values`` the same with the template's defaults."""
+    if values.get("Compute") != "ManagedInstances":
+        return
+    for key in ("ApiReservedConcurrency", "BatchReservedConcurrency"):
+        if asked.get(key, "0") != "0":
+            raise ConfigError(f"{key}={asked[key]}: Lambda Managed Instances have no reserved "
+                              "concurrency; bound them with ManagedMaxEnvironments (and "
+                              "CapacityMaxVCpu) instead, and leave it out or at 0")
+    memory, ratio = int(values["ManagedMemorySize"]), int(values["MemoryGiBPerVCpu"])
+    if memory % (ratio * 1024):
+        raise ConfigError(f"ManagedMemorySize={memory} is not a whole number of vCPUs at "
+                          f"MemoryGiBPerVCpu={ratio} ({ratio * 1024} MB each): an environment "
+                          f"gets ManagedMemorySize / {ratio * 1024} vCPUs; try "
+                          f"{max(1, round(memory / (ratio * 1024))) * ratio * 1024}")
+    if values.get("AcceleratorMemoryGiB", "0") != "0":
+        types = [v.strip() for v in values.get("CapacityInstanceTypes", "").split(",")
+                 if v.strip()]
+        cpu_only = [v for v in types if not GPU_FAMILY.match(v)]
+        if not types or cpu_only:
+            raise ConfigError("AcceleratorMemoryGiB needs GPU instances: set "
+                              "CapacityInstanceTypes to GPU types only (g6.xlarge, g5.xlarge"
+                              + (f"; not {', '.join(cpu_only)}" if cpu_only else "") + ")")
 
 
 def check_value(key: str, value: str, spec: dict[str, Any]) -> None:

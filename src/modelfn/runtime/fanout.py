@@ -450,7 +450,7 @@ def run_local(source: Any, target: Any, *, workers: int, settings: Any, store_ur
     from concurrent.futures import ProcessPoolExecutor
     from pathlib import Path
 
-    from modelfn.runtime.model import cpu_count
+    from modelfn.config import cpu_count
     from modelfn.store import LocalStore
 
     started = time.perf_counter()

@@ -7,7 +7,6 @@ check and compute.
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 from dataclasses import InitVar, dataclass, field
@@ -23,7 +22,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
     RuntimeException,
 )
 
-from modelfn.config import DEFAULT_MAX_BATCH
+from modelfn.config import DEFAULT_MAX_BATCH, cpu_count
 from modelfn.errors import InvalidInput, ModelUnavailable
 from modelfn.runtime import processing
 from modelfn.runtime.manifest import GRAPH_LEVELS as manifest_levels
@@ -42,12 +41,28 @@ NO_EXTERNAL_DATA = "/dev/null/modelfn-bundles-have-no-external-data"
 BUCKET_ROWS = 8
 
 
-def cpu_count() -> int:
-    """vCPUs this process may use (Lambda: follows the memory size)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+def gpu_present() -> bool:
+    """Whether an NVIDIA device is visible to this process (a Lambda Managed Instances
+    environment with AcceleratorConfig, a GPU machine)."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def execution_providers(choice: str = "cpu") -> list[str]:
+    """onnxruntime's providers for MODELFN_PROVIDERS ``choice``: ``auto`` takes CUDA
+    where this onnxruntime has it (onnxruntime-gpu, modelfn package --image --gpu) and
+    a GPU is visible, the CPU otherwise; ``cuda`` is refused without both; ``cpu``."""
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and gpu_present()
+    if choice == "cuda" and not cuda:
+        raise ModelUnavailable(
+            "MODELFN_PROVIDERS=cuda, but " + ("no GPU is visible (/dev/nvidia*)"
+                                              if "CUDAExecutionProvider" in
+                                              ort.get_available_providers() else
+                                              "this onnxruntime has no CUDA execution "
+                                              "provider (the image needs onnxruntime-gpu: "
+                                              "modelfn package --image --gpu)"))
+    if choice != "cpu" and cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 #: the manifest's ``session.graph_optimization_level`` → onnxruntime's
@@ -283,7 +298,8 @@ def read_manifest(store: Store, name: str, version: str) -> Manifest:
 
 
 def load(store: Store, name: str, version: str, manifest: Manifest | None = None,
-         max_batch: int = DEFAULT_MAX_BATCH, threads: int = 0) -> LoadedModel:
+         max_batch: int = DEFAULT_MAX_BATCH, threads: int = 0,
+         providers: str = "cpu") -> LoadedModel:
     """Verify every bundle file against the manifest, then create the session.
 
     A mismatch raises :class:`~modelfn.errors.IntegrityError` before onnxruntime
@@ -299,7 +315,7 @@ def load(store: Store, name: str, version: str, manifest: Manifest | None = None
     if manifest.platform == "onnxruntime_genai":  # a generative decoder: its own runtime
         from modelfn.generate.decoder import load as load_decoder
 
-        return load_decoder(store, manifest, max_batch, threads)
+        return load_decoder(store, manifest, max_batch, threads, providers)
     blobs: dict[str, bytes] = {}
     model_path: Path | None = None
     for rel in manifest.files:
@@ -313,20 +329,21 @@ def load(store: Store, name: str, version: str, manifest: Manifest | None = None
             raise ModelUnavailable(f"{where}: {rel} is listed in the manifest but "
                                    "missing from the bundle") from exc
         blobs[rel] = manifest.verify_bytes(rel, data, where)
-    return from_files(manifest, blobs, max_batch, model_path, threads)
+    return from_files(manifest, blobs, max_batch, model_path, threads, providers)
 
 
 def from_files(manifest: Manifest, files: dict[str, bytes],
                max_batch: int = DEFAULT_MAX_BATCH, model_path: Path | None = None,
-               threads: int = 0) -> LoadedModel:
+               threads: int = 0, providers: str = "cpu") -> LoadedModel:
     """A served model from a manifest and its (already verified) files, the model
     file either among them or at ``model_path``; the build step's gates use this
-    too, so they test exactly what will be served."""
+    too, so they test exactly what will be served. ``providers``: see
+    :func:`execution_providers`."""
     source = str(model_path) if model_path is not None else files[manifest.model_file]
     try:
         level = manifest.load_level(ort.__version__, platform.machine())
         session = ort.InferenceSession(source, session_options(threads, level),
-                                       providers=["CPUExecutionProvider"])
+                                       providers=execution_providers(providers))
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ModelUnavailable(f"{manifest.name} version {manifest.version}: onnxruntime "
                                f"cannot load the model: {type(exc).__name__}") from exc

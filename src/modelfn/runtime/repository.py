@@ -22,12 +22,15 @@ from modelfn.store import Store, open_store
 
 class Repository:
     def __init__(self, store: Store, max_batch: int = DEFAULT_MAX_BATCH,
-                 alias: str = DEFAULT_ALIAS, threads: int = 0) -> None:
+                 alias: str = DEFAULT_ALIAS, threads: int = 0, providers: str = "cpu"
+                 ) -> None:
         self.store = store
         self.max_batch = max_batch
         #: what a request without a version gets (then ``live``, then the newest)
         self.alias = alias
         self.threads = threads
+        #: onnxruntime's execution providers (MODELFN_PROVIDERS: auto, cpu, cuda)
+        self.providers = providers
         self._lock = threading.Lock()
         self._resolved: dict[tuple[str, str | None], str] = {}
         self._manifests: dict[tuple[str, str], Manifest] = {}
@@ -45,9 +48,10 @@ class Repository:
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store | None = None) -> Repository:
-        """The repository a function serves: its store, batch limit, alias and threads."""
+        """The repository a function serves: its store, batch limit, alias, threads and
+        execution providers."""
         return cls(store or open_store(settings.store), settings.max_batch, settings.alias,
-                   settings.threads)
+                   settings.threads, settings.providers)
 
     def manifest(self, name: str, ref: str | None = None) -> Manifest:
         version = self.resolve(name, ref)
@@ -67,7 +71,7 @@ class Repository:
                 if loaded is None:
                     loaded = model_mod.load(self.store, name, version,
                                             self.manifest(name, version), self.max_batch,
-                                            self.threads)
+                                            self.threads, self.providers)
                     self._loaded[key] = loaded
         return loaded
 
