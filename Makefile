@@ -4,8 +4,10 @@
 PYTHON ?= python3
 VENV := .venv
 SAM_VENV := .venv-sam
+CHECKOV_VENV := .venv-checkov
 BIN := $(VENV)/bin
 SAM_CLI_VERSION := 1.170.0
+CHECKOV_VERSION := 3.3.30
 export HF_HUB_OFFLINE := 1
 export SAM_CLI_TELEMETRY := 0
 
@@ -26,7 +28,15 @@ $(SAM_VENV)/.installed:
 	$(SAM_VENV)/bin/pip install --quiet --disable-pip-version-check 'aws-sam-cli==$(SAM_CLI_VERSION)'
 	touch $@
 
-setup: $(VENV)/.installed $(SAM_VENV)/.installed
+# the IaC scanner (the template's findings are fixed, or skipped in the resource's
+# Metadata with the reason): it pins older boto3 and packaging, so it lives apart too
+$(CHECKOV_VENV)/.installed:
+	@echo "make: installing checkov $(CHECKOV_VERSION) into $(CHECKOV_VENV) (kept apart: it pins older boto3/packaging)"
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check 'checkov==$(CHECKOV_VERSION)'
+	touch $@
+
+setup: $(VENV)/.installed $(SAM_VENV)/.installed $(CHECKOV_VENV)/.installed
 
 run: $(VENV)/.installed
 	$(BIN)/modelfn up
@@ -36,10 +46,11 @@ test: setup
 	$(BIN)/mypy src
 	PATH="$(CURDIR)/$(SAM_VENV)/bin:$$PATH" $(BIN)/pytest
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed $(CHECKOV_VENV)/.installed
 	$(BIN)/ruff check src functions tests bench
 	$(BIN)/mypy src
 	$(BIN)/cfn-lint template.yaml
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --framework cloudformation -f template.yaml
 
 # Lambda artefacts without Docker: wheels for manylinux/python3.12 (see layers/runtime/Makefile)
 # for the architecture the stack deploys: make sam-build ARCH=arm64

@@ -220,11 +220,17 @@ def start_modelfn(args: list[str], port: int, wait_s: float = 180) -> subprocess
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "modelfn.cli", *args, "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return wait_ready(proc, port, f"modelfn {' '.join(args[:1])}", wait_s)
+
+
+def wait_ready(proc: subprocess.Popen[str], port: int, what: str,
+               wait_s: float = 180) -> subprocess.Popen[str]:
+    """``proc`` once its ``/v2/health/ready`` on ``port`` answers (any v2 server)."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             out = proc.stdout.read() if proc.stdout else ""
-            raise SystemExit(f"modelfn {' '.join(args[:1])} exited ({proc.returncode}):\n{out}")
+            raise SystemExit(f"{what} exited ({proc.returncode}):\n{out}")
         conn = http.client.HTTPConnection(HOST, port, timeout=1)
         try:
             resp, _ = exchange(conn, Request("/v2/health/ready", method="GET", headers={}))
@@ -236,7 +242,7 @@ def start_modelfn(args: list[str], port: int, wait_s: float = 180) -> subprocess
             conn.close()
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"modelfn {' '.join(args[:1])} did not become ready within {wait_s:.0f} s")
+    raise SystemExit(f"{what} did not become ready within {wait_s:.0f} s")
 
 
 def stop_modelfn(proc: subprocess.Popen[str]) -> str:

@@ -65,22 +65,36 @@ idempotency = IdempotencyConfig(
 persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
 
 
+def _store(bucket: str) -> S3Store:
+    store = _buckets.get(bucket)
+    if store is None:
+        store = _buckets[bucket] = S3Store(f"s3://{bucket}")
+    return store
+
+
+def _jobs_of(bucket: str) -> Jobs:
+    jobs = _jobs.get(bucket)
+    if jobs is None:
+        jobs = _jobs[bucket] = Jobs(settings.jobs, _store(bucket))
+    jobs.until = _until.get("now")  # its webhooks end before this invocation does
+    return jobs
+
+
+def _fanout_of(bucket: str) -> FanOut:
+    fanout = _fanouts.get(bucket)
+    if fanout is None:
+        fanout = _fanouts[bucket] = FanOut(
+            _store(bucket), bucket, settings.batch_runs_table, settings.batch_queue_url,
+            settings.jobs.attempts, settings.idempotency_ttl_seconds)
+    return fanout
+
+
 @idempotent_function(data_keyword_argument="obj", config=idempotency,
                      persistence_store=persistence)
 def process(obj: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
-    store = _buckets.get(obj["bucket"])
-    if store is None:
-        store = _buckets[obj["bucket"]] = S3Store(f"s3://{obj['bucket']}")
     if job_from_key(obj["key"]) is not None:
-        jobs = _jobs.get(obj["bucket"])
-        if jobs is None:
-            jobs = _jobs[obj["bucket"]] = Jobs(settings.jobs, store)
-        return jobs.run(obj["key"], repo, limits, attempt)
-    fanout = _fanouts.get(obj["bucket"])
-    if fanout is None:
-        fanout = _fanouts[obj["bucket"]] = FanOut(
-            store, obj["bucket"], settings.batch_runs_table, settings.batch_queue_url,
-            settings.jobs.attempts, settings.idempotency_ttl_seconds)
+        return _jobs_of(obj["bucket"]).run(obj["key"], repo, limits, attempt)
+    fanout = _fanout_of(obj["bucket"])
     if obj.get("stage") == PART_MESSAGE:
         return fanout.part(obj, repo, limits, attempt, _until.get("now"))
     if obj.get("stage") == FINISH_MESSAGE:
@@ -99,6 +113,33 @@ def report(summary: dict[str, Any]) -> None:
         "input", "output", "status", "lines", "predictions", "errors", "parts")})
 
 
+def _uploads(record: SQSRecord) -> list[dict[str, Any]]:
+    """The objects an S3 notification record names that this function runs: batch
+    files (inputs/*.jsonl) and job requests; each ``{bucket, key, etag, object_version}``."""
+    notification = record.decoded_nested_s3_event
+    if notification.get("Event") == "s3:TestEvent":  # sent once when notifications are set up
+        logger.info("ignoring s3:TestEvent")
+        return []
+    found = []
+    for s3 in notification.records:
+        if not s3.event_name.startswith("ObjectCreated:"):
+            logger.info("ignoring S3 event", extra={"event_name": s3.event_name})
+            continue
+        obj = s3.s3.get_object
+        key = unquote_plus(obj.key)  # keys arrive URL-encoded (spaces as '+')
+        if not (job_from_key(key) is not None or key.startswith(batch.INPUT_PREFIX)
+                and key.endswith(".jsonl")):
+            logger.warning("ignoring a key outside inputs/*.jsonl and async/*/request.json",
+                           extra={"key": key})
+            continue
+        found.append({"bucket": s3.s3.bucket.name, "key": key,
+                      "etag": obj.etag or obj.version_id or "",
+                      # one upload: its version (a versioned bucket) or sequencer; a
+                      # redelivery carries the same
+                      "object_version": obj.version_id or obj.get("sequencer") or ""})
+    return found
+
+
 def record_handler(record: SQSRecord) -> None:
     attempt = int(record.attributes.approximate_receive_count or 1)
     # not JSON: the record fails, and is retried, then dead-lettered
@@ -111,28 +152,10 @@ def record_handler(record: SQSRecord) -> None:
             raise
         report(summary)
         return
-    notification = record.decoded_nested_s3_event
-    if notification.get("Event") == "s3:TestEvent":  # sent once when notifications are set up
-        logger.info("ignoring s3:TestEvent")
-        return
-    for s3 in notification.records:
-        if not s3.event_name.startswith("ObjectCreated:"):
-            logger.info("ignoring S3 event", extra={"event_name": s3.event_name})
-            continue
-        obj = s3.s3.get_object
-        key = unquote_plus(obj.key)  # keys arrive URL-encoded (spaces as '+')
-        is_job = job_from_key(key) is not None
-        if not (is_job or key.startswith(batch.INPUT_PREFIX) and key.endswith(".jsonl")):
-            logger.warning("ignoring a key outside inputs/*.jsonl and async/*/request.json",
-                           extra={"key": key})
-            continue
+    for obj in _uploads(record):
+        is_job = job_from_key(obj["key"]) is not None
         try:
-            summary = process(obj={"bucket": s3.s3.bucket.name, "key": key,
-                                   "etag": obj.etag or obj.version_id or "",
-                                   # one upload: its version (a versioned bucket)
-                                   # or sequencer; a redelivery carries the same
-                                   "object_version": obj.version_id or obj.get("sequencer") or ""},
-                              attempt=attempt)
+            summary = process(obj=obj, attempt=attempt)
         except Exception:
             emf.batch_file_failed(metrics)
             raise  # the record fails: retried, then dead-lettered
@@ -155,3 +178,60 @@ def lambda_handler(event: dict, context: LambdaContext) -> dict:
     _until["now"] = deadline(context.get_remaining_time_in_millis())
     return process_partial_response(event=event, record_handler=record_handler,
                                     processor=processor, context=context)
+
+
+# --- the dead-letter queue's consumer (BatchDeadLetterFunction: this code, this handler) ---
+
+#: why a record reached the dead-letter queue, as the job or the file records it
+GAVE_UP = ("the batch queue gave up after {n} deliveries, each of which failed or was "
+           "stopped before it recorded an outcome (the batch function ran past "
+           "BatchTimeout, ran out of memory at its MemorySize, or crashed: its log has "
+           "each attempt)")
+dead_processor = BatchProcessor(event_type=EventType.SQS,
+                                raise_on_entire_batch_failure=False)
+
+
+def dead_letter_record(record: SQSRecord) -> None:
+    """Settle what the batch queue gave up on: a job or a batch file (whole, or a part
+    or the stitching of a split one) gets its failed state and reason, and a job its
+    webhook; one that reached a final state after all keeps it. A record that fails
+    here stays on the dead-letter queue and is tried again."""
+    emf.count_once(metrics, "DeadLetters")
+    reason = GAVE_UP.format(n=settings.jobs.attempts)
+    try:
+        body = record.json_body
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        logger.error("dead letter that is not a modelfn message: dropped",
+                     extra={"message_id": record.message_id})
+        return
+    if body.get("modelfn") in (PART_MESSAGE, FINISH_MESSAGE):
+        summary = _fanout_of(body["bucket"]).dead_letter(body, reason)
+        logger.error("batch run dead-lettered", extra={k: summary.get(k) for k in (
+            "input", "run", "status", "error")})
+        if "output" in summary:
+            emf.batch_file(metrics, summary)
+        return
+    for obj in _uploads(record):
+        if job_from_key(obj["key"]) is not None:
+            summary = _jobs_of(obj["bucket"]).dead_letter(obj["key"], reason)
+            logger.error("job dead-lettered", extra=summary)
+            if summary["status"] == "failed":
+                emf.job(metrics, "failed")
+            continue
+        summary = _fanout_of(obj["bucket"]).dead_letter_file(obj, reason)
+        logger.error("batch file dead-lettered", extra={k: summary.get(k) for k in (
+            "input", "run", "status", "reason", "error")})
+        if "output" in summary:
+            emf.batch_file(metrics, summary)
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics(capture_cold_start_metric=os.environ.get(
+    "POWERTOOLS_METRICS_DISABLED", "").lower() != "true")
+def dead_letter_handler(event: dict, context: LambdaContext) -> dict:
+    metrics.clear_metrics()
+    _until["now"] = deadline(context.get_remaining_time_in_millis())
+    return process_partial_response(event=event, record_handler=dead_letter_record,
+                                    processor=dead_processor, context=context)

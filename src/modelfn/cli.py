@@ -205,7 +205,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from modelfn.local.apigw import serve
+    from modelfn.local.apigw import cors_origins, serve
+
+    cors_origins(args.cors_origins)  # refused before anything starts
 
     args.port = _port(args.port)
     store_uri = reading(args.store).uri
@@ -230,10 +232,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host, port = server.server_address[:2]  # type: ignore[attr-defined]
         print(f"modelfn API (Open Inference Protocol v2) on http://{host}:{port}/v2, "
               f"OpenAI-compatible generation on http://{host}:{port}/v1 "
-              f"- store {store_uri}; Ctrl-C stops", flush=True)
+              f"- store {store_uri}; {getattr(server, 'threads_note', '')}; Ctrl-C stops",
+              flush=True)
 
     try:
-        serve(args.host, args.port, args.store, quiet=args.quiet, ready=announce)
+        serve(args.host, args.port, args.store, quiet=args.quiet, ready=announce,
+              cors=cors_origins(args.cors_origins))
     finally:
         if trigger is not None:
             trigger[2].set()
@@ -629,6 +633,12 @@ def parser() -> argparse.ArgumentParser:
                        help="the port to listen on (default: $MODELFN_PORT or 8080; 0: any "
                             "free one)")
         s.add_argument("--quiet", action="store_true", help="no access log")
+        s.add_argument("--cors-origins", default=os.environ.get("MODELFN_CORS_ORIGINS", ""),
+                       metavar="ORIGINS",
+                       help="browser origins that may call the API (CORS), comma-separated, "
+                            "e.g. http://localhost:5173; * for any (default: "
+                            "$MODELFN_CORS_ORIGINS, else none), as the template's "
+                            "CorsAllowOrigins does it on API Gateway")
         s.add_argument("--with-s3", action="store_true",
                        help="also run S3 + SQS on loopback (moto) and deliver uploads under "
                             "inputs/ to the batch handler")

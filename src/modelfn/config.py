@@ -23,7 +23,7 @@ process into one object that both Lambda functions (and ``modelfn serve``) use.
 | ``MODELFN_JOBS_STORE`` | empty | ``s3://bucket``: asynchronous jobs and uploads (off if empty) |
 | ``MODELFN_JOB_RETENTION_DAYS`` | 7 | a job is 404 after it (the bucket's lifecycle deletes it) |
 | ``MODELFN_MAX_UPLOAD_BYTES`` | 512 MiB | the largest upload ``POST /v2/uploads`` signs for |
-| ``MODELFN_PRESIGN_SECONDS`` | 900 | how long a presigned upload or result URL is valid |
+| ``MODELFN_PRESIGN_SECONDS`` | 900 | a presigned upload or result URL's life (at most 7 days) |
 | ``MODELFN_JOB_ATTEMPTS`` | 5 | deliveries before a job is failed (the queue's maxReceiveCount) |
 | ``MODELFN_WEBHOOK_HOSTS`` | empty | webhook hosts (``*.example.com`` too); none: off |
 | ``MODELFN_WEBHOOK_SECRET`` | empty | the webhooks' HMAC key (``whsec_`` + base64, or text) |
@@ -68,6 +68,49 @@ def cpu_count(cpu_max: str = CGROUP_CPU_MAX) -> int:
     except (OSError, ValueError):
         pass  # no cgroup v2 limit to read
     return cpus
+
+
+def _cpu_times(stat: str, cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """``/proc/stat``'s (idle, total) jiffies of each CPU in ``cpus``."""
+    times = {}
+    for line in stat.splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq ...
+            times[int(name[3:])] = (values[3] + values[4], sum(values))
+    return times
+
+
+def busy_cpus(seconds: float = 0.25, stat: str = "/proc/stat") -> float:
+    """How many of the CPUs this process may run on other processes keep busy, measured
+    over ``seconds`` (this process idle meanwhile); 0 where it cannot be read."""
+    import time
+
+    try:
+        allowed = set(os.sched_getaffinity(0))
+        before = _cpu_times(Path(stat).read_text(), allowed)
+        time.sleep(seconds)
+        after = _cpu_times(Path(stat).read_text(), allowed)
+    except (AttributeError, OSError, ValueError):
+        return 0.0
+    busy = 0.0
+    for cpu, (idle, total) in after.items():
+        d_idle, d_total = idle - before.get(cpu, (idle, total))[0], \
+            total - before.get(cpu, (idle, total))[1]
+        if d_total > 0:
+            busy += 1 - d_idle / d_total
+    return busy
+
+
+def usable_threads(cpus: int | None = None, busy: float | None = None) -> int:
+    """onnxruntime threads for a server that shares its machine (``modelfn serve``):
+    the CPUs it may use (:func:`cpu_count`) less those other processes keep busy (a
+    busy neighbour), at least one. A thread on a CPU that is taken waits for it, and
+    each operator waits for its slowest thread: the p99 pays
+    (bench/results/busy-neighbour.md)."""
+    cpus = cpu_count() if cpus is None else cpus
+    busy = busy_cpus() if busy is None else busy
+    return max(1, min(cpus, round(cpus - busy)))
 
 
 def per_request_threads(concurrency: int, cpus: int | None = None) -> int:
@@ -133,11 +176,15 @@ class JobSettings(NamedTuple):
     def from_env(cls, env: Mapping[str, str]) -> JobSettings:
         d = cls()
         hosts = env.get("MODELFN_WEBHOOK_HOSTS", "")
+        presign = _int(env, "MODELFN_PRESIGN_SECONDS", d.presign_seconds, 1)
+        if presign > 7 * 86400:  # S3 refuses a longer X-Amz-Expires
+            raise ConfigError(f"MODELFN_PRESIGN_SECONDS={presign}: SigV4 presigned URLs "
+                              "last at most 7 days (604800 seconds)")
         return cls(
             store=env.get("MODELFN_JOBS_STORE", "").strip(),
             retention_days=_int(env, "MODELFN_JOB_RETENTION_DAYS", d.retention_days, 1),
             max_upload_bytes=_int(env, "MODELFN_MAX_UPLOAD_BYTES", d.max_upload_bytes, 1),
-            presign_seconds=_int(env, "MODELFN_PRESIGN_SECONDS", d.presign_seconds, 1),
+            presign_seconds=presign,
             attempts=_int(env, "MODELFN_JOB_ATTEMPTS", d.attempts, 1),
             webhook_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
             webhook_secret=env.get("MODELFN_WEBHOOK_SECRET", ""),

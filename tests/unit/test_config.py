@@ -40,3 +40,39 @@ def test_settings_read_every_variable() -> None:
 def test_settings_refuse_what_is_not_a_value(name: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=f"{name}.*{message}"):
         Settings.from_env({name: value})
+
+
+def test_a_busy_neighbour_is_seen_and_takes_its_cpu_from_the_threads() -> None:
+    """A process spinning on one of this process's CPUs is counted as (about) one busy
+    CPU, and a local server's threads leave it out."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from modelfn.config import busy_cpus, cpu_count, usable_threads
+
+    allowed = sorted(os.sched_getaffinity(0))
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(spinner.pid, {allowed[0]})
+        time.sleep(0.3)
+        busy = busy_cpus(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.8 <= busy <= len(allowed), busy
+    assert usable_threads(cpu_count(), busy) == max(1, min(cpu_count(), round(cpu_count()
+                                                                            - busy)))
+    assert usable_threads(2, 1.0) == 1 and usable_threads(2, 0.1) == 2
+    assert usable_threads(4, 3.9) == 1 and usable_threads(8, 2.6) == 5
+    assert usable_threads(1, 0.0) == 1  # never more than the CPUs it may use
+
+
+def test_cpu_times_read_only_the_cpus_this_process_may_use() -> None:
+    from modelfn.config import _cpu_times
+
+    stat = ("cpu  10 0 10 80 0 0 0 0 0 0\n"
+            "cpu0 5 0 5 40 10 0 0 0 0 0\ncpu1 1 0 1 90 0 0 0 0 0 0\nintr 1 2 3\n")
+    assert _cpu_times(stat, {0}) == {0: (50, 60)}
+    assert _cpu_times(stat, {0, 1}) == {0: (50, 60), 1: (90, 92)}

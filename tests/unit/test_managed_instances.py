@@ -65,7 +65,8 @@ def functions(deployed: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_the_default_deploys_no_managed_instances() -> None:
     deployed = resolved()
-    assert set(functions(deployed)) == {"ApiFunction", "BatchFunction"}
+    assert set(functions(deployed)) == {"ApiFunction", "BatchFunction",
+                                        "BatchDeadLetterFunction"}
     # SAM gives every function's CodeDeploy group no condition (ImageApiFunction's was
     # there before): an empty deployment group, which costs nothing and runs nothing
     assert not [k for k, v in deployed.items() if v["Type"] == "AWS::Lambda::CapacityProvider"
@@ -81,7 +82,8 @@ def test_managed_functions_run_on_the_capacity_provider_with_their_concurrency(
                         BatchConcurrencyPerEnvironment="3", MemoryGiBPerVCpu="4",
                         ManagedMemorySize="8192")
     fns = functions(deployed)
-    assert set(fns) == {api, "ManagedBatchFunction"}  # the on-demand ones are gone
+    # the on-demand ones are gone (the dead letters' consumer runs no model: on demand)
+    assert set(fns) == {api, "ManagedBatchFunction", "BatchDeadLetterFunction"}
     (provider,) = [v["Properties"] for v in deployed.values()
                    if v["Type"] == "AWS::Lambda::CapacityProvider"]
     assert provider["VpcConfig"] == {"SubnetIds": ["subnet-1", "subnet-2", "subnet-3"],
@@ -102,7 +104,9 @@ def test_managed_functions_run_on_the_capacity_provider_with_their_concurrency(
             assert props["Runtime"] == "python3.13"
             (layer,) = props["Layers"]  # SAM's RuntimeLayer313<hash> version
             assert layer["Ref"].startswith("RuntimeLayer313"), layer
-    versions = [v["Properties"] for v in deployed.values() if v["Type"] == "AWS::Lambda::Version"]
+    versions = [v["Properties"] for k, v in deployed.items() if v["Type"] ==
+                "AWS::Lambda::Version" and not k.startswith("BatchDeadLetter")]
+    assert len(versions) == 2
     assert all(v["FunctionScalingConfig"] == {"MinExecutionEnvironments": "3"} for v in versions)
     assert not [v for v in deployed.values()
                 if v["Type"] == "AWS::Lambda::Version" and "ProvisionedConcurrencyConfig"
@@ -110,9 +114,13 @@ def test_managed_functions_run_on_the_capacity_provider_with_their_concurrency(
     # the HTTP API, its permission, the batch queue and the alarms follow
     body = json.dumps(deployed)
     assert f"${{{api}Aliaslive}}/invocations" in body or f"{api}Aliaslive" in body
-    (mapping,) = [v["Properties"] for v in deployed.values()
-                  if v["Type"] == "AWS::Lambda::EventSourceMapping"]
-    assert mapping["FunctionName"] == {"Ref": "ManagedBatchFunctionAliaslive"}
+    mappings = {json.dumps(v["Properties"]["EventSourceArn"]): v["Properties"]["FunctionName"]
+                for v in deployed.values() if v["Type"] == "AWS::Lambda::EventSourceMapping"}
+    assert mappings == {  # the dead letters' consumer stays on demand
+        json.dumps({"Fn::GetAtt": ["BatchQueue", "Arn"]}): {
+            "Ref": "ManagedBatchFunctionAliaslive"},
+        json.dumps({"Fn::GetAtt": ["BatchDeadLetterQueue", "Arn"]}): {
+            "Ref": "BatchDeadLetterFunctionAliaslive"}}
     dims = [d["Value"] for v in deployed.values() if v["Type"] == "AWS::CloudWatch::Alarm"
             for d in v["Properties"].get("Dimensions", []) if d["Name"] == "FunctionName"]
     assert {"Ref": api} in dims and {"Ref": "ManagedBatchFunction"} in dims
@@ -132,7 +140,7 @@ def test_a_provider_is_never_added_to_or_removed_from_an_existing_function() -> 
 def test_the_gpu_variant_is_an_image_on_x86_with_an_accelerator() -> None:
     deployed = resolved(**GPU)
     fns = functions(deployed)
-    assert set(fns) == {"GpuApiFunction", "ManagedBatchFunction"}
+    assert set(fns) == {"GpuApiFunction", "ManagedBatchFunction", "BatchDeadLetterFunction"}
     gpu = fns["GpuApiFunction"]
     assert gpu["PackageType"] == "Image" and gpu["Code"] == {"ImageUri": IMAGE}
     assert gpu["Architectures"] == ["x86_64"] and gpu["AcceleratorConfig"] == {

@@ -1,9 +1,11 @@
 """A webhook's delivery, choice by choice, against a real HTTP receiver on loopback
 (plain http to loopback is what ``MODELFN_WEBHOOK_LOOPBACK`` allows): what is sent and
 signed, which answers are retried and how long it waits between tries, what the outcome
-says; and the URL checks at their edges (length, default ports, the path sent, the port
-the host is resolved for). tests/unit/test_jobs.py covers the addresses refused;
-tests/integration/test_async.py the same deliveries from a deployed job."""
+says; the total deadline, against receivers that drip their answer a byte at a time (no
+single read ever times out) or keep answering 503; and the URL checks at their edges
+(length, default ports, the path sent, the port the host is resolved for).
+tests/unit/test_jobs.py covers the addresses refused; tests/integration/test_async.py the
+same deliveries from a deployed job."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import hmac
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -179,6 +182,182 @@ def test_a_url_refused_when_the_job_ends_sends_nothing(receiver: Receiver) -> No
     assert outcome == {"delivered": False, "attempts": 0,
                        "error": "'webhook' must be an https:// URL"}
     assert receiver.requests == []
+
+
+# --- the total deadline -----------------------------------------------------------------
+
+class Dripper:
+    """Reads a request, sends ``head``, then one byte of ``drip`` every ``every`` seconds
+    (well inside READ_TIMEOUT, so no read times out) until stopped, or until ``limit`` s
+    have passed: a delivery with no deadline then ends too, failing the test, not hanging
+    it."""
+
+    def __init__(self, head: bytes, every: float = 0.5, limit: float = 4.0) -> None:
+        self.head, self.every, self.limit = head, every, limit
+        self.sent = 0
+        self._stop = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.05)  # close() does not wake a blocked accept()
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(self.limit)
+                conn.recv(65536)  # the request (or a TLS client hello)
+                conn.sendall(self.head)
+                began = time.monotonic()
+                while not self._stop.wait(self.every) and time.monotonic() - began < self.limit:
+                    conn.sendall(b"x")
+                    self.sent += 1
+            except OSError:
+                pass  # the client went: what the deadline is for
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.close()
+
+
+@pytest.fixture
+def drip() -> Iterator[Any]:
+    """``drip(head)``: a Dripper, stopped after the test."""
+    started: list[Dripper] = []
+
+    def start(head: bytes) -> Dripper:
+        started.append(Dripper(head))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def timers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+
+
+@pytest.mark.parametrize(("scheme", "head"), [
+    # a status line, then a header line that never ends
+    ("http", b"HTTP/1.1 200 OK\r\nX-Slow: "),
+    # a TLS record header for 16 KiB, its bytes one at a time: stuck in the handshake
+    # (which the ssl module times out as a whole: the watchdog or that timeout, cut to
+    # the time left, ends it, whichever comes first)
+    ("https", b"\x16\x03\x03\x40\x00"),
+], ids=["headers", "tls-handshake"])
+def test_a_receiver_that_drips_its_answer_is_cut_at_the_deadline(drip: Any, scheme: str,
+                                                                 head: bytes) -> None:
+    d = drip(head)
+    waits: list[float] = []
+    began = time.monotonic()
+    outcome = webhooks.deliver(f"{scheme}://127.0.0.1:{d.port}/", "j.failed", b"{}",
+                               LOOPBACK, SECRET, sleep=waits.append, deadline=1.5)
+    took = time.monotonic() - began
+    assert 1.45 <= took < 2.5
+    assert d.sent >= 2  # it was still dripping: no read had timed out
+    # not the 200 of a status line whose headers the cut ended, and not tried again
+    assert outcome.pop("error").startswith("no answer within the 1.5 s deadline (attempt 1")
+    assert outcome == {"delivered": False, "attempts": 1} and waits == []
+    assert timers() == []
+
+
+def test_until_cuts_a_delivery_before_its_deadline_when_it_comes_first(drip: Any) -> None:
+    d = drip(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    began = time.monotonic()
+    outcome = webhooks.deliver(f"http://127.0.0.1:{d.port}/", "j.failed", b"{}", LOOPBACK,
+                               SECRET, deadline=30.0, until=began + 1.0)
+    assert time.monotonic() - began < 2.0
+    assert outcome["delivered"] is False and outcome["attempts"] == 1
+    assert outcome["error"].startswith("no answer within the 1 s deadline")
+
+
+def test_a_body_that_drips_after_a_2xx_is_cut_and_the_status_stands(drip: Any) -> None:
+    d = drip(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    began = time.monotonic()
+    outcome = webhooks.deliver(f"http://127.0.0.1:{d.port}/", "j.completed", b"{}",
+                               LOOPBACK, SECRET, deadline=1.5)
+    assert 1.45 <= time.monotonic() - began < 2.5
+    assert outcome == {"delivered": True, "attempts": 1, "status": 200}
+
+
+def test_no_retry_waits_past_the_deadline(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webhooks, "BACKOFF", (0.2, 0.4, 0.8))
+    r = serve(503)
+    began = time.monotonic()
+    outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET, deadline=1.0)
+    assert time.monotonic() - began < 1.0  # 0.2 + 0.4 waited; 0.8 more would pass it
+    assert len(r.requests) == 3 < webhooks.ATTEMPTS
+    assert outcome == {"delivered": False, "attempts": 3, "status": 503, "error":
+                       "no answer within the 1 s deadline (attempt 3: the receiver answered "
+                       "503; the next, after a 0.8 s wait, would pass it)"}
+
+
+@pytest.mark.parametrize(("deadline", "until"), [(2.5, None), (None, 2.5), (2.5, 100.0),
+                                                 (100.0, 2.5)])
+def test_the_earlier_of_deadline_and_until_bounds_the_backoff(serve: Any,
+                                                              deadline: float | None,
+                                                              until: float | None) -> None:
+    r = serve(503)
+    waits: list[float] = []
+    at = None if until is None else time.monotonic() + until
+    outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET,
+                               sleep=waits.append, deadline=deadline, until=at)
+    assert waits == [1.0, 2.0]  # the 4 s wait would end past 2.5 s
+    assert outcome["attempts"] == len(r.requests) == 3
+    assert "within the 2.5 s deadline" in outcome["error"]
+
+
+def test_the_default_deadline_leaves_the_whole_backoff(serve: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    r = serve(503)
+    waits: list[float] = []
+    webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET, sleep=waits.append)
+    assert waits == list(webhooks.BACKOFF)
+    monkeypatch.setattr(webhooks, "DEADLINE", 1.5)  # read at each call
+    waits.clear()
+    outcome = webhooks.deliver(r.url(), "j.failed", b"{}", LOOPBACK, SECRET,
+                               sleep=waits.append)
+    assert waits == [1.0] and outcome["attempts"] == 2
+
+
+def test_a_deadline_already_passed_sends_nothing(receiver: Receiver) -> None:
+    outcome = webhooks.deliver(receiver.url(), "j.completed", b"{}", LOOPBACK, SECRET,
+                               deadline=10.0, until=time.monotonic() - 1)
+    assert outcome == {"delivered": False, "attempts": 0, "error":
+                       "no answer within the 0 s deadline (it passed before attempt 1)"}
+    assert receiver.requests == []
+
+
+@pytest.mark.parametrize(("deadline", "connect", "read"), [(None, 3.0, 5.0),
+                                                           (1.0, 1.0, 1.0), (4.0, 3.0, 4.0)])
+def test_an_answering_receiver_is_delivered_to_with_waits_cut_to_the_time_left(
+        receiver: Receiver, monkeypatch: pytest.MonkeyPatch, deadline: float | None,
+        connect: float, read: float) -> None:
+    made: list[tuple[float, socket.socket]] = []
+    create = socket.create_connection
+
+    def spy(address: Any, timeout: float, *args: Any) -> socket.socket:
+        made.append((timeout, create(address, timeout, *args)))
+        return made[-1][1]
+
+    monkeypatch.setattr(webhooks.socket, "create_connection", spy)
+    outcome = webhooks.deliver(receiver.url(), "j.completed", b"{}", LOOPBACK, SECRET,
+                               deadline=deadline)
+    assert outcome == {"delivered": True, "attempts": 1, "status": 200}
+    ((timeout, sock),) = made
+    assert connect - 0.1 < timeout <= connect
+    assert read - 0.1 < (sock.gettimeout() or 0) <= read
+    assert timers() == []  # the watchdog went with the attempt
 
 
 # --- the URL, at its edges --------------------------------------------------------------

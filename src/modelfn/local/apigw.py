@@ -145,9 +145,58 @@ def _read_chunked(rfile: Any) -> bytes:
         rfile.readline(8)  # the CRLF after each chunk
 
 
+#: the HTTP API's CORS (template.yaml, HttpApi's x-amazon-apigateway-cors, when
+#: CorsAllowOrigins is set; tests/unit/test_template.py keeps the two the same)
+CORS_METHODS = ("GET", "POST", "OPTIONS")
+CORS_HEADERS = ("authorization", "content-type", "inference-header-content-length",
+                "prefer", "x-amz-content-sha256", "x-amz-date", "x-amz-security-token")
+CORS_EXPOSE = ("inference-header-content-length", "location", "preference-applied",
+               "retry-after")
+CORS_MAX_AGE = 600
+
+
+def cors_origins(value: str | None) -> tuple[str, ...]:
+    """``CorsAllowOrigins``' form (comma-separated origins, or ``*``) as a tuple;
+    LocalServiceError for what is not an origin (scheme://host[:port], no path)."""
+    origins = tuple(o.strip().rstrip("/") for o in (value or "").split(",") if o.strip())
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and not (parts.scheme in ("http", "https") and parts.netloc
+                                  and not parts.path and not parts.query):
+            raise LocalServiceError(f"CORS origin {origin!r} is not an origin: "
+                                    "scheme://host[:port] (e.g. https://app.example.com), "
+                                    "or * for any")
+    return origins
+
+
+def cors_response_headers(origins: tuple[str, ...], origin: str | None,
+                          preflight: bool = False) -> dict[str, str]:
+    """The CORS headers API Gateway adds for a request from ``origin`` (none when the
+    origin is not allowed: the browser then refuses the response)."""
+    if not origin or not origins or not ("*" in origins or origin.rstrip("/") in origins):
+        return {}
+    headers = {"Access-Control-Allow-Origin": "*" if "*" in origins else origin}
+    if "*" not in origins:
+        headers["Vary"] = "Origin"
+    if preflight:
+        headers.update({"Access-Control-Allow-Methods": ",".join(CORS_METHODS),
+                        "Access-Control-Allow-Headers": ",".join(CORS_HEADERS),
+                        "Access-Control-Max-Age": str(CORS_MAX_AGE)})
+    else:
+        headers["Access-Control-Expose-Headers"] = ",".join(CORS_EXPOSE)
+    return headers
+
+
+def _is_preflight(method: str, headers: Any) -> bool:
+    return method == "OPTIONS" and bool(headers.get("Origin")) and bool(
+        headers.get("Access-Control-Request-Method"))
+
+
 def make_server(handler: Handler, host: str = "127.0.0.1", port: int = 8080,
-                quiet: bool = False) -> ThreadingHTTPServer:
-    """An HTTP server that sends every request through ``handler`` as API Gateway would."""
+                quiet: bool = False, cors: tuple[str, ...] = ()) -> ThreadingHTTPServer:
+    """An HTTP server that sends every request through ``handler`` as API Gateway would
+    (with ``cors``, the allowed origins: its CORS too, preflight answered by the
+    gateway, never reaching the handler)."""
     lock = threading.Lock()  # one invocation at a time per "execution environment"
 
     class Gateway(BaseHTTPRequestHandler):
@@ -163,13 +212,20 @@ def make_server(handler: Handler, host: str = "127.0.0.1", port: int = 8080,
                 self._send(exc.status, {"content-type": "application/json"},
                            json.dumps({"error": exc.message}).encode(), close=True)
                 return
+            preflight = _is_preflight(self.command, self.headers) and bool(cors)
+            self._cors = cors_response_headers(cors, self.headers.get("Origin"), preflight)
+            if preflight:  # the gateway answers it, before any authorizer or route
+                self._send(204, self._cors, b"")
+                return
             headers = {k: v for k, v in self.headers.items()
                        if k.lower() != "transfer-encoding"}
             event = http_event(self.command, self.path, headers, body, self.client_address[0])
             with lock:
                 result = handler(event, LocalContext(function_name="modelfn-api"))
                 if isinstance(result, tuple):  # a streamed response: sent as it is made
-                    status = send_stream(self, *result)
+                    prelude, chunks = result
+                    status = send_stream(self, {**prelude, "headers": {
+                        **(prelude.get("headers") or {}), **self._cors}}, chunks)
                 else:
                     status, headers, payload = _response(result)
                     self._send(status, headers, payload)
@@ -180,7 +236,10 @@ def make_server(handler: Handler, host: str = "127.0.0.1", port: int = 8080,
         def _send(self, status: int, headers: dict[str, str], payload: bytes,
                   close: bool = False) -> None:
             head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}"]
-            head += [f"{k}: {v}" for k, v in headers.items() if k.lower() != "content-length"]
+            # API Gateway's CORS headers replace any the integration sent
+            cors_headers = getattr(self, "_cors", {})
+            head += [f"{k}: {v}" for k, v in {**headers, **cors_headers}.items()
+                     if k.lower() != "content-length"]
             head.append(f"Content-Length: {len(payload)}")
             if close:
                 head.append("Connection: close")
@@ -246,17 +305,37 @@ def _response(result: Any) -> tuple[int, dict[str, str], bytes]:
     return int(result["statusCode"]), headers, payload
 
 
+def choose_threads() -> str:
+    """A local server shares its machine: unless MODELFN_THREADS says, its onnxruntime
+    threads are the CPUs it may use less those other work keeps busy now
+    (:func:`modelfn.config.usable_threads`). Sets MODELFN_THREADS; says what it chose."""
+    from modelfn.config import busy_cpus, cpu_count, usable_threads
+
+    given = os.environ.get("MODELFN_THREADS", "").strip()
+    if given:
+        return f"{given} onnxruntime threads (MODELFN_THREADS)"
+    cpus, busy = cpu_count(), busy_cpus()
+    threads = usable_threads(cpus, busy)
+    os.environ["MODELFN_THREADS"] = str(threads)
+    return (f"{threads} onnxruntime thread{'s' if threads > 1 else ''} (of the {cpus} CPUs "
+            f"it may use, {busy:.1f} busy with other work; MODELFN_THREADS sets it)")
+
+
 def serve(host: str = "127.0.0.1", port: int = 8080, store: str | None = None,
-          quiet: bool = False, ready: Callable[[ThreadingHTTPServer], None] | None = None) -> None:
+          quiet: bool = False, ready: Callable[[ThreadingHTTPServer], None] | None = None,
+          cors: tuple[str, ...] = ()) -> None:
     """Run the deployed API handler behind the local gateway until interrupted."""
     if store:
         os.environ["MODELFN_STORE"] = store
     os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")  # no EMF noise on stdout
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
+    note = choose_threads()
     app = load_function("api")
     # the streaming handler: generation streams as a function with response streaming
     # does; every other response is the buffered one
-    server = make_server(getattr(app, "stream_handler", app.lambda_handler), host, port, quiet)
+    server = make_server(getattr(app, "stream_handler", app.lambda_handler), host, port, quiet,
+                         cors)
+    server.threads_note = note  # type: ignore[attr-defined]
     if ready:
         ready(server)
     try:

@@ -16,7 +16,8 @@ import secrets
 import socket
 import threading
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from modelfn.errors import LocalServiceError
 from modelfn.local.apigw import load_function
@@ -45,6 +46,8 @@ class BatchDeployment:
         visibility = props["VisibilityTimeout"]["Fn::Sub"].replace(
             "${BatchTimeout}", str(parameter_default("BatchTimeout")))
         self.dlq = dlq
+        self.batch_size = int(res["BatchFunction"]["Properties"]["Events"]["Uploads"][
+            "Properties"]["BatchSize"])
         redrive = {"deadLetterTargetArn": self._arn(dlq),
                    "maxReceiveCount": props["RedrivePolicy"]["maxReceiveCount"]}
         self.queue = self.sqs.create_queue(QueueName=f"modelfn-batch-{suffix}", Attributes={
@@ -77,55 +80,221 @@ class BatchDeployment:
         os.environ["MODELFN_BATCH_RUNS_TABLE"] = self.runs_table
         os.environ["MODELFN_BATCH_QUEUE_URL"] = self.queue
         self.app = load_function("batch", f"modelfn_batch_{suffix}")
+        self.environment: Environment | None = None  # for invocations that get killed
 
     def _arn(self, queue_url: str) -> str:
         return str(self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
             "QueueArn"])["Attributes"]["QueueArn"])
 
-    def receive(self, wait_seconds: int = 0) -> list[dict[str, Any]]:
+    def receive(self, wait_seconds: int = 0, queue: str | None = None,
+                most: int | None = None) -> list[dict[str, Any]]:
+        """What ``queue`` (the batch queue) has visible, or its first ``most``: the rest
+        stay visible, not received and hidden for the visibility timeout."""
         got: list[dict[str, Any]] = []
-        while True:
+        while most is None or len(got) < most:
             page = self.sqs.receive_message(
-                QueueUrl=self.queue, MaxNumberOfMessages=10, WaitTimeSeconds=wait_seconds,
+                QueueUrl=queue or self.queue, WaitTimeSeconds=wait_seconds,
+                MaxNumberOfMessages=10 if most is None else min(10, most - len(got)),
                 AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
             if not page:
-                return got
+                break
             got += page
             wait_seconds = 0
+        return got
 
-    def invoke(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    def invoke(self, messages: list[dict[str, Any]], handler: str = "lambda_handler",
+               kill: Kill | None = None) -> dict[str, Any] | None:
+        """The handler on ``messages`` as the event source invokes it; with ``kill``, in
+        this deployment's execution environment (a process of its own), killed at that
+        point: then None, as Lambda reports a timeout or an out-of-memory."""
         event = {"Records": [sqs_record(m["MessageId"], m["Body"], m.get("Attributes", {}).get(
             "ApproximateReceiveCount", "1")) for m in messages]}
+        if kill is not None:
+            if self.environment is None:
+                self.environment = Environment()
+            return self.environment.invoke(event, handler, kill)
         # as long as the deployed function may run (BatchTimeout)
         context = LocalContext(timeout_seconds=float(parameter_default("BatchTimeout")))
-        result: dict[str, Any] = self.app.lambda_handler(event, context)
+        result: dict[str, Any] = getattr(self.app, handler)(event, context)
         return result
 
-    def pump(self, wait_seconds: int = 1, retry_after: int | None = None) -> int:
-        """One poll as Lambda's event source does it: receive up to 10, invoke, delete
+    def pump(self, wait_seconds: int = 1, retry_after: int | None = None,
+             kill: Callable[[list[dict[str, Any]]], Kill | None] | None = None) -> int:
+        """One poll as Lambda's event sources do it: receive up to 10, invoke, delete
         the ones that did not fail (failed ones come back after the visibility timeout,
         or ``retry_after`` seconds if given, and go to the dead-letter queue after
-        maxReceiveCount). Returns the count."""
-        messages = self.receive(wait_seconds)[:10]
-        if not messages:
-            return 0
-        failed = {f["itemIdentifier"] for f in self.invoke(messages)["batchItemFailures"]}
-        for m in messages:
-            if m["MessageId"] not in failed:
-                self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=m["ReceiptHandle"])
-            elif retry_after is not None:
-                self.sqs.change_message_visibility(QueueUrl=self.queue, ReceiptHandle=m[
-                    "ReceiptHandle"], VisibilityTimeout=retry_after)
-        return len(messages)
+        maxReceiveCount); then the same for the dead-letter queue and its consumer
+        (BatchDeadLetterFunction). ``kill(messages)``: where to kill the invocation of
+        those messages, or None to let it run (see :class:`Environment`). Returns the
+        count of messages handled."""
+        handled = 0
+        for queue, handler in ((self.queue, "lambda_handler"),
+                               (self.dlq, "dead_letter_handler")):
+            # killed invocations as the template's event source batches (BatchSize 1:
+            # a kill takes one record with it); otherwise up to 10 at once
+            messages = self.receive(wait_seconds, queue, most=10 if kill is None else
+                                    self.batch_size)
+            if not messages:
+                continue
+            wait_seconds, handled = 0, handled + len(messages)
+            where = kill(messages) if kill is not None and queue == self.queue else None
+            result = self.invoke(messages, handler, where)
+            if result is None:
+                self._expire_in_progress()
+            failed = ({m["MessageId"] for m in messages} if result is None  # killed
+                      else {f["itemIdentifier"] for f in result["batchItemFailures"]})
+            for m in messages:
+                if m["MessageId"] not in failed:
+                    self.sqs.delete_message(QueueUrl=queue, ReceiptHandle=m["ReceiptHandle"])
+                elif retry_after is not None or result is None:
+                    self.sqs.change_message_visibility(
+                        QueueUrl=queue, ReceiptHandle=m["ReceiptHandle"],
+                        VisibilityTimeout=retry_after or 0)
+        return handled
 
-    def drain(self, retry_after: int | None = None, limit: int = 10_000) -> int:
-        """Pump until the queue is empty (parts and stitching included); the count."""
+    def _expire_in_progress(self) -> None:
+        """What time does on AWS after a killed invocation: its idempotency records in
+        progress expire with its timeout, long before the queue delivers its record
+        again (the visibility timeout is ten timeouts). Here that comes at once, so the
+        records of the one invocation that ran (none other was in flight) are expired."""
+        import boto3
+
+        ddb = boto3.client("dynamodb")
+        for page in ddb.get_paginator("scan").paginate(
+                TableName=self.table, FilterExpression="#s = :p",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={":p": {"S": "INPROGRESS"}}):
+            for item in page["Items"]:
+                ddb.update_item(TableName=self.table, Key={"id": item["id"]},
+                                UpdateExpression="SET in_progress_expiration = :z",
+                                ExpressionAttributeValues={":z": {"N": "0"}})
+
+    def drain(self, retry_after: int | None = None, limit: int = 10_000,
+              kill: Callable[[list[dict[str, Any]]], Kill | None] | None = None) -> int:
+        """Pump until both queues are empty (parts, stitching and dead letters
+        included); the count."""
         total = 0
-        while count := self.pump(wait_seconds=0, retry_after=retry_after):
+        while count := self.pump(wait_seconds=0, retry_after=retry_after, kill=kill):
             total += count
             if total > limit:
                 raise LocalServiceError(f"the batch queue still has messages after {limit}")
         return total
+
+    def close(self) -> None:
+        if self.environment is not None:
+            self.environment.close()
+            self.environment = None
+
+
+class Kill(NamedTuple):
+    """Where an invocation is killed: at the ``call``-th call (1-based) of ``point`` (a
+    key of KILL_POINTS), or ``seconds`` after it began."""
+
+    point: str = "timer"
+    call: int = 1
+    seconds: float = 0.0
+
+
+#: the calls an invocation can be killed at: before the model runs, before an object
+#: is written (a state, a result, a summary, a part), before an output is streamed, and
+#: before the batch-runs table or the part messages are touched
+KILL_POINTS = {
+    "model": ("modelfn.runtime.model", "LoadedModel", "run"),
+    "s3-write": ("modelfn.store.s3", "S3Store", "write_bytes"),
+    "s3-output": ("modelfn.store.s3", "S3Store", "open_writer"),
+    "runs": ("modelfn.runtime.fanout", "FanOut", "_call"),
+}
+
+
+class Environment:
+    """One execution environment of the batch function in a process of its own, as
+    Lambda runs it: it serves invocations one after another until one is killed
+    (SIGKILL at its :class:`Kill` point: no ``except`` or ``finally`` runs, as when an
+    invocation times out or runs out of memory); the next invocation then starts a
+    fresh one (a cold start)."""
+
+    def __init__(self) -> None:
+        self._conn: Any = None
+        self._process: Any = None
+        self.started = 0  # environments started (cold starts)
+        self.killed: dict[str, int] = {}  # invocations killed, by Kill.point
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter, as Lambda's
+        parent, child = context.Pipe()
+        self._process = context.Process(target=_environment, args=(child,), daemon=True)
+        self._process.start()
+        child.close()
+        self._conn = parent
+        self.started += 1
+
+    def invoke(self, event: dict[str, Any], handler: str, kill: Kill) -> dict[str, Any] | None:
+        if self._process is None or not self._process.is_alive():
+            self._start()
+        self._conn.send((event, handler, tuple(kill)))
+        try:
+            result: dict[str, Any] = self._conn.recv()
+        except (EOFError, ConnectionError):  # killed
+            self._process.join()
+            self._process = None
+            self.killed[kill.point] = self.killed.get(kill.point, 0) + 1
+            return None
+        return result
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.join()
+            self._process = None
+
+
+def _environment(conn: Any) -> None:
+    """The child's loop: load the batch function once, then run each invocation, armed
+    to kill this process at its point."""
+    import importlib
+    import signal
+
+    app = load_function("batch", "modelfn_batch_environment")
+    context = LocalContext(timeout_seconds=float(parameter_default("BatchTimeout")))
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    while True:
+        try:
+            event, handler, raw = conn.recv()
+        except EOFError:
+            return
+        kill = Kill(*raw)
+        undo: list[Any] = []
+        timer = None
+        if kill.point == "timer":
+            timer = threading.Timer(kill.seconds, die)
+            timer.start()
+        elif kill.point in KILL_POINTS:
+            module, cls_name, attr = KILL_POINTS[kill.point]
+            cls = getattr(importlib.import_module(module), cls_name)
+            original, calls = getattr(cls, attr), [0]
+
+            def armed(*args: Any, _original: Any = original, _calls: list[int] = calls,
+                      _at: int = kill.call, **kwargs: Any) -> Any:
+                _calls[0] += 1
+                if _calls[0] >= _at:
+                    die()
+                return _original(*args, **kwargs)
+
+            setattr(cls, attr, armed)
+            undo.append((cls, attr, original))
+        try:
+            result = getattr(app, handler)(event, context)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for cls, attr, original in undo:
+                setattr(cls, attr, original)
+        conn.send(result)
 
 
 def sqs_record(message_id: str, body: str, receive_count: str = "1") -> dict[str, Any]:

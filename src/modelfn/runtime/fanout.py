@@ -343,9 +343,51 @@ class FanOut:
         self.store.delete(outputs + summaries)
         return result
 
+    # --- what the queue gave up on (its dead-letter queue's consumer) --------------------
+    def dead_letter(self, message: dict[str, Any], reason: str) -> dict[str, Any]:
+        """A part or the stitching of a split file whose every delivery failed or was
+        killed: the file fails with ``reason`` (once; not a file already finished, nor,
+        for a part, one whose stitching began: every part was done). A file replaced
+        since keeps what its new upload's run writes: only this run is marked failed."""
+        run, key, total = message["run"], message["key"], message["parts"]
+        stitching = message.get("modelfn") == FINISH_MESSAGE
+        what = (f"stitching the {total} parts" if stitching
+                else Part(*message["part"]).describe(total))
+        current = self.store.stat(key)
+        return self._fail(run, key, total, f"{what}: {reason}", stitching=stitching,
+                          wrote=stitching, replaced=current is None or
+                          current["etag"] != message["etag"].strip('"'))
+
+    def dead_letter_file(self, obj: dict[str, Any], reason: str) -> dict[str, Any]:
+        """An upload's S3 event whose every delivery failed or was killed: the file
+        fails with ``reason``, no output. Whole (never split): a failed summary, unless
+        one newer than the upload says it ran (killed after writing it); split: its
+        run fails as a part's would. An upload replaced or deleted since: nothing."""
+        key, etag = obj["key"], obj["etag"].strip('"')
+        current = self.store.stat(key)
+        if current is None or current["etag"] != etag:
+            return {"input": key, "status": "skipped", "reason": "replaced"}
+        run = run_id(self.bucket, key, obj["etag"], obj.get("object_version", ""))
+        item = self._call("get", self._ddb.get_item, TableName=self.table,
+                          Key={"run": {"S": run}}, ConsistentRead=True).get(
+                              "Item") if self.table else None
+        if item is not None:  # planned, and its parts (some or all) were sent
+            return self._fail(run, key, int(item["parts"]["N"]),
+                              f"planning and sending its parts: {reason}")
+        done = self.store.stat(summary_key(key))
+        if done is not None and done["modified"] >= current["modified"]:
+            summary: dict[str, Any] = self.store.read_json(summary_key(key))
+            if not summary.get("error"):  # it ran (a file failed as a whole has one)
+                return {"input": key, "status": "skipped", "reason": "done"}
+        self.store.delete([output_key(key)])  # a run killed between output and summary
+        summary = batch.Summary(input=key, output=output_key(key), status="failed",
+                                error=reason).as_dict()
+        self.store.write_json(summary_key(key), summary)
+        return summary
+
     # --- helpers ------------------------------------------------------------------------
     def _fail(self, run: str, key: str, total: int, reason: str, stitching: bool = False,
-              wrote: bool = False) -> dict[str, Any]:
+              wrote: bool = False, replaced: bool = False) -> dict[str, Any]:
         """Fail the file once: the first failure writes the summary, and no output is
         written after it. A part cannot fail a file whose stitching began (every part
         was done: this is a late copy); the stitching itself can, until it finished."""
@@ -357,6 +399,10 @@ class FanOut:
                            ExpressionAttributeValues={":r": {"S": reason}}, exists_ok=True)
         if first is None:  # failed already (counted once), or done after all
             return {"input": key, "status": "skipped", "run": run}
+        if replaced:  # the key's new upload runs on its own: its files are not this run's
+            self.store.delete([o["key"] for o in self.store.objects(f"{PARTS_PREFIX}{run}/")])
+            return {"input": key, "status": "failed", "run": run, "error": reason,
+                    "reason": "replaced"}
         if wrote:  # the output was written, its summary could not be: no output then
             self.store.delete([output_key(key)])
         summary = batch.Summary(input=key, output=output_key(key), status="failed",

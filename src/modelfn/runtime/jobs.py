@@ -143,6 +143,9 @@ class Jobs:
         self.settings = settings
         self._store = store
         self._secret: str | None = None
+        #: when this invocation must be done (a time.monotonic()): a webhook stops by
+        #: then, whatever its own deadline leaves (the batch function sets it)
+        self.until: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -245,14 +248,15 @@ class Jobs:
         if not isinstance(fmt, str) or fmt not in UPLOAD_FORMATS:
             raise InvalidInput(f"'format' must be one of {sorted(UPLOAD_FORMATS)}: a v2 "
                                "request document (json) or batch lines (jsonl)")
-        upload, now = secrets.token_hex(16), time.time()
+        upload = secrets.token_hex(16)
         content_type = UPLOAD_FORMATS[fmt]
         key = f"{upload_prefix(owner, upload)}.{fmt}"
-        url = self.store.presign("put_object", key, self.settings.presign_seconds,
-                                 ContentType=content_type, ContentLength=size)
-        return {"upload": upload, "format": fmt, "method": "PUT", "url": url,
+        # "expires" is the URL's: its signing credentials may give it less than asked
+        signed = self.store.presigned("put_object", key, self.settings.presign_seconds,
+                                      ContentType=content_type, ContentLength=size)
+        return {"upload": upload, "format": fmt, "method": "PUT", "url": signed.url,
                 "headers": {"Content-Type": content_type, "Content-Length": str(size)},
-                "expires": _iso(now + self.settings.presign_seconds),
+                "expires": _iso(signed.expires),
                 "max_bytes": self.settings.max_upload_bytes}
 
     def describe(self, owner: str, job: str) -> dict[str, Any]:
@@ -293,10 +297,11 @@ class Jobs:
         # the download says what it is (S3 keeps the object untyped): text in UTF-8, so
         # that a client decodes generated text as it was written
         ctype = result["content_type"]
-        url = self.store.presign("get_object", result["key"], self.settings.presign_seconds,
-                                 ResponseContentType=ctype if ctype.endswith("octet-stream")
-                                 else f"{ctype}; charset=utf-8")
-        doc["result"] = {"url": url, "expires": _iso(time.time() + self.settings.presign_seconds),
+        signed = self.store.presigned(
+            "get_object", result["key"], self.settings.presign_seconds,
+            ResponseContentType=ctype if ctype.endswith("octet-stream")
+            else f"{ctype}; charset=utf-8")
+        doc["result"] = {"url": signed.url, "expires": _iso(signed.expires),
                          "bytes": result["bytes"], "content_type": result["content_type"]}
         if result.get("header_length") is not None:
             doc["result"]["inference_header_content_length"] = result["header_length"]
@@ -428,7 +433,8 @@ class Jobs:
                                 "error": f"not sent: {type(exc).__name__}: {exc}"[:300]}
         else:
             hook["delivery"] = webhooks.deliver(hook["url"], f"{status['id']}.{event}",
-                                                payload, self.settings, secret)
+                                                payload, self.settings, secret,
+                                                until=self.until)
         self._write_status(owner, status, None)  # the outcome changed nothing the webhook sent
 
     def secret(self) -> str:
@@ -441,6 +447,34 @@ class Jobs:
                 self._secret = str(boto3.client("secretsmanager").get_secret_value(
                     SecretId=self.settings.webhook_secret_arn)["SecretString"])
         return self._secret
+
+    def dead_letter(self, key: str, reason: str) -> dict[str, Any]:
+        """The batch queue gave up on the job at ``key``: each of its deliveries failed or
+        was killed (a timeout, out of memory) before it could record an outcome. A job
+        with a final state keeps it (only a webhook still owed is sent); any other is
+        failed with ``reason`` and its webhook called. Returns the summary."""
+        parsed = job_from_key(key)
+        if parsed is None:
+            raise InvalidInput(f"{key!r} is not a job request")
+        owner, job = parsed
+        current = self._read_status(owner, job)
+        if current is not None and current["status"] in FINAL:
+            self._notify(owner, current)
+            return _summary(current)
+        try:
+            request = self.store.read_json(key)
+        except FileNotFoundError:  # deleted (retention) since: nothing left to fail
+            return {"job": job, "status": "gone", "error": None, "webhook": None}
+        status = {k: request[k] for k in ("id", "owner", "model", "version", "created",
+                                          "expires", "webhook")}
+        last = ""
+        if current is not None:  # it was running: when its last delivery began
+            status["attempt"] = current.get("attempt")
+            last = (f"; its last delivery (attempt {current.get('attempt')}) began at "
+                    f"{current.get('updated')} and never finished")
+        status["error"] = reason + last
+        self._finish(owner, status, "failed")
+        return _summary(status)
 
 
 def _summary(status: dict[str, Any]) -> dict[str, Any]:

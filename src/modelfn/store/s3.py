@@ -5,14 +5,35 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 from modelfn.errors import ObjectChanged, StoreError
 from modelfn.store.base import CHUNK, Store, Writer, json_bytes
 
 PART_SIZE = 8 << 20  # multipart parts (S3 needs >= 5 MiB for all but the last)
 MIN_PART = 5 << 20
+#: SigV4's limit on a presigned URL's X-Amz-Expires
+MAX_PRESIGN_SECONDS = 7 * 86400
+#: a presigned URL stops working when the credentials that signed it expire, whatever
+#: its X-Amz-Expires says: it is given their time left less this margin (clock skew,
+#: the request's own time in flight)
+CREDENTIALS_MARGIN = 60
+#: temporary credentials with no known expiry (a bare AWS_SESSION_TOKEN in the
+#: environment, as an on-demand Lambda function gets): 15 minutes, the shortest session
+#: STS issues, so that a URL never claims more than any role session is sure to give
+UNKNOWN_EXPIRY_SECONDS = 900
+
+
+class Presigned(NamedTuple):
+    """A presigned URL and how long it really works: ``seconds`` (its X-Amz-Expires)
+    from when it was signed, until ``expires`` (Unix seconds)."""
+
+    url: str
+    seconds: int
+    expires: int
 
 
 class S3Store(Store):
@@ -96,6 +117,16 @@ class S3Store(Store):
 
     def size(self, key: str) -> int:
         return int(self._call("head", self._s3.head_object, Key=self._key(key))["ContentLength"])
+
+    def stat(self, key: str) -> dict[str, Any] | None:
+        """``{"size", "etag", "modified"}`` of ``key`` (the ETag without its quotes), or
+        None when there is no such object."""
+        try:
+            head = self._call("head", self._s3.head_object, Key=self._key(key))
+        except FileNotFoundError:
+            return None
+        return {"size": int(head["ContentLength"]), "etag": str(head["ETag"]).strip('"'),
+                "modified": head["LastModified"]}
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK, start: int = 0,
                     end: int | None = None, etag: str | None = None) -> Iterator[bytes]:
@@ -204,18 +235,58 @@ class S3Store(Store):
             if not token:
                 return found
 
-    def presign(self, method: str, key: str, expires: int, **params: Any) -> str:
+    def presigned(self, method: str, key: str, expires: int, **params: Any) -> Presigned:
         """A presigned URL for ``method`` (``get_object``, ``put_object``) on ``key``,
-        valid ``expires`` seconds; ``params`` (ContentType, ContentLength) are signed
-        into it, so that S3 refuses a request that sends others."""
+        valid ``expires`` seconds or less (see ``url_seconds``), and how long it is;
+        ``params`` (ContentType, ContentLength) are signed into it, so that S3 refuses a
+        request that sends others."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return str(self._s3.generate_presigned_url(
+            seconds = self.url_seconds(expires)
+            # the URL's X-Amz-Date (whole seconds) is read after this: ``expires`` is
+            # never later than S3's own
+            signed = int(time.time())
+            url = str(self._s3.generate_presigned_url(
                 method, Params={"Bucket": self.bucket, "Key": self._key(key), **params},
-                ExpiresIn=expires))
+                ExpiresIn=seconds))
         except (BotoCoreError, ClientError) as exc:
             raise StoreError(f"S3 presign failed on {self.uri}: {exc}") from exc
+        return Presigned(url, seconds, signed + seconds)
+
+    def presign(self, method: str, key: str, expires: int, **params: Any) -> str:
+        """``presigned``'s URL alone."""
+        return self.presigned(method, key, expires, **params).url
+
+    def url_seconds(self, asked: int) -> int:
+        """How long a URL signed now for ``asked`` seconds really works (at least 1):
+        SigV4 allows 7 days; long-lived keys (no session token) sign for up to that;
+        temporary credentials of known expiry (assume-role, the container and instance
+        metadata providers that Lambda SnapStart and Managed Instances use) until
+        CREDENTIALS_MARGIN before it; others UNKNOWN_EXPIRY_SECONDS. Credentials about
+        to expire are refreshed first, where botocore can."""
+        from botocore.credentials import RefreshableCredentials
+
+        seconds = min(asked, MAX_PRESIGN_SECONDS)
+        signer = getattr(self._s3, "_request_signer", None)  # the credentials that sign
+        creds = getattr(signer, "_credentials", None)
+        if creds is None:  # an unsigned client: nothing else expires
+            return max(1, seconds)
+        frozen = creds.get_frozen_credentials()  # botocore's own refresh, where it is due
+        left = _seconds_left(creds)
+        if left is not None and left < 2 * CREDENTIALS_MARGIN and \
+                isinstance(creds, RefreshableCredentials):
+            # botocore only refreshes inside its own windows (which a provider may set
+            # shorter): a URL that would get under a minute is worth a refresh
+            with creds._refresh_lock:
+                creds._protected_refresh(is_mandatory=False)  # a failure is logged
+            frozen = creds.get_frozen_credentials()
+            left = _seconds_left(creds)
+        if left is not None:
+            seconds = min(seconds, int(left) - CREDENTIALS_MARGIN)
+        elif frozen.token:
+            seconds = min(seconds, UNKNOWN_EXPIRY_SECONDS)
+        return max(1, seconds)
 
     def children(self, prefix: str) -> list[str]:
         names = set()
@@ -224,6 +295,17 @@ class S3Store(Store):
                 names.add(cp["Prefix"].rstrip("/").rsplit("/", 1)[-1])
         return sorted(n for n in names if not n.startswith("."))
 
+
+
+def _seconds_left(creds: Any) -> float | None:
+    """Seconds until ``creds`` expire, or None where that is not known (botocore keeps
+    it only on RefreshableCredentials, with no public accessor)."""
+    from botocore.credentials import RefreshableCredentials
+
+    expiry = getattr(creds, "_expiry_time", None)
+    if not isinstance(creds, RefreshableCredentials) or not isinstance(expiry, datetime):
+        return None
+    return (expiry - datetime.now(UTC)).total_seconds()
 
 
 def _client() -> Any:
