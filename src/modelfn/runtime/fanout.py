@@ -399,8 +399,9 @@ class FanOut:
                            ExpressionAttributeValues={":r": {"S": reason}}, exists_ok=True)
         if first is None:  # failed already (counted once), or done after all
             return {"input": key, "status": "skipped", "run": run}
+        # this run's parts: nothing stitches them now
+        self.store.delete([o["key"] for o in self.store.objects(f"{PARTS_PREFIX}{run}/")])
         if replaced:  # the key's new upload runs on its own: its files are not this run's
-            self.store.delete([o["key"] for o in self.store.objects(f"{PARTS_PREFIX}{run}/")])
             return {"input": key, "status": "failed", "run": run, "error": reason,
                     "reason": "replaced"}
         if wrote:  # the output was written, its summary could not be: no output then
@@ -408,7 +409,6 @@ class FanOut:
         summary = batch.Summary(input=key, output=output_key(key), status="failed",
                                 error=reason, parts=total).as_dict()
         self.store.write_json(summary_key(key), summary)
-        self.store.delete([o["key"] for o in self.store.objects(f"{PARTS_PREFIX}{run}/")])
         return summary
 
     def _item(self, run: str) -> dict[str, Any]:

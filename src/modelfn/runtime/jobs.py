@@ -64,6 +64,8 @@ from modelfn.store.keys import (
 )
 
 FINAL = ("succeeded", "failed")
+#: what a job's state takes from its request
+STATE_FIELDS = ("id", "owner", "model", "version", "created", "expires", "webhook")
 #: a JSON response up to this size is returned inline by GET /v2/jobs/{id}
 INLINE_RESULT_BYTES = 1 << 20
 #: upload formats: a v2 request document, or JSONL lines as a batch file holds them
@@ -338,8 +340,7 @@ class Jobs:
                 self._notify(owner, current)  # a crash may have come before the webhook
                 return _summary(current)
             request = self.store.read_json(key)
-            status = {k: request[k] for k in ("id", "owner", "model", "version", "created",
-                                              "expires", "webhook")}
+            status = {k: request[k] for k in STATE_FIELDS}
             status["attempt"] = attempt
             self._write_status(owner, status, "running")
             status["result"] = self._execute(owner, job, request, models,
@@ -465,8 +466,7 @@ class Jobs:
             request = self.store.read_json(key)
         except FileNotFoundError:  # deleted (retention) since: nothing left to fail
             return {"job": job, "status": "gone", "error": None, "webhook": None}
-        status = {k: request[k] for k in ("id", "owner", "model", "version", "created",
-                                          "expires", "webhook")}
+        status = {k: request[k] for k in STATE_FIELDS}
         last = ""
         if current is not None:  # it was running: when its last delivery began
             status["attempt"] = current.get("attempt")
